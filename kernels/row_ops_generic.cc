@@ -1,0 +1,3 @@
+// row_ops compiled for the x86-64 baseline.
+#define ROW_OPS_NAMESPACE generic
+#include "kernels/row_ops_impl.inc"

@@ -1,0 +1,526 @@
+// Tile-by-tile similarity on oneDNN. Formulation (measured fastest, see README "Performance"):
+// the operands are prepared in cache-sized pieces — B once per batch entry, A once per tile —
+// where "prepared" means converted to the compute dtype and, for cosine, scaled to unit length
+// (norms accumulated in double, so tiny and huge vectors stay exact). The matmul is then a plain
+// 2D product with no post-ops, which oneDNN always serves with its brgemm kernels; distances and
+// top-k are a short epilogue over the tile while it is still in cache.
+#include "kernels/similarity.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <numeric>
+#include <string_view>
+#include <tuple>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/dtype.h"
+#include "kernels/row_ops.h"
+#include "oneapi/dnnl/dnnl.hpp"
+
+namespace simserve::kernels {
+
+size_t SizeOf(DataType dtype) { return dtype == DataType::kFloat32 ? 4 : 2; }
+
+const char* Name(Metric metric) {
+  switch (metric) {
+    case Metric::kCosine:
+      return "cosine";
+    case Metric::kDot:
+      return "dot";
+    case Metric::kEuclidean:
+      return "euclidean";
+    case Metric::kSquaredEuclidean:
+      return "squared_euclidean";
+  }
+  return "unknown";
+}
+
+const char* Name(DataType dtype) {
+  switch (dtype) {
+    case DataType::kFloat32:
+      return "float32";
+    case DataType::kBFloat16:
+      return "bfloat16";
+    case DataType::kFloat16:
+      return "float16";
+  }
+  return "unknown";
+}
+
+const char* Name(Precision precision) { return precision == Precision::kFp32 ? "fp32" : "bf16"; }
+
+int64_t MatmulFlops(const Shape& shape) {
+  int64_t flops = 2;
+  for (const int64_t factor : {shape.batch, shape.n, shape.m, shape.d}) {
+    if (factor < 0 || __builtin_mul_overflow(flops, factor, &flops)) return -1;
+  }
+  return flops;
+}
+
+absl::Status ValidateProblem(const Shape& shape, const Options& options) {
+  const std::pair<const char*, int64_t> dims[] = {
+      {"batch", shape.batch}, {"N", shape.n}, {"M", shape.m}, {"D", shape.d}};
+  for (const auto& [name, value] : dims) {
+    if (value <= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("dimension ", name, " must be positive, got ", value));
+    }
+  }
+  if (options.top_k < 0 || options.top_k > shape.m) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("top_k must be between 0 and M=", shape.m, ", got ", options.top_k));
+  }
+  if (options.top_k > 0 && shape.m > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError("top_k needs M to fit int32 column indices");
+  }
+  if (!std::isfinite(options.epsilon) || options.epsilon < 0.0F) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("epsilon must be finite and >= 0, got ", options.epsilon));
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+using dnnl::memory;
+
+// A 64-byte aligned buffer that only grows; reused across tiles and requests.
+class AlignedBuffer {
+ public:
+  void* Reserve(size_t bytes) {
+    if (bytes > capacity_) {
+      const size_t rounded = (bytes + 63) / 64 * 64;
+      data_.reset(std::aligned_alloc(64, rounded));
+      if (data_ == nullptr) throw std::bad_alloc();
+      capacity_ = rounded;
+    }
+    return data_.get();
+  }
+  size_t capacity() const { return capacity_; }
+
+ private:
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
+  };
+  std::unique_ptr<void, Free> data_;
+  size_t capacity_ = 0;
+};
+
+// Per-job working memory, pooled by the engine.
+struct Scratch {
+  AlignedBuffer a_operand;  // one tile of A in the compute dtype
+  AlignedBuffer b_operand;  // one batch entry of B in the compute dtype
+  AlignedBuffer tile;       // float32 matmul output of one tile
+  std::vector<float> a_sq_norms;
+  std::vector<float> b_sq_norms;
+  std::vector<int32_t> order;  // top-k candidates, per thread
+  size_t Bytes() const {
+    return a_operand.capacity() + b_operand.capacity() + tile.capacity() +
+           (a_sq_norms.capacity() + b_sq_norms.capacity() + order.capacity()) * 4;
+  }
+};
+
+// Scratch sets larger than this are freed instead of pooled, bounding idle memory.
+constexpr size_t kMaxPooledScratchBytes = size_t{256} << 20;
+
+void StoreElement(float value, DataType dtype, std::byte* base, int64_t index) {
+  switch (dtype) {
+    case DataType::kFloat32:
+      std::memcpy(base + index * 4, &value, 4);
+      return;
+    case DataType::kBFloat16: {
+      const uint16_t bits = FloatToBf16(value);
+      std::memcpy(base + index * 2, &bits, 2);
+      return;
+    }
+    case DataType::kFloat16: {
+      const uint16_t bits = FloatToF16(value);
+      std::memcpy(base + index * 2, &bits, 2);
+      return;
+    }
+  }
+}
+
+bool IsDistance(Metric metric) {
+  return metric == Metric::kEuclidean || metric == Metric::kSquaredEuclidean;
+}
+
+struct MatmulKey {
+  int64_t rows;
+  int64_t m;
+  int64_t d;
+  bool bf16;
+  auto operator<=>(const MatmulKey&) const = default;
+};
+
+struct CachedMatmul {
+  dnnl::matmul primitive;
+  std::string implementation;
+};
+
+}  // namespace
+
+class SimilarityEngine::Impl {
+ public:
+  explicit Impl(const EngineConfig& config)
+      : config_(config),
+        engine_(dnnl::engine::kind::cpu, 0),
+        threads_(config.threads_per_call > 0 ? config.threads_per_call : omp_get_num_procs()) {}
+
+  int threads() const { return threads_; }
+  const dnnl::engine& engine() const { return engine_; }
+
+  // Returns the cached primitive for a tile shape, creating it on a miss. Refuses reference
+  // implementations: they are orders of magnitude slower than the brgemm kernels.
+  absl::StatusOr<std::shared_ptr<const CachedMatmul>> GetMatmul(const MatmulKey& key) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = cache_.find(key);
+      if (it != cache_.end()) return it->second;
+    }
+    const auto dt = key.bf16 ? memory::data_type::bf16 : memory::data_type::f32;
+    const memory::desc src_md({key.rows, key.d}, dt, memory::format_tag::ab);
+    const memory::desc weights_md({key.d, key.m}, dt, memory::format_tag::ba);
+    const memory::desc dst_md({key.rows, key.m}, memory::data_type::f32, memory::format_tag::ab);
+    auto entry = std::make_shared<CachedMatmul>();
+    try {
+      const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src_md, weights_md, dst_md),
+                                            engine_);
+      entry->implementation = pd.impl_info_str();
+      if (entry->implementation.rfind("ref", 0) == 0) {
+        return absl::InternalError(absl::StrCat("oneDNN offers only the reference matmul '",
+                                                entry->implementation, "' for ", key.rows, "x",
+                                                key.d, " by ", key.d, "x", key.m));
+      }
+      entry->primitive = dnnl::matmul(pd);
+    } catch (const dnnl::error& e) {
+      return absl::InternalError(absl::StrCat("oneDNN matmul creation failed: ", e.what()));
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (cache_.size() >= config_.primitive_cache_capacity) cache_.erase(cache_.begin());
+    cache_.emplace(key, entry);
+    return entry;
+  }
+
+  std::unique_ptr<Scratch> AcquireScratch() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (scratch_pool_.empty()) return std::make_unique<Scratch>();
+    auto scratch = std::move(scratch_pool_.back());
+    scratch_pool_.pop_back();
+    return scratch;
+  }
+
+  void ReleaseScratch(std::unique_ptr<Scratch> scratch) {
+    if (scratch->Bytes() > kMaxPooledScratchBytes) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    scratch_pool_.push_back(std::move(scratch));
+  }
+
+ private:
+  const EngineConfig config_;
+  dnnl::engine engine_;
+  const int threads_;
+  std::mutex mutex_;
+  std::map<MatmulKey, std::shared_ptr<const CachedMatmul>> cache_;  // guarded by mutex_
+  std::vector<std::unique_ptr<Scratch>> scratch_pool_;              // guarded by mutex_
+};
+
+class SimilarityJob::Impl {
+ public:
+  Impl(SimilarityEngine::Impl& engine, const Shape& shape, const Options& options,
+       ConstTensorView b)
+      : engine_(engine),
+        shape_(shape),
+        options_(options),
+        b_(b),
+        scratch_(engine.AcquireScratch()),
+        stream_(engine.engine()) {}
+
+  ~Impl() { engine_.ReleaseScratch(std::move(scratch_)); }
+
+  const Shape& shape() const { return shape_; }
+  const Options& options() const { return options_; }
+  int64_t output_cols() const { return options_.top_k > 0 ? options_.top_k : shape_.m; }
+  size_t ValueBytes(int64_t rows) const {
+    return static_cast<size_t>(rows * output_cols()) * SizeOf(options_.output_dtype);
+  }
+
+  absl::Status ComputeTile(int64_t batch, int64_t row_begin, int64_t rows, ConstTensorView a_rows,
+                           std::span<std::byte> values_out, std::span<int32_t> indices_out) {
+    if (batch < 0 || batch >= shape_.batch || row_begin < 0 || rows <= 0 ||
+        row_begin + rows > shape_.n) {
+      return absl::InvalidArgumentError(absl::StrCat("tile batch ", batch, " rows [", row_begin,
+                                                     ", ", row_begin + rows,
+                                                     ") is outside the problem"));
+    }
+    if (values_out.size() != ValueBytes(rows)) {
+      return absl::InvalidArgumentError(absl::StrCat("values_out holds ", values_out.size(),
+                                                     " bytes, the tile needs ", ValueBytes(rows)));
+    }
+    const size_t want_indices = options_.top_k > 0 ? static_cast<size_t>(rows * options_.top_k) : 0;
+    if (indices_out.size() != want_indices) {
+      return absl::InvalidArgumentError(absl::StrCat("indices_out holds ", indices_out.size(),
+                                                     " entries, the tile needs ", want_indices));
+    }
+    if (omp_get_max_threads() != engine_.threads()) omp_set_num_threads(engine_.threads());
+    try {
+      return ComputeTileUnchecked(batch, rows, a_rows, values_out, indices_out);
+    } catch (const dnnl::error& e) {
+      return absl::InternalError(absl::StrCat("oneDNN matmul failed: ", e.what()));
+    } catch (const std::bad_alloc&) {
+      return absl::ResourceExhaustedError("out of memory for the kernel's scratch buffers");
+    }
+  }
+
+ private:
+  bool bf16() const { return options_.precision == Precision::kBf16; }
+
+  RowScaling scaling() const {
+    if (options_.metric != Metric::kCosine) return RowScaling::kNone;
+    return options_.epsilon > 0.0F ? RowScaling::kUnitLengthClamped : RowScaling::kUnitLength;
+  }
+
+  // True when an operand can feed the matmul as it is (no scaling, no conversion).
+  bool UsableInPlace(DataType dtype) const {
+    return scaling() == RowScaling::kNone && dtype == DataType::kFloat32 && !bf16();
+  }
+
+  // The B operand of `batch`, prepared once per batch entry.
+  const void* BOperand(int64_t batch) {
+    const int64_t elements = shape_.m * shape_.d;
+    const ConstTensorView b_batch{b_.data + batch * elements * SizeOf(b_.dtype), b_.dtype};
+    const bool distance = IsDistance(options_.metric);
+    if (distance) scratch_->b_sq_norms.resize(shape_.m);
+    float* sq_norms = distance ? scratch_->b_sq_norms.data() : nullptr;
+    if (UsableInPlace(b_.dtype)) {
+      if (distance && prepared_batch_ != batch)
+        ops_.squared_norms(b_batch, shape_.m, shape_.d, sq_norms);
+      prepared_batch_ = batch;
+      return b_batch.data;
+    }
+    void* dst = scratch_->b_operand.Reserve(elements * (bf16() ? 2 : 4));
+    if (prepared_batch_ != batch) {
+      ops_.prepare_rows(b_batch, shape_.m, shape_.d, scaling(), options_.epsilon, bf16(), dst,
+                        sq_norms);
+      prepared_batch_ = batch;
+    }
+    return dst;
+  }
+
+  absl::Status ComputeTileUnchecked(int64_t batch, int64_t rows, ConstTensorView a_rows,
+                                    std::span<std::byte> values_out,
+                                    std::span<int32_t> indices_out) {
+    const int64_t m = shape_.m;
+    const int64_t d = shape_.d;
+    const bool distance = IsDistance(options_.metric);
+    const void* b_operand = BOperand(batch);
+
+    if (distance) scratch_->a_sq_norms.resize(rows);
+    float* a_sq_norms = distance ? scratch_->a_sq_norms.data() : nullptr;
+    const void* a_operand = a_rows.data;
+    if (UsableInPlace(a_rows.dtype)) {
+      if (distance) ops_.squared_norms(a_rows, rows, d, a_sq_norms);
+    } else {
+      void* dst = scratch_->a_operand.Reserve(rows * d * (bf16() ? 2 : 4));
+      ops_.prepare_rows(a_rows, rows, d, scaling(), options_.epsilon, bf16(), dst, a_sq_norms);
+      a_operand = dst;
+    }
+
+    absl::StatusOr<std::shared_ptr<const CachedMatmul>> matmul =
+        engine_.GetMatmul({rows, m, d, bf16()});
+    if (!matmul.ok()) return matmul.status();
+
+    // Dense float32 similarities go straight into the caller's buffer; everything else needs
+    // an epilogue over a float32 tile.
+    const bool direct =
+        !distance && options_.top_k == 0 && options_.output_dtype == DataType::kFloat32;
+    float* product = direct ? reinterpret_cast<float*>(values_out.data())
+                            : static_cast<float*>(scratch_->tile.Reserve(rows * m * 4));
+
+    const auto dt = bf16() ? memory::data_type::bf16 : memory::data_type::f32;
+    const dnnl::engine& eng = engine_.engine();
+    memory a_mem({{rows, d}, dt, memory::format_tag::ab}, eng, const_cast<void*>(a_operand));
+    memory b_mem({{d, m}, dt, memory::format_tag::ba}, eng, const_cast<void*>(b_operand));
+    memory dst_mem({{rows, m}, memory::data_type::f32, memory::format_tag::ab}, eng, product);
+    (*matmul)->primitive.execute(
+        stream_, {{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, dst_mem}});
+    stream_.wait();
+
+    if (direct) return absl::OkStatus();
+    if (distance) {
+      ops_.to_distances(product, rows, m, a_sq_norms, scratch_->b_sq_norms.data(),
+                        options_.metric == Metric::kEuclidean);
+    }
+    if (options_.top_k > 0) {
+      SelectTopK(product, rows, values_out, indices_out);
+    } else {
+      ops_.convert_floats(product, rows * m, options_.output_dtype, values_out.data());
+    }
+    return absl::OkStatus();
+  }
+
+  // Per row the k best columns: largest for similarities, smallest for distances, ties to the
+  // lower column index (a strict total order, so the selection is deterministic).
+  void SelectTopK(const float* tile, int64_t rows, std::span<std::byte> values_out,
+                  std::span<int32_t> indices_out) {
+    const int64_t m = shape_.m;
+    const int64_t k = options_.top_k;
+    const bool largest = !IsDistance(options_.metric);
+    const int threads = engine_.threads();
+    scratch_->order.resize(static_cast<size_t>(m) * threads);
+    int32_t* order_base = scratch_->order.data();
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* row = tile + r * m;
+      int32_t* order = order_base + static_cast<int64_t>(omp_get_thread_num()) * m;
+      std::iota(order, order + m, 0);
+      auto better = [row, largest](int32_t x, int32_t y) {
+        if (row[x] != row[y]) return largest ? row[x] > row[y] : row[x] < row[y];
+        return x < y;
+      };
+      std::partial_sort(order, order + k, order + m, better);
+      for (int64_t j = 0; j < k; ++j) {
+        StoreElement(row[order[j]], options_.output_dtype, values_out.data(), r * k + j);
+        indices_out[r * k + j] = order[j];
+      }
+    }
+  }
+
+  SimilarityEngine::Impl& engine_;
+  const RowOps& ops_ = BestRowOps();
+  const Shape shape_;
+  const Options options_;
+  const ConstTensorView b_;
+  std::unique_ptr<Scratch> scratch_;
+  dnnl::stream stream_;
+  int64_t prepared_batch_ = -1;
+};
+
+// ---- SimilarityEngine ----
+
+SimilarityEngine::SimilarityEngine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+SimilarityEngine::~SimilarityEngine() = default;
+
+absl::StatusOr<std::unique_ptr<SimilarityEngine>> SimilarityEngine::Create(
+    const EngineConfig& config) {
+  if (config.threads_per_call < 0) {
+    return absl::InvalidArgumentError("threads_per_call must be >= 0");
+  }
+  try {
+    return std::unique_ptr<SimilarityEngine>(new SimilarityEngine(std::make_unique<Impl>(config)));
+  } catch (const dnnl::error& e) {
+    return absl::InternalError(absl::StrCat("cannot create the oneDNN CPU engine: ", e.what()));
+  }
+}
+
+absl::StatusOr<std::unique_ptr<SimilarityJob>> SimilarityEngine::Prepare(const Shape& shape,
+                                                                         const Options& options,
+                                                                         ConstTensorView b) {
+  if (absl::Status status = ValidateProblem(shape, options); !status.ok()) return status;
+  if (b.data == nullptr) return absl::InvalidArgumentError("B has no data");
+  try {
+    return std::unique_ptr<SimilarityJob>(
+        new SimilarityJob(std::make_unique<SimilarityJob::Impl>(*impl_, shape, options, b)));
+  } catch (const dnnl::error& e) {
+    return absl::InternalError(absl::StrCat("cannot create a oneDNN stream: ", e.what()));
+  }
+}
+
+absl::Status SimilarityEngine::Warmup(const Shape& shape, const Options& options,
+                                      int64_t tile_rows) {
+  if (absl::Status status = ValidateProblem(shape, options); !status.ok()) return status;
+  const int64_t full = std::clamp<int64_t>(tile_rows, 1, shape.n);
+  for (const int64_t rows : {full, shape.n % full}) {
+    if (rows == 0) continue;
+    absl::StatusOr<std::string> impl = MatmulImplementation(shape, options, rows);
+    if (!impl.ok()) return impl.status();
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> SimilarityEngine::MatmulImplementation(const Shape& shape,
+                                                                   const Options& options,
+                                                                   int64_t rows) {
+  absl::StatusOr<std::shared_ptr<const CachedMatmul>> matmul =
+      impl_->GetMatmul({rows, shape.m, shape.d, options.precision == Precision::kBf16});
+  if (!matmul.ok()) return matmul.status();
+  return (*matmul)->implementation;
+}
+
+std::string SimilarityEngine::OneDnnVersion() {
+  const dnnl_version_t* v = dnnl_version();
+  return absl::StrCat(v->major, ".", v->minor, ".", v->patch);
+}
+
+std::string SimilarityEngine::CpuIsa() {
+  switch (dnnl::get_effective_cpu_isa()) {
+    case dnnl::cpu_isa::sse41:
+      return "sse41";
+    case dnnl::cpu_isa::avx:
+      return "avx";
+    case dnnl::cpu_isa::avx2:
+      return "avx2";
+    case dnnl::cpu_isa::avx2_vnni:
+      return "avx2_vnni";
+    case dnnl::cpu_isa::avx512_core:
+      return "avx512_core";
+    case dnnl::cpu_isa::avx512_core_vnni:
+      return "avx512_core_vnni";
+    case dnnl::cpu_isa::avx512_core_bf16:
+      return "avx512_core_bf16";
+    case dnnl::cpu_isa::avx512_core_amx:
+      return "avx512_core_amx";
+    default:
+      return "other";
+  }
+}
+
+int SimilarityEngine::threads_per_call() const { return impl_->threads(); }
+
+// ---- SimilarityJob ----
+
+SimilarityJob::SimilarityJob(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+SimilarityJob::~SimilarityJob() = default;
+const Shape& SimilarityJob::shape() const { return impl_->shape(); }
+const Options& SimilarityJob::options() const { return impl_->options(); }
+int64_t SimilarityJob::output_cols() const { return impl_->output_cols(); }
+size_t SimilarityJob::ValueBytes(int64_t rows) const { return impl_->ValueBytes(rows); }
+
+absl::Status SimilarityJob::ComputeTile(int64_t batch, int64_t row_begin, int64_t rows,
+                                        ConstTensorView a_rows, std::span<std::byte> values_out,
+                                        std::span<int32_t> indices_out) {
+  return impl_->ComputeTile(batch, row_begin, rows, a_rows, values_out, indices_out);
+}
+
+absl::Status ComputeAll(SimilarityJob& job, ConstTensorView a, int64_t tile_rows,
+                        std::span<std::byte> values_out, std::span<int32_t> indices_out) {
+  const Shape& shape = job.shape();
+  const int64_t step = tile_rows > 0 ? std::min(tile_rows, shape.n) : shape.n;
+  const size_t a_row_bytes = shape.d * SizeOf(a.dtype);
+  const size_t k = static_cast<size_t>(job.options().top_k);
+  if (values_out.size() != job.ValueBytes(shape.batch * shape.n) ||
+      indices_out.size() != k * shape.batch * shape.n) {
+    return absl::InvalidArgumentError("output buffers do not match the problem's output size");
+  }
+  for (int64_t batch = 0; batch < shape.batch; ++batch) {
+    for (int64_t row = 0; row < shape.n; row += step) {
+      const int64_t rows = std::min(step, shape.n - row);
+      const int64_t first = batch * shape.n + row;
+      const ConstTensorView a_rows{a.data + first * a_row_bytes, a.dtype};
+      absl::Status status = job.ComputeTile(
+          batch, row, rows, a_rows, values_out.subspan(job.ValueBytes(first), job.ValueBytes(rows)),
+          indices_out.subspan(first * k, rows * k));
+      if (!status.ok()) return status;
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace simserve::kernels
