@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Deploy test: runs the dev overlay's Deployment with `podman kube play` (its env incl.
+# resourceFieldRef threads, limits, securityContext, emptyDir /tmp) and checks that the pod
+# answers real calls, then stops it (SIGTERM, exit 0) and `podman kube down`s it.
+# Test-only changes, made with a kustomize overlay on top of overlays/dev: the image is the
+# locally built one, and the pod uses the host network with the server bound to free loopback
+# ports and no declared container ports (podman ignores Services and cannot map ports on the
+# host network; this is how the test reaches the pod on 127.0.0.1 only).
+# Usage: kube_play_test.sh [WORK_DIR]   (needs the image from image_test.sh)
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+WORK="${1:-$(mktemp -d)}"
+rm -rf "$WORK" && mkdir -p "$WORK/overlay"
+deploy_podman_env
+podman image exists "$SIMSERVE_IMAGE" || die "$SIMSERVE_IMAGE missing: run image_test.sh first"
+if ! command -v go >/dev/null && [ -x /usr/local/go/bin/go ]; then export PATH="/usr/local/go/bin:$PATH"; fi
+
+grpc_port=$(deploy_free_port)
+metrics_port=$(deploy_free_port)
+while [ "$metrics_port" = "$grpc_port" ]; do metrics_port=$(deploy_free_port); done
+image_name="${SIMSERVE_IMAGE%:*}"
+image_tag="${SIMSERVE_IMAGE##*:}"
+cat >"$WORK/overlay/kustomization.yaml" <<EOF
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - $(realpath --relative-to="$WORK/overlay" "$DEPLOY_ROOT/deploy/k8s/overlays/dev")
+images:
+  - name: simserve
+    newName: $image_name
+    newTag: "$image_tag"
+patches:
+  - path: podman.yaml
+  # With the host network podman rejects port mappings; the ports are only declarative here.
+  - target:
+      kind: Deployment
+      name: simserve
+    patch: |-
+      - op: remove
+        path: /spec/template/spec/containers/0/ports
+EOF
+cat >"$WORK/overlay/podman.yaml" <<EOF
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: simserve
+  namespace: simserve-dev
+spec:
+  template:
+    spec:
+      hostNetwork: true
+      containers:
+        - name: simserve
+          env:
+            - name: SIMSERVE_LISTEN
+              value: "127.0.0.1:$grpc_port"
+            - name: SIMSERVE_METRICS_LISTEN
+              value: "127.0.0.1:$metrics_port"
+EOF
+if command -v kubectl >/dev/null; then kubectl kustomize "$WORK/overlay" >"$WORK/rendered.yaml"
+else kustomize build "$WORK/overlay" >"$WORK/rendered.yaml"; fi
+(cd "$DEPLOY_ROOT/tests/deploy/validate" && go build -o "$WORK/validate" .)
+# Schema only: the test patch drops the declarative ports (k8s_test.sh checks the policy of
+# the real overlay).
+"$WORK/validate" -schema-only -extract-kind Deployment "$WORK/rendered.yaml" \
+  >"$WORK/deployment.yaml" || die "the patched dev overlay does not validate"
+grep -q "image: $SIMSERVE_IMAGE" "$WORK/deployment.yaml" || die "image override not applied"
+
+# Leftovers of an interrupted run would make `kube play` fail on the name.
+podman kube down "$WORK/deployment.yaml" >/dev/null 2>&1 || true
+cleanup() { podman kube down "$WORK/deployment.yaml" >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+log "podman kube play (dev overlay Deployment, gRPC on 127.0.0.1:$grpc_port)"
+podman kube play --start "$WORK/deployment.yaml" >"$WORK/play.log" 2>&1 ||
+  { cat "$WORK/play.log" >&2; die "podman kube play failed"; }
+# kube play names the pod <deployment>-pod-<n> and its containers <pod>-<container>.
+ctr=$(podman ps -a --format '{{.Names}}' | grep -E '^simserve-pod-[0-9]+-simserve$' | head -1 || true)
+[ -n "$ctr" ] || { podman ps -a >&2; die "no simserve container from kube play"; }
+log "container $ctr"
+
+# What the pod spec must have turned into.
+env_dump=$(podman inspect --format '{{range .Config.Env}}{{println .}}{{end}}' "$ctr")
+grep -qx 'OMP_NUM_THREADS=1' <<<"$env_dump" || die "OMP_NUM_THREADS not 1 (from limits.cpu): $(grep OMP <<<"$env_dump")"
+grep -qx 'SIMSERVE_THREADS_PER_WORKER=1' <<<"$env_dump" || die "SIMSERVE_THREADS_PER_WORKER not derived from limits.cpu"
+[ "$(podman inspect --format '{{.HostConfig.ReadonlyRootfs}}' "$ctr")" = "true" ] || die "root filesystem is writable"
+mounts=$(podman inspect --format '{{range .Mounts}}{{println .Destination}}{{end}}' "$ctr")
+grep -qx /tmp <<<"$mounts" || die "no /tmp volume (emptyDir)"
+host_pid=$(podman inspect --format '{{.State.Pid}}' "$ctr")
+uid=$(awk '/^Uid:/ {print $2}' "/proc/$host_pid/status")
+[ "$uid" = "65532" ] || die "runs as uid $uid, want 65532"
+mem=$(podman inspect --format '{{.HostConfig.Memory}}' "$ctr")
+[ "$mem" = "1073741824" ] || die "memory limit $mem, want 1Gi"
+log "pod: OMP_NUM_THREADS=1 and threads from limits.cpu, read-only rootfs, /tmp emptyDir, uid 65532, 1Gi"
+
+"$VENV_PY" "$DEPLOY_ROOT/tests/deploy/smoke_client.py" --target "127.0.0.1:$grpc_port" \
+  --metrics-url "http://127.0.0.1:$metrics_port/metrics" --expect-threads 1 ||
+  { podman logs "$ctr" | tail -30 >&2; die "the pod does not answer"; }
+
+pod=$(podman inspect --format '{{.Pod}}' "$ctr")
+podman pod stop -t 35 "$pod" >/dev/null
+code=$(podman inspect --format '{{.State.ExitCode}}' "$ctr")
+podman logs "$ctr" 2>&1 | tail -2
+[ "$code" = "0" ] || die "container exit code $code after stop, want 0"
+podman kube down "$WORK/deployment.yaml" >/dev/null
+podman pod exists "$pod" && die "pod still exists after kube down"
+trap - EXIT
+log "kube_play_test: PASS"

@@ -1,0 +1,219 @@
+"""Smoke client for a deployed simserve (container or pod): waits for the gRPC health
+service to report SERVING, checks GetInfo, makes real similarity calls (unary cosine compared
+with scikit-learn, streamed euclidean compared with a numpy double loop), checks that bad input
+gets INVALID_ARGUMENT, and scrapes /metrics for the calls it made.
+
+Python stubs are generated from proto/ at run time into a temporary directory.
+Optionally, last: SIGTERM arrives while a streamed call is in flight, which must complete.
+Usage: smoke_client.py --target 127.0.0.1:PORT [--metrics-url URL] [--expect-threads N]
+                       [--sigterm-during-stream COMMAND]
+Exit 0 = all checks passed; otherwise a message on stderr and exit 1.
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_tools import protoc
+from sklearn.metrics.pairwise import cosine_similarity
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def fail(msg):
+    print(f"smoke: FAIL: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def generate_stubs(out_dir):
+    proto_dir = os.path.join(ROOT, "proto")
+    include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
+    rc = protoc.main([
+        "protoc", f"-I{proto_dir}", f"-I{include}", f"--python_out={out_dir}",
+        f"--grpc_python_out={out_dir}", os.path.join(proto_dir, "simserve/v1/similarity.proto"),
+    ])
+    if rc != 0:
+        fail(f"protoc failed with {rc}")
+    sys.path.insert(0, out_dir)
+    from simserve.v1 import similarity_pb2, similarity_pb2_grpc  # noqa: E402 (generated)
+    return similarity_pb2, similarity_pb2_grpc
+
+
+def wait_serving(channel, seconds):
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + seconds
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+            last = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+            if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                return time.monotonic() - (deadline - seconds)
+        except grpc.RpcError as e:
+            last = e.code().name
+        time.sleep(0.25)
+    fail(f"health never SERVING within {seconds} s (last: {last})")
+
+
+def tensor(pb, array):
+    array = np.ascontiguousarray(array, dtype="<f4")
+    return pb.Tensor(shape=list(array.shape), dtype=pb.FLOAT32, raw=array.tobytes())
+
+
+def check_unary_cosine(pb, stub, rng):
+    a = rng.standard_normal((3, 17, 33)).astype(np.float32)
+    b = rng.standard_normal((3, 11, 33)).astype(np.float32)
+    a[1, 4, :] = 0.0  # a zero row: sklearn gives 0, never NaN
+    resp = stub.Compute(pb.ComputeRequest(a=tensor(pb, a), b=tensor(pb, b),
+                                          metric=pb.COSINE), timeout=30)
+    if list(resp.shape) != [3, 17, 11]:
+        fail(f"Compute shape {list(resp.shape)}, want [3, 17, 11]")
+    got = np.frombuffer(resp.values_raw, dtype="<f4").reshape(3, 17, 11)
+    want = np.stack([cosine_similarity(a[k].astype(np.float64), b[k].astype(np.float64))
+                     for k in range(3)])
+    err = float(np.max(np.abs(got - want)))
+    if not err <= 1e-5:
+        fail(f"Compute cosine differs from sklearn by {err}")
+    print(f"smoke: Compute cosine [3,17,33]x[3,11,33] matches sklearn (max abs err {err:.2e})")
+
+
+def check_stream_euclidean(pb, stub, rng):
+    a = rng.standard_normal((2, 40, 16)).astype(np.float32)
+    b = rng.standard_normal((2, 9, 16)).astype(np.float32)
+    got = np.full((2, 40, 9), np.nan)
+    chunks = 0
+    for chunk in stub.ComputeStream(pb.ComputeRequest(
+            a=tensor(pb, a), b=tensor(pb, b), metric=pb.EUCLIDEAN, max_chunk_bytes=9 * 4 * 7),
+            timeout=30):
+        rows = np.frombuffer(chunk.values_raw, dtype="<f4").reshape(chunk.row_count, 9)
+        got[chunk.batch_index, chunk.row_offset:chunk.row_offset + chunk.row_count] = rows
+        chunks += 1
+    want = np.zeros((2, 40, 9))
+    for k in range(2):
+        for i in range(40):
+            for j in range(9):
+                want[k, i, j] = np.sqrt(np.sum((a[k, i].astype(np.float64) - b[k, j]) ** 2))
+    err = float(np.max(np.abs(got - want)))  # NaN (an uncovered row) fails too
+    if not err <= 1e-4:
+        fail(f"ComputeStream euclidean differs from the double loop by {err}")
+    print(f"smoke: ComputeStream euclidean in {chunks} chunks matches a double loop "
+          f"(max abs err {err:.2e})")
+    return chunks
+
+
+def check_drain(pb, stub, sigterm_command):
+    """Starts a streamed call that a slow reader keeps in flight, runs sigterm_command after
+    the first chunk, and checks the call still completes with every row correct (the server
+    drains instead of dropping running calls)."""
+    rng = np.random.default_rng(11)
+    a = rng.standard_normal((1, 2048, 64)).astype(np.float32)
+    b = rng.standard_normal((1, 2048, 64)).astype(np.float32)
+    got = np.full((2048, 2048), np.nan, dtype=np.float32)
+    sent_at = None
+    chunks = 0
+    for chunk in stub.ComputeStream(pb.ComputeRequest(
+            a=tensor(pb, a), b=tensor(pb, b), metric=pb.COSINE, max_chunk_bytes=1 << 20),
+            timeout=60):
+        rows = np.frombuffer(chunk.values_raw, dtype="<f4").reshape(chunk.row_count, 2048)
+        got[chunk.row_offset:chunk.row_offset + chunk.row_count] = rows
+        chunks += 1
+        if sent_at is None:
+            if subprocess.run(sigterm_command, shell=True).returncode != 0:
+                fail(f"'{sigterm_command}' failed")
+            sent_at = time.monotonic()
+            print("smoke: SIGTERM sent after the first chunk; reading the rest slowly")
+        time.sleep(0.15)
+    finished = time.monotonic() - sent_at
+    want = cosine_similarity(a[0].astype(np.float64), b[0].astype(np.float64))
+    err = float(np.max(np.abs(got - want)))
+    if not err <= 1e-5:
+        fail(f"the stream in flight at SIGTERM is wrong or incomplete (max abs err {err})")
+    print(f"smoke: call in flight at SIGTERM completed OK: {chunks} chunks, all rows correct, "
+          f"{finished:.1f} s after SIGTERM")
+
+
+def check_bad_input(pb, stub):
+    a = np.zeros((2, 3, 4), np.float32)
+    b = np.zeros((2, 3, 5), np.float32)  # D mismatch
+    try:
+        stub.Compute(pb.ComputeRequest(a=tensor(pb, a), b=tensor(pb, b)), timeout=10)
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
+            fail(f"D mismatch gave {e.code().name}, want INVALID_ARGUMENT")
+        print(f"smoke: D mismatch -> INVALID_ARGUMENT ({e.details()})")
+        return
+    fail("D mismatch was accepted")
+
+
+def metric_value(text, name, **labels):
+    total = None
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total = (total or 0.0) + float(m.group(3))
+    return total
+
+
+def check_metrics(url, stream_chunks):
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    checks = [
+        ("grpc_server_handled_total", dict(grpc_method="Compute", grpc_code="OK"), 1),
+        ("grpc_server_handled_total", dict(grpc_method="Compute", grpc_code="InvalidArgument"), 1),
+        ("grpc_server_handled_total", dict(grpc_method="ComputeStream", grpc_code="OK"), 1),
+        ("grpc_server_msg_sent_total", dict(grpc_method="ComputeStream"), stream_chunks),
+        ("simserve_build_info", {}, 1),
+    ]
+    for name, labels, minimum in checks:
+        value = metric_value(text, name, **labels)
+        if value is None or value < minimum:
+            fail(f"/metrics: {name}{labels} = {value}, want >= {minimum}")
+    print(f"smoke: /metrics has the calls ({len(text)} bytes, {len(text.splitlines())} lines)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", required=True, help="host:port of the gRPC server")
+    ap.add_argument("--metrics-url", help="http://host:port/metrics to scrape afterwards")
+    ap.add_argument("--expect-threads", type=int, help="GetInfo threads_per_worker wanted")
+    ap.add_argument("--wait", type=float, default=90, help="seconds to wait for SERVING")
+    ap.add_argument("--sigterm-during-stream", metavar="COMMAND",
+                    help="last check: run COMMAND (which sends SIGTERM to the server) while a "
+                         "streamed call is in flight; the call must still complete")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="simserve-stubs-") as gen:
+        pb, pb_grpc = generate_stubs(gen)
+        with grpc.insecure_channel(args.target) as channel:
+            waited = wait_serving(channel, args.wait)
+            print(f"smoke: health SERVING after {waited:.1f} s")
+            stub = pb_grpc.SimilarityStub(channel)
+            info = stub.GetInfo(pb.GetInfoRequest(), timeout=10)
+            print(f"smoke: GetInfo version={info.version} onednn={info.onednn_version} "
+                  f"isa={info.cpu_isa} workers={info.compute_workers} "
+                  f"threads_per_worker={info.threads_per_worker}")
+            if args.expect_threads is not None and info.threads_per_worker != args.expect_threads:
+                fail(f"threads_per_worker={info.threads_per_worker}, want {args.expect_threads}")
+            rng = np.random.default_rng(7)
+            check_unary_cosine(pb, stub, rng)
+            chunks = check_stream_euclidean(pb, stub, rng)
+            check_bad_input(pb, stub)
+            if args.metrics_url:
+                check_metrics(args.metrics_url, chunks)
+            if args.sigterm_during_stream:
+                check_drain(pb, stub, args.sigterm_during_stream)
+    print("smoke: PASS")
+
+
+if __name__ == "__main__":
+    main()
