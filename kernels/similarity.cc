@@ -269,7 +269,8 @@ class SimilarityJob::Impl {
       return absl::InvalidArgumentError(absl::StrCat("indices_out holds ", indices_out.size(),
                                                      " entries, the tile needs ", want_indices));
     }
-    if (omp_get_max_threads() != engine_.threads()) omp_set_num_threads(engine_.threads());
+    const int threads = ThreadsForTile(rows);
+    if (omp_get_max_threads() != threads) omp_set_num_threads(threads);
     try {
       return ComputeTileUnchecked(batch, rows, a_rows, values_out, indices_out);
     } catch (const dnnl::error& e) {
@@ -281,6 +282,15 @@ class SimilarityJob::Impl {
 
  private:
   bool bf16() const { return options_.precision == Precision::kBf16; }
+
+  // Small tiles run on one thread: waking an OpenMP team costs more than it saves below a few
+  // MFLOP per thread, and on a busy machine a spinning team can cost milliseconds.
+  int ThreadsForTile(int64_t rows) const {
+    constexpr int64_t kMinFlopsPerThread = int64_t{4} << 20;
+    const int64_t flops = 2 * rows * shape_.m * shape_.d;
+    return static_cast<int>(
+        std::clamp<int64_t>(flops / kMinFlopsPerThread, 1, engine_.threads()));
+  }
 
   RowScaling scaling() const {
     if (options_.metric != Metric::kCosine) return RowScaling::kNone;
@@ -373,7 +383,7 @@ class SimilarityJob::Impl {
     const int64_t m = shape_.m;
     const int64_t k = options_.top_k;
     const bool largest = !IsDistance(options_.metric);
-    const int threads = engine_.threads();
+    const int threads = omp_get_max_threads();
     scratch_->order.resize(static_cast<size_t>(m) * threads);
     int32_t* order_base = scratch_->order.data();
 #pragma omp parallel for schedule(static) num_threads(threads)

@@ -52,7 +52,8 @@ struct Options {
 
 // Engine-wide settings.
 struct EngineConfig {
-  // OpenMP threads used by one ComputeTile call (set on the calling thread). 0: all cores.
+  // Most OpenMP threads one ComputeTile call uses (set on the calling thread). 0: all cores.
+  // Tiles below ~4 MFLOP per thread use fewer threads (one for tiny requests).
   int threads_per_call = 0;
   // Maximum number of cached matmul primitives (one per distinct tile shape and dtype).
   size_t primitive_cache_capacity = 128;
