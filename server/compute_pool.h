@@ -1,0 +1,124 @@
+// The compute pool: a fixed set of worker threads that run heavy work (kernel tiles) off
+// the gRPC threads, a bounded queue, and the admission accounting of in-flight bytes.
+#ifndef SIMSERVE_SERVER_COMPUTE_POOL_H_
+#define SIMSERVE_SERVER_COMPUTE_POOL_H_
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/functional/any_invocable.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "server/metrics.h"
+
+namespace simserve {
+
+// One unit of work. Exactly one of `run` or `skip` is called, once, on a worker thread
+// (or on the thread calling Shutdown for tasks still queued then).
+struct ComputeTask {
+  // The work. Gets the time the task waited in the queue.
+  absl::AnyInvocable<void(absl::Duration queue_wait)> run;
+  // Called instead of `run` when the task will not run: DEADLINE_EXCEEDED (deadline passed
+  // while queued), CANCELLED (`cancelled` returned true) or UNAVAILABLE (pool shut down).
+  absl::AnyInvocable<void(absl::Status why)> skip;
+  // The caller's deadline; the task is skipped if it is reached before the task starts.
+  absl::Time deadline = absl::InfiniteFuture();
+  // Optional; checked just before running. True means the caller went away.
+  std::function<bool()> cancelled;
+};
+
+class ComputePool;
+
+// Reservation of in-flight bytes; releases them when destroyed. Movable, not copyable.
+class Admission {
+ public:
+  Admission() = default;
+  ~Admission();
+  Admission(Admission&& other) noexcept;
+  Admission& operator=(Admission&& other) noexcept;
+  Admission(const Admission&) = delete;
+  Admission& operator=(const Admission&) = delete;
+
+ private:
+  friend class ComputePool;
+  Admission(ComputePool* pool, int64_t bytes) : pool_(pool), bytes_(bytes) {}
+  ComputePool* pool_ = nullptr;
+  int64_t bytes_ = 0;
+};
+
+// Thread-safe. Tasks of one caller run in submission order only if the caller submits
+// the next after the previous ran (the pool itself runs tasks FIFO on any worker).
+class ComputePool {
+ public:
+  struct Options {
+    // Worker threads (>= 1).
+    int workers = 1;
+    // Tasks submitted with `new_request` that may wait in the queue; more are refused.
+    int64_t max_queued_requests = 64;
+    // Bound on the sum of Admission reservations.
+    int64_t max_inflight_bytes = int64_t{2} << 30;
+  };
+
+  // Starts the workers. `metrics` may be null; otherwise it must outlive the pool and
+  // receives queue depth updates and rejections.
+  ComputePool(const Options& options, ServerMetrics* metrics);
+  // Shuts down (see Shutdown) and joins the workers.
+  ~ComputePool();
+  ComputePool(const ComputePool&) = delete;
+  ComputePool& operator=(const ComputePool&) = delete;
+
+  // Reserves `bytes` of in-flight memory for one request. RESOURCE_EXHAUSTED (stating the
+  // limit) if the reservation would exceed max_inflight_bytes; a single request larger than
+  // the whole limit is refused as well.
+  absl::StatusOr<Admission> Admit(int64_t bytes);
+
+  // Queues `task`. With `new_request`, the queue bound applies: RESOURCE_EXHAUSTED (stating
+  // max_queued_requests) when that many new requests are already waiting. Follow-up tasks
+  // of a running request are never refused for queue length. UNAVAILABLE after Shutdown.
+  // On error the task is dropped without calling run or skip.
+  absl::Status Submit(ComputeTask task, bool new_request);
+
+  // Stops accepting tasks, skips queued ones with UNAVAILABLE, lets running ones finish
+  // and joins the workers. Idempotent.
+  void Shutdown();
+
+  // Number of tasks waiting (not running).
+  int64_t queued() const;
+  // Bytes currently reserved through Admit.
+  int64_t inflight_bytes() const;
+  int workers() const { return static_cast<int>(threads_.size()); }
+
+ private:
+  friend class Admission;
+  struct Queued {
+    ComputeTask task;
+    bool new_request = false;
+    absl::Time enqueued;
+  };
+  void WorkerLoop();
+  void Release(int64_t bytes);
+
+  const Options options_;
+  ServerMetrics* const metrics_;
+  // std::mutex rather than absl::Mutex: TSan sees through libstdc++'s pthread calls but
+  // not through the (uninstrumented) system Abseil.
+  mutable std::mutex mu_;
+  std::condition_variable work_;
+  std::deque<Queued> queue_ ABSL_GUARDED_BY(mu_);
+  int64_t queued_new_requests_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t inflight_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace simserve
+
+#endif  // SIMSERVE_SERVER_COMPUTE_POOL_H_

@@ -1,0 +1,70 @@
+// ServerConfig: every setting of the simserve server in one struct with nested groups.
+// Defaults live in the declarations; main.cc fills it from flags and SIMSERVE_* variables.
+#ifndef SIMSERVE_SERVER_CONFIG_H_
+#define SIMSERVE_SERVER_CONFIG_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/time/time.h"
+
+namespace simserve {
+
+// Compute pool sizing. workers * threads_per_worker should not exceed the cores the
+// process may use (in Kubernetes: the CPU limit), or OpenMP threads oversubscribe.
+struct ComputeConfig {
+  // Requests computed concurrently (worker threads of the compute pool). 0 = 1 worker.
+  int workers = 0;
+  // OpenMP threads per computation. 0 = cores / workers (at least 1).
+  int threads_per_worker = 0;
+  // Result tiles computed ahead of the network writer per streaming call. Bounds the
+  // memory of a call with a slow reader to window * chunk bytes; >= 1.
+  int stream_window = 3;
+  // Warm the oneDNN primitives of the common shapes before reporting SERVING.
+  bool warmup = true;
+};
+
+// Admission limits. A request over any of them is rejected with RESOURCE_EXHAUSTED before
+// any work is done; the message states the limit.
+struct LimitsConfig {
+  // Elements of one input tensor (batch * rows * dim). 64 Mi = 256 MiB of float32.
+  int64_t max_input_elements = int64_t{64} << 20;
+  // Matmul flops of one request (2 * batch * N * M * D). 2e12 is ~4 s at fp32 peak.
+  int64_t max_flops = 2'000'000'000'000;
+  // Bytes of one request's complete result (values + top-k indices).
+  int64_t max_output_bytes = int64_t{1} << 30;
+  // Requests admitted but not yet started on the compute pool.
+  int64_t max_queued_requests = 64;
+  // Sum over running requests of input bytes held plus result bytes buffered.
+  int64_t max_inflight_bytes = int64_t{2} << 30;
+  // gRPC maximum received message size; ComputeUpload carries bigger inputs in pieces.
+  int64_t max_receive_message_bytes = int64_t{64} << 20;
+  // gRPC maximum sent message size. A unary Compute whose result is bigger fails with
+  // RESOURCE_EXHAUSTED ("use ComputeStream").
+  int64_t max_send_message_bytes = int64_t{256} << 20;
+  // Chunk payload when ComputeRequest.max_chunk_bytes is 0.
+  int64_t default_chunk_bytes = int64_t{1} << 20;
+  // Cap on ComputeRequest.max_chunk_bytes (must not exceed max_send_message_bytes).
+  int64_t max_chunk_bytes = int64_t{16} << 20;
+};
+
+// Everything the server needs to start. Plain data; copyable.
+struct ServerConfig {
+  // gRPC listen address, host:port. Port 0 picks a free port (see SimilarityServer::port).
+  std::string listen = "0.0.0.0:50051";
+  // Prometheus /metrics listen address, host:port. Empty disables the exposer.
+  std::string metrics_listen = "0.0.0.0:9464";
+  ComputeConfig compute;
+  LimitsConfig limits;
+  // How long running calls may continue after SIGTERM/SIGINT before they are cancelled.
+  absl::Duration drain_grace = absl::Seconds(20);
+  // GRPC_ARG_MAX_CONNECTION_AGE_MS: clients reconnect after this long, which lets a
+  // Kubernetes Service rebalance connections. Zero or infinite disables it.
+  absl::Duration max_connection_age = absl::InfiniteDuration();
+  // Log one line per successful request too (failures are always logged).
+  bool log_requests = false;
+};
+
+}  // namespace simserve
+
+#endif  // SIMSERVE_SERVER_CONFIG_H_

@@ -1,0 +1,95 @@
+// The one validation and conversion module of the server: turns a ComputeRequest (or the
+// header of a ComputeUpload) into kernel types, checks every rule of the API contract and
+// the admission limits, and views tensor bytes without copying. Shared by all compute RPCs.
+#ifndef SIMSERVE_SERVER_CONVERT_H_
+#define SIMSERVE_SERVER_CONVERT_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "kernels/similarity.h"
+#include "server/config.h"
+#include "server/metrics.h"
+#include "simserve/v1/similarity.pb.h"
+
+namespace simserve {
+
+// Which RPC a request arrived on; decides the data and size rules.
+enum class RequestKind {
+  kUnary,   // Compute: tensors carry data; the whole result must fit one message.
+  kStream,  // ComputeStream: tensors carry data; the result goes out in tiles.
+  kUpload,  // ComputeUpload header: tensors carry shape and dtype only, no data.
+};
+
+// A validated problem: sizes, options and the derived costs. All byte counts are exact.
+struct ProblemSpec {
+  kernels::Shape shape;
+  kernels::Options options;
+  kernels::DataType a_dtype = kernels::DataType::kFloat32;
+  kernels::DataType b_dtype = kernels::DataType::kFloat32;
+  // True when both inputs were 2D: the output shape then has no batch dimension.
+  bool two_d = false;
+  int64_t a_bytes = 0;          // batch * n * d * sizeof(a_dtype)
+  int64_t b_bytes = 0;          // batch * m * d * sizeof(b_dtype)
+  int64_t output_cols = 0;      // m for dense results, top_k for top-k
+  int64_t value_row_bytes = 0;  // output_cols * sizeof(output_dtype)
+  int64_t index_row_bytes = 0;  // top_k * 4, or 0 for dense results
+  int64_t output_bytes = 0;     // batch * n * (value_row_bytes + index_row_bytes)
+  int64_t flops = 0;            // 2 * batch * n * m * d
+  int64_t chunk_bytes = 0;      // effective payload bound of one streamed chunk
+  int64_t tile_rows = 0;        // rows of A per streamed tile, in [1, n]
+
+  // Output shape as sent to clients: [batch, n, cols], or [n, cols] for 2D inputs.
+  std::vector<int64_t> OutputShape() const;
+  // Number of streamed tiles (tiles never span two batch entries).
+  int64_t TileCount() const;
+  // Bytes this request holds while running: its inputs plus the result bytes buffered at
+  // once (all of it for unary calls, at most `window` tiles for streams).
+  int64_t InflightBytes(RequestKind kind, int window) const;
+};
+
+// A validated Compute/ComputeStream request. `a` and `b` point into the request message
+// (raw bytes or the float32 `values` array; no copy) and are valid as long as it is.
+struct ConvertedRequest {
+  ProblemSpec spec;
+  kernels::ConstTensorView a;
+  kernels::ConstTensorView b;
+};
+
+// Validates `request` for `kind` against `limits` and converts it.
+// INVALID_ARGUMENT: missing or empty tensor, rank not 2 or 3, a dimension <= 0, ranks or
+//   batch or D of a and b differ, unsupported dtype/metric/precision, data length !=
+//   prod(shape) * sizeof(dtype), top_k > M, epsilon < 0 or not finite, NaN/Inf in a
+//   tensor (naming it and the first bad flat index), data present in an upload header.
+// RESOURCE_EXHAUSTED (and *reason set, if non-null): elements, flops or output bytes over
+//   the limit (an int64 overflow counts as over), a unary result over the send limit
+//   ("use ComputeStream"), one streamed row over the send limit.
+// For kUpload the returned views are null; use ProblemFromUploadHeader instead.
+absl::StatusOr<ConvertedRequest> ConvertRequest(const v1::ComputeRequest& request, RequestKind kind,
+                                                const LimitsConfig& limits, RejectReason* reason);
+
+// Validates a ComputeUpload header's request (no tensor data allowed) as ConvertRequest
+// does for kUpload and returns its problem.
+absl::StatusOr<ProblemSpec> ProblemFromUploadHeader(const v1::ComputeRequest& request,
+                                                    const LimitsConfig& limits,
+                                                    RejectReason* reason);
+
+// Checks `count` elements of `dtype` at `data` for NaN/Inf. On the first one returns
+// INVALID_ARGUMENT naming `tensor` and its flat index (`index_offset` + position).
+absl::Status CheckFinite(absl::string_view tensor, const std::byte* data, int64_t count,
+                         kernels::DataType dtype, int64_t index_offset);
+
+// Enum conversions between the wire and the kernel. Return INVALID_ARGUMENT for values
+// the server does not know (proto3 enums are open).
+absl::StatusOr<kernels::DataType> FromProto(v1::DataType dtype);
+absl::StatusOr<kernels::Metric> FromProto(v1::Metric metric);
+absl::StatusOr<kernels::Precision> FromProto(v1::Precision precision);
+v1::DataType ToProto(kernels::DataType dtype);
+
+}  // namespace simserve
+
+#endif  // SIMSERVE_SERVER_CONVERT_H_

@@ -1,0 +1,155 @@
+// simserve: the gRPC similarity server. Parses flags (and their SIMSERVE_* environment
+// equivalents) into one ServerConfig and runs the server until SIGTERM/SIGINT.
+#include <cstdlib>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/reflection.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "server/config.h"
+#include "server/server.h"
+
+namespace {
+const simserve::ServerConfig kDefaults;
+}  // namespace
+
+ABSL_FLAG(std::string, listen, kDefaults.listen,
+          "gRPC listen address host:port (port 0 = any free port). Env SIMSERVE_LISTEN.");
+ABSL_FLAG(std::string, metrics_listen, kDefaults.metrics_listen,
+          "Prometheus /metrics address host:port; empty disables. Env SIMSERVE_METRICS_LISTEN.");
+ABSL_FLAG(int, workers, kDefaults.compute.workers,
+          "Requests computed concurrently; 0 = 1. workers x threads_per_worker should not "
+          "exceed the cores. Env SIMSERVE_WORKERS.");
+ABSL_FLAG(int, threads_per_worker, kDefaults.compute.threads_per_worker,
+          "OpenMP threads per computation; 0 = usable cores / workers. "
+          "Env SIMSERVE_THREADS_PER_WORKER.");
+ABSL_FLAG(int, stream_window, kDefaults.compute.stream_window,
+          "Tiles a streaming call computes ahead of the network (memory bound per call = "
+          "window x chunk). Env SIMSERVE_STREAM_WINDOW.");
+ABSL_FLAG(bool, warmup, kDefaults.compute.warmup,
+          "Warm the common kernel shapes before reporting SERVING. Env SIMSERVE_WARMUP.");
+ABSL_FLAG(int64_t, max_input_elements, kDefaults.limits.max_input_elements,
+          "Max elements of one input tensor. Env SIMSERVE_MAX_INPUT_ELEMENTS.");
+ABSL_FLAG(int64_t, max_flops, kDefaults.limits.max_flops,
+          "Max matmul flops (2*batch*N*M*D) of one request. Env SIMSERVE_MAX_FLOPS.");
+ABSL_FLAG(int64_t, max_output_bytes, kDefaults.limits.max_output_bytes,
+          "Max result bytes of one request. Env SIMSERVE_MAX_OUTPUT_BYTES.");
+ABSL_FLAG(int64_t, max_queued_requests, kDefaults.limits.max_queued_requests,
+          "Max requests waiting for a compute worker; more get RESOURCE_EXHAUSTED. "
+          "Env SIMSERVE_MAX_QUEUED_REQUESTS.");
+ABSL_FLAG(int64_t, max_inflight_bytes, kDefaults.limits.max_inflight_bytes,
+          "Max bytes (inputs + buffered results) of all running requests. "
+          "Env SIMSERVE_MAX_INFLIGHT_BYTES.");
+ABSL_FLAG(int64_t, max_receive_message_bytes, kDefaults.limits.max_receive_message_bytes,
+          "gRPC max received message size. Env SIMSERVE_MAX_RECEIVE_MESSAGE_BYTES.");
+ABSL_FLAG(int64_t, max_send_message_bytes, kDefaults.limits.max_send_message_bytes,
+          "gRPC max sent message size; bigger unary results must use ComputeStream. "
+          "Env SIMSERVE_MAX_SEND_MESSAGE_BYTES.");
+ABSL_FLAG(int64_t, default_chunk_bytes, kDefaults.limits.default_chunk_bytes,
+          "Chunk payload when the request's max_chunk_bytes is 0. "
+          "Env SIMSERVE_DEFAULT_CHUNK_BYTES.");
+ABSL_FLAG(int64_t, max_chunk_bytes, kDefaults.limits.max_chunk_bytes,
+          "Cap on the request's max_chunk_bytes. Env SIMSERVE_MAX_CHUNK_BYTES.");
+ABSL_FLAG(absl::Duration, drain_grace, kDefaults.drain_grace,
+          "After SIGTERM/SIGINT, how long running calls may finish before they are "
+          "cancelled (e.g. 20s). Env SIMSERVE_DRAIN_GRACE.");
+ABSL_FLAG(absl::Duration, max_connection_age, kDefaults.max_connection_age,
+          "GRPC_ARG_MAX_CONNECTION_AGE: clients reconnect after this long so a Kubernetes "
+          "Service rebalances (e.g. 5m; inf disables). Env SIMSERVE_MAX_CONNECTION_AGE.");
+ABSL_FLAG(bool, log_requests, kDefaults.log_requests,
+          "Log one line per successful request too (failures are always logged). "
+          "Env SIMSERVE_LOG_REQUESTS.");
+
+namespace {
+
+// The one place environment variables are read: SIMSERVE_<FLAG> sets the flag's value
+// before the command line is parsed, so a flag given on the command line wins.
+bool ApplyEnvironment() {
+  static constexpr const char* kNames[] = {"listen",
+                                           "metrics_listen",
+                                           "workers",
+                                           "threads_per_worker",
+                                           "stream_window",
+                                           "warmup",
+                                           "max_input_elements",
+                                           "max_flops",
+                                           "max_output_bytes",
+                                           "max_queued_requests",
+                                           "max_inflight_bytes",
+                                           "max_receive_message_bytes",
+                                           "max_send_message_bytes",
+                                           "default_chunk_bytes",
+                                           "max_chunk_bytes",
+                                           "drain_grace",
+                                           "max_connection_age",
+                                           "log_requests"};
+  bool ok = true;
+  for (const char* name : kNames) {
+    const std::string variable = absl::StrCat("SIMSERVE_", absl::AsciiStrToUpper(name));
+    const char* value = std::getenv(variable.c_str());
+    if (value == nullptr) continue;
+    absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
+    std::string error;
+    if (flag == nullptr || !flag->ParseFrom(value, &error)) {
+      std::cerr << "simserve: invalid " << variable << "=" << value << ": " << error << "\n";
+      ok = false;
+    }
+  }
+  return ok;
+}
+
+simserve::ServerConfig ConfigFromFlags() {
+  simserve::ServerConfig c;
+  c.listen = absl::GetFlag(FLAGS_listen);
+  c.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  c.compute.workers = absl::GetFlag(FLAGS_workers);
+  c.compute.threads_per_worker = absl::GetFlag(FLAGS_threads_per_worker);
+  c.compute.stream_window = absl::GetFlag(FLAGS_stream_window);
+  c.compute.warmup = absl::GetFlag(FLAGS_warmup);
+  c.limits.max_input_elements = absl::GetFlag(FLAGS_max_input_elements);
+  c.limits.max_flops = absl::GetFlag(FLAGS_max_flops);
+  c.limits.max_output_bytes = absl::GetFlag(FLAGS_max_output_bytes);
+  c.limits.max_queued_requests = absl::GetFlag(FLAGS_max_queued_requests);
+  c.limits.max_inflight_bytes = absl::GetFlag(FLAGS_max_inflight_bytes);
+  c.limits.max_receive_message_bytes = absl::GetFlag(FLAGS_max_receive_message_bytes);
+  c.limits.max_send_message_bytes = absl::GetFlag(FLAGS_max_send_message_bytes);
+  c.limits.default_chunk_bytes = absl::GetFlag(FLAGS_default_chunk_bytes);
+  c.limits.max_chunk_bytes = absl::GetFlag(FLAGS_max_chunk_bytes);
+  c.drain_grace = absl::GetFlag(FLAGS_drain_grace);
+  c.max_connection_age = absl::GetFlag(FLAGS_max_connection_age);
+  c.log_requests = absl::GetFlag(FLAGS_log_requests);
+  return c;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "simserve: batched pairwise similarity (cosine, dot, euclidean) over gRPC.\n"
+      "Every flag can also be set with the environment variable SIMSERVE_<FLAG> "
+      "(flag beats environment beats default).\nUsage: simserve [flags]");
+  // --help lists the flags of this file (absl's default only matches files named after
+  // the program).
+  absl::FlagsUsageConfig usage;
+  usage.contains_help_flags = [](absl::string_view path) {
+    return absl::EndsWith(path, "server/main.cc");
+  };
+  usage.contains_helpshort_flags = usage.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage);
+  if (!ApplyEnvironment()) return 2;
+  absl::ParseCommandLine(argc, argv);
+  const absl::Status status = simserve::RunServer(ConfigFromFlags());
+  if (!status.ok()) {
+    std::cerr << "simserve: " << status << "\n";
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,262 @@
+// Server assembly and lifecycle: builds the gRPC server with health, reflection, message
+// limits and the metrics interceptor; warms the kernels; drains on request or on signals.
+#include "server/server.h"
+
+#include <pthread.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <csignal>
+#include <cstring>
+#include <exception>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/security/server_credentials.h"
+#include "grpcpp/server.h"
+#include "grpcpp/server_builder.h"
+#include "prometheus/exposer.h"
+#include "prometheus/registry.h"
+#include "server/compute_pool.h"
+#include "server/convert.h"
+#include "server/log.h"
+#include "server/metrics.h"
+
+namespace simserve {
+namespace {
+
+constexpr char kService[] = "simserve.v1.Similarity";
+
+absl::Status ValidateConfig(const ServerConfig& c) {
+  const LimitsConfig& l = c.limits;
+  if (c.listen.empty()) return absl::InvalidArgumentError("--listen must not be empty");
+  if (c.compute.workers < 0 || c.compute.threads_per_worker < 0) {
+    return absl::InvalidArgumentError("--workers and --threads_per_worker must be >= 0");
+  }
+  if (c.compute.stream_window < 1) {
+    return absl::InvalidArgumentError("--stream_window must be >= 1");
+  }
+  for (auto [name, value] : std::vector<std::pair<const char*, int64_t>>{
+           {"max_input_elements", l.max_input_elements},
+           {"max_flops", l.max_flops},
+           {"max_output_bytes", l.max_output_bytes},
+           {"max_queued_requests", l.max_queued_requests},
+           {"max_inflight_bytes", l.max_inflight_bytes},
+           {"max_receive_message_bytes", l.max_receive_message_bytes},
+           {"max_send_message_bytes", l.max_send_message_bytes},
+           {"default_chunk_bytes", l.default_chunk_bytes},
+           {"max_chunk_bytes", l.max_chunk_bytes}}) {
+    if (value <= 0) return absl::InvalidArgumentError(absl::StrCat("--", name, " must be > 0"));
+  }
+  constexpr int64_t kIntMax = 0x7fffffff;
+  if (l.max_receive_message_bytes > kIntMax || l.max_send_message_bytes > kIntMax) {
+    return absl::InvalidArgumentError("message size limits must be < 2 GiB (gRPC uses int)");
+  }
+  if (l.max_chunk_bytes > l.max_send_message_bytes || l.default_chunk_bytes > l.max_chunk_bytes) {
+    return absl::InvalidArgumentError(
+        "need default_chunk_bytes <= max_chunk_bytes <= max_send_message_bytes");
+  }
+  if (c.drain_grace < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--drain_grace must be >= 0");
+  }
+  return absl::OkStatus();
+}
+
+std::vector<ServerMetrics::MethodInfo> Methods() {
+  return {{"/simserve.v1.Similarity/Compute", "unary"},
+          {"/simserve.v1.Similarity/ComputeStream", "server_stream"},
+          {"/simserve.v1.Similarity/ComputeUpload", "bidi_stream"},
+          {"/simserve.v1.Similarity/GetInfo", "unary"}};
+}
+
+}  // namespace
+
+PoolSize ResolvePoolSize(const ComputeConfig& config, int cores) {
+  PoolSize size;
+  size.workers = std::max(1, config.workers);
+  size.threads_per_worker = config.threads_per_worker > 0
+                                ? config.threads_per_worker
+                                : std::max(1, std::max(1, cores) / size.workers);
+  return size;
+}
+
+int UsableCores() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return 1;
+  return std::max(1, CPU_COUNT(&set));
+}
+
+SimilarityServer::SimilarityServer(const ServerConfig& config) : config_(config) {}
+
+SimilarityServer::~SimilarityServer() { Shutdown(absl::ZeroDuration()); }
+
+absl::StatusOr<std::unique_ptr<SimilarityServer>> SimilarityServer::Start(
+    const ServerConfig& config) {
+  absl::Status valid = ValidateConfig(config);
+  if (!valid.ok()) return valid;
+  // Private constructor: std::make_unique cannot reach it.
+  std::unique_ptr<SimilarityServer> server(new SimilarityServer(config));
+  absl::Status init = server->Init();
+  if (!init.ok()) return init;
+  return server;
+}
+
+absl::Status SimilarityServer::Init() {
+  const PoolSize size = ResolvePoolSize(config_.compute, UsableCores());
+  auto engine = kernels::SimilarityEngine::Create(
+      kernels::EngineConfig{.threads_per_call = size.threads_per_worker});
+  if (!engine.ok()) return engine.status();
+  engine_ = std::move(*engine);
+
+  registry_ = std::make_shared<prometheus::Registry>();
+  metrics_ = std::make_unique<ServerMetrics>(
+      *registry_,
+      BuildInfo{SIMSERVE_VERSION, kernels::SimilarityEngine::OneDnnVersion(),
+                kernels::SimilarityEngine::CpuIsa()},
+      Methods());
+  if (!config_.metrics_listen.empty()) {
+    try {
+      exposer_ = std::make_unique<prometheus::Exposer>(config_.metrics_listen, 2);
+    } catch (const std::exception& e) {
+      return absl::UnavailableError(
+          absl::StrCat("cannot serve metrics on ", config_.metrics_listen, ": ", e.what()));
+    }
+    exposer_->RegisterCollectable(registry_);
+    const std::vector<int> ports = exposer_->GetListeningPorts();
+    metrics_port_ = ports.empty() ? 0 : ports.front();
+  }
+
+  pool_ = std::make_unique<ComputePool>(
+      ComputePool::Options{.workers = size.workers,
+                           .max_queued_requests = config_.limits.max_queued_requests,
+                           .max_inflight_bytes = config_.limits.max_inflight_bytes},
+      metrics_.get());
+  service_ =
+      std::make_unique<SimilarityService>(config_, engine_.get(), pool_.get(), metrics_.get());
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(config_.listen, grpc::InsecureServerCredentials(), &port_);
+  builder.RegisterService(service_.get());
+  builder.SetMaxReceiveMessageSize(static_cast<int>(config_.limits.max_receive_message_bytes));
+  builder.SetMaxSendMessageSize(static_cast<int>(config_.limits.max_send_message_bytes));
+  if (config_.max_connection_age > absl::ZeroDuration() &&
+      config_.max_connection_age != absl::InfiniteDuration()) {
+    constexpr int64_t kMaxMs = 0x7fffffff;  // channel args are int
+    builder.AddChannelArgument(
+        GRPC_ARG_MAX_CONNECTION_AGE_MS,
+        static_cast<int>(std::min(absl::ToInt64Milliseconds(config_.max_connection_age), kMaxMs)));
+    builder.AddChannelArgument(
+        GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS,
+        static_cast<int>(std::min(absl::ToInt64Milliseconds(config_.drain_grace), kMaxMs)));
+  }
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> creators;
+  creators.push_back(metrics_->MakeInterceptorFactory());
+  builder.experimental().SetInterceptorCreators(std::move(creators));
+  server_ = builder.BuildAndStart();
+  if (server_ == nullptr || port_ == 0) {
+    server_.reset();
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", config_.listen));
+  }
+  grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
+  health->SetServingStatus(false);
+  health->SetServingStatus(kService, false);
+
+  const std::string warmup = config_.compute.warmup ? Warmup() : "warm-up disabled";
+
+  const LimitsConfig& l = config_.limits;
+  LogInfo(absl::StrCat(
+      "simserve ", SIMSERVE_VERSION, " serving gRPC on ", config_.listen, " (port ", port_,
+      "), metrics on ",
+      exposer_ ? absl::StrCat(config_.metrics_listen, " (port ", metrics_port_, ")")
+               : std::string("(disabled)"),
+      "; oneDNN ", kernels::SimilarityEngine::OneDnnVersion(), " isa ",
+      kernels::SimilarityEngine::CpuIsa(), "; ", size.workers, " workers x ",
+      size.threads_per_worker, " threads; limits: max_input_elements=", l.max_input_elements,
+      " max_flops=", l.max_flops, " max_output_bytes=", l.max_output_bytes,
+      " max_queued_requests=", l.max_queued_requests, " max_inflight_bytes=", l.max_inflight_bytes,
+      " max_receive_message_bytes=", l.max_receive_message_bytes,
+      " max_send_message_bytes=", l.max_send_message_bytes, " chunk_bytes=", l.default_chunk_bytes,
+      "/", l.max_chunk_bytes, " stream_window=", config_.compute.stream_window,
+      " drain_grace=", absl::FormatDuration(config_.drain_grace), "; ", warmup));
+  health->SetServingStatus(true);
+  health->SetServingStatus(kService, true);
+  return absl::OkStatus();
+}
+
+std::string SimilarityServer::Warmup() {
+  const absl::Time begin = absl::Now();
+  // The seed workload (100x400x500x200) and a small request (1x8x256x128), in the tile
+  // sizes the default chunk size gives, for both precisions.
+  struct Case {
+    kernels::Shape shape;
+  };
+  const Case cases[] = {{{.batch = 100, .n = 400, .m = 500, .d = 200}},
+                        {{.batch = 1, .n = 8, .m = 256, .d = 128}}};
+  int warmed = 0;
+  for (const Case& c : cases) {
+    for (auto precision : {kernels::Precision::kFp32, kernels::Precision::kBf16}) {
+      kernels::Options options;
+      options.precision = precision;
+      const int64_t row_bytes = c.shape.m * 4;
+      const int64_t tile_rows =
+          std::clamp<int64_t>(config_.limits.default_chunk_bytes / row_bytes, 1, c.shape.n);
+      absl::Status status = engine_->Warmup(c.shape, options, tile_rows);
+      if (!status.ok()) {
+        LogWarning(absl::StrCat("warm-up failed (continuing): ", status.message()));
+      } else {
+        ++warmed;
+      }
+    }
+  }
+  return absl::StrCat("warm-up of ", warmed, " problem shapes took ",
+                      absl::FormatDuration(absl::Now() - begin));
+}
+
+int64_t SimilarityServer::queued_tasks() const { return pool_ ? pool_->queued() : 0; }
+
+void SimilarityServer::Shutdown(absl::Duration grace) {
+  std::lock_guard<std::mutex> lock(shutdown_mu_);
+  if (shut_down_) return;
+  shut_down_ = true;
+  if (server_ != nullptr) {
+    service_->StartDraining();
+    // Marks everything NOT_SERVING for good and ends Health.Watch streams.
+    server_->GetHealthCheckService()->Shutdown();
+    server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+    server_->Wait();
+  }
+  if (pool_ != nullptr) pool_->Shutdown();
+  exposer_.reset();
+}
+
+absl::Status RunServer(const ServerConfig& config) {
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  // Blocked in this thread before any other exists, so every thread inherits the mask and
+  // the signals are only ever consumed by sigwait below.
+  if (pthread_sigmask(SIG_BLOCK, &signals, nullptr) != 0) {
+    return absl::InternalError("pthread_sigmask failed");
+  }
+  auto server = SimilarityServer::Start(config);
+  if (!server.ok()) return server.status();
+  int signal_number = 0;
+  if (sigwait(&signals, &signal_number) != 0) return absl::InternalError("sigwait failed");
+  LogInfo(absl::StrCat("received ", strsignal(signal_number), "; draining for up to ",
+                       absl::FormatDuration(config.drain_grace)));
+  const absl::Time begin = absl::Now();
+  (*server)->Shutdown(config.drain_grace);
+  LogInfo(absl::StrCat("drained and stopped in ", absl::FormatDuration(absl::Now() - begin)));
+  return absl::OkStatus();
+}
+
+}  // namespace simserve

@@ -1,0 +1,101 @@
+// SimilarityServer: owns everything a running simserve needs (kernel engine, compute pool,
+// metrics registry and exposer, the gRPC server with health and reflection) and drains it
+// gracefully. RunServer adds signal handling for the `simserve` executable.
+#ifndef SIMSERVE_SERVER_SERVER_H_
+#define SIMSERVE_SERVER_SERVER_H_
+
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "server/config.h"
+#include "server/service.h"
+
+namespace prometheus {
+class Exposer;
+class Registry;
+}  // namespace prometheus
+
+namespace grpc {
+class Server;
+}  // namespace grpc
+
+namespace simserve {
+
+class ComputePool;
+class ServerMetrics;
+
+// Workers and OpenMP threads per worker after applying the defaults of ComputeConfig to
+// `cores` usable cores: workers = max(1, workers); threads = threads_per_worker, or
+// max(1, cores / workers) when 0.
+struct PoolSize {
+  int workers = 1;
+  int threads_per_worker = 1;
+};
+PoolSize ResolvePoolSize(const ComputeConfig& config, int cores);
+
+// Cores this process may run on (its CPU affinity mask).
+int UsableCores();
+
+// A running server. Not copyable. Thread-safe: Shutdown may be called from any thread.
+class SimilarityServer {
+ public:
+  // Validates `config`, creates the engine, the pool and the metrics, binds the gRPC
+  // (and, unless disabled, the metrics) listener, warms the kernels up (health reports
+  // NOT_SERVING until then) and returns a serving server. INVALID_ARGUMENT for a bad
+  // config, UNAVAILABLE if an address cannot be bound, INTERNAL for engine failures.
+  static absl::StatusOr<std::unique_ptr<SimilarityServer>> Start(const ServerConfig& config);
+  // Shuts down with zero grace if Shutdown was not called.
+  ~SimilarityServer();
+  SimilarityServer(const SimilarityServer&) = delete;
+  SimilarityServer& operator=(const SimilarityServer&) = delete;
+
+  // Graceful drain: health NOT_SERVING, new compute calls UNAVAILABLE, running calls get
+  // up to `grace` to finish (then they are cancelled), workers stop. Blocks until done.
+  // Idempotent.
+  void Shutdown(absl::Duration grace);
+
+  // The bound gRPC port (useful with port 0 in `listen`).
+  int port() const { return port_; }
+  // The bound metrics port, or 0 when the exposer is disabled.
+  int metrics_port() const { return metrics_port_; }
+  const ServerConfig& config() const { return config_; }
+  const ServiceStats& stats() const { return service_->stats(); }
+  // Tasks waiting in the compute pool queue.
+  int64_t queued_tasks() const;
+  // The compute pool, for tests and diagnostics (e.g. to occupy a worker).
+  ComputePool& pool() { return *pool_; }
+  prometheus::Registry& registry() { return *registry_; }
+
+ private:
+  explicit SimilarityServer(const ServerConfig& config);
+  absl::Status Init();
+  // Warms the common kernel shapes; returns a summary for the startup line.
+  std::string Warmup();
+
+  ServerConfig config_;
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::unique_ptr<ServerMetrics> metrics_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+  std::unique_ptr<kernels::SimilarityEngine> engine_;
+  std::unique_ptr<ComputePool> pool_;
+  std::unique_ptr<SimilarityService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+  int metrics_port_ = 0;
+  bool shut_down_ = false;
+  std::mutex shutdown_mu_;
+};
+
+// Runs the server until SIGTERM or SIGINT, then drains it within config.drain_grace.
+// Must be called before any other thread exists (it blocks those signals process-wide
+// and waits for them with sigwait; no work happens in a signal handler). Returns OK after
+// a clean drain, or the startup error.
+absl::Status RunServer(const ServerConfig& config);
+
+}  // namespace simserve
+
+#endif  // SIMSERVE_SERVER_SERVER_H_
