@@ -1,0 +1,198 @@
+// simserve::Client — the C++ client library of the simserve.v1.Similarity service: unary,
+// streamed (reassembled into one preallocated result) and full-duplex upload calls, an
+// automatic mode that picks one of them by size, top-k, deadlines and server timings.
+#ifndef SIMSERVE_CLIENT_CLIENT_H_
+#define SIMSERVE_CLIENT_CLIENT_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "client/dtype.h"
+#include "grpcpp/channel.h"
+#include "grpcpp/impl/rpc_method.h"
+#include "grpcpp/security/credentials.h"
+#include "simserve/v1/similarity.grpc.pb.h"
+
+namespace simserve {
+
+// Which RPC carries a request.
+enum class CallMode {
+  kAuto,    // pick by size, see ClientOptions
+  kUnary,   // Compute: one request, one response message
+  kStream,  // ComputeStream: one request message, result in row tiles
+  kUpload,  // ComputeUpload: header, B and A in pieces, result tiles while A uploads
+};
+
+// Lower-case name of `mode` ("auto", "unary", "stream", "upload").
+const char* Name(CallMode mode);
+
+// Connection-wide settings. Defaults suit a server on the same host or LAN.
+struct ClientOptions {
+  // Channel credentials; nullptr means insecure (plaintext) — the server speaks plaintext.
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
+  // Deadline of every call that does not give its own timeout.
+  absl::Duration default_timeout = absl::Seconds(60);
+  // Connect() waits this long for the channel to become ready and fails with UNAVAILABLE
+  // otherwise; zero connects lazily on the first call.
+  absl::Duration connect_timeout = absl::Seconds(5);
+  // Channel max receive/send message sizes (bytes); -1 is unlimited. Large by default so the
+  // client never is the limit: the server's own limits (GetInfo) decide.
+  int max_receive_message_bytes = -1;
+  int max_send_message_bytes = -1;
+  // ComputeUpload sends A and B in pieces of this many bytes (~1 MiB is the sweet spot).
+  int64_t upload_piece_bytes = int64_t{1} << 20;
+  // kAuto: requests whose inputs + result are at most this many bytes use unary Compute
+  // (one round trip, lowest latency for small requests).
+  int64_t auto_unary_max_bytes = int64_t{1} << 20;
+  // kAuto: inputs (A + B bytes) of at least this size use ComputeUpload, which overlaps
+  // sending A with computing and receiving the result. Inputs that do not fit the server's
+  // max receive message size always use ComputeUpload.
+  int64_t auto_upload_min_input_bytes = int64_t{8} << 20;
+};
+
+// A borrowed input tensor: shape [batch, rows, dim] or [rows, dim] and C-order little-endian
+// elements of `dtype` (FLOAT32, BFLOAT16 or FLOAT16). The data must outlive the call.
+struct TensorRef {
+  std::vector<int64_t> shape;
+  v1::DataType dtype = v1::FLOAT32;
+  std::span<const std::byte> data;
+
+  // A float32 tensor over `values`.
+  static TensorRef Float32(std::vector<int64_t> shape, std::span<const float> values);
+};
+
+// What to compute (mirrors ComputeRequest's options; see similarity.proto).
+struct ComputeOptions {
+  v1::Metric metric = v1::COSINE;
+  v1::DataType output_dtype = v1::FLOAT32;
+  v1::Precision precision = v1::FP32;
+  // 0: dense result. k > 0: per row the k best values and their int32 column indices.
+  uint32_t top_k = 0;
+  // Cosine only: 0 = sklearn semantics, > 0 = Keras clamp sqrt(max(sum_sq, epsilon)).
+  float epsilon = 0.0F;
+  // Streaming calls: max bytes per result chunk; 0 = server default (1 MiB).
+  uint32_t max_chunk_bytes = 0;
+  // Deadline of this call; nullopt = ClientOptions::default_timeout.
+  std::optional<absl::Duration> timeout;
+};
+
+// Server-side timings from the trailing metadata (simserve-queue-ms, simserve-compute-ms,
+// simserve-total-ms), in milliseconds; nullopt when the server did not send one.
+struct ServerTimings {
+  std::optional<double> queue_ms;
+  std::optional<double> compute_ms;
+  std::optional<double> total_ms;
+};
+
+// The result of one computation.
+struct Result {
+  // [batch, N, M] dense, [batch, N, k] top-k; 2D inputs give [N, M] / [N, k].
+  std::vector<int64_t> shape;
+  // Element type of `values`.
+  v1::DataType dtype = v1::FLOAT32;
+  // C-order little-endian values of `dtype` (prod(shape) elements).
+  ByteVector values;
+  // Top-k only: int32 column indices, same shape as the values; empty for dense results.
+  std::vector<int32_t> indices;
+  ServerTimings server;
+  // Client wall time of the call, from before the request is built to the last byte placed.
+  double client_wall_ms = 0.0;
+  // The RPC that carried the call (never kAuto).
+  CallMode mode = CallMode::kUnary;
+  // Number of result messages received (1 for unary).
+  int64_t chunks = 0;
+
+  // prod(shape).
+  int64_t element_count() const;
+  // The values converted to float32 (bfloat16 / float16 are widened exactly).
+  std::vector<float> ValuesAsFloat() const;
+};
+
+// A connection to one simserve server. Thread-safe: any number of threads may issue calls
+// at once (they share one HTTP/2 connection).
+class Client {
+ public:
+  // Creates a channel to `target` ("host:port", any gRPC target URI). Waits for readiness
+  // up to options.connect_timeout: UNAVAILABLE if the server cannot be reached in time,
+  // INVALID_ARGUMENT for an empty target or nonsensical options.
+  static absl::StatusOr<std::unique_ptr<Client>> Connect(const std::string& target,
+                                                         const ClientOptions& options = {});
+  ~Client();
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+
+  // The server's version, ISA, limits and capabilities. Errors carry the gRPC code/message.
+  absl::StatusOr<v1::GetInfoResponse> GetInfo(std::optional<absl::Duration> timeout = {});
+
+  // Unary Compute. Fails with the server's status, e.g. INVALID_ARGUMENT for bad input,
+  // RESOURCE_EXHAUSTED when the result exceeds one message (use ComputeStream),
+  // DEADLINE_EXCEEDED when the deadline passes.
+  absl::StatusOr<Result> Compute(const TensorRef& a, const TensorRef& b,
+                                 const ComputeOptions& options = {});
+
+  // ComputeStream: the result arrives in row tiles that are written into place in one
+  // preallocated buffer. A malformed stream (bad shape, gaps, overlaps, wrong sizes) is
+  // INTERNAL; server errors as for Compute.
+  absl::StatusOr<Result> ComputeStream(const TensorRef& a, const TensorRef& b,
+                                       const ComputeOptions& options = {});
+
+  // ComputeUpload: sends the header, then B, then A in pieces of
+  // ClientOptions::upload_piece_bytes from a writer thread while this thread reads and
+  // places result tiles (full duplex). No input size limit beyond the server's own.
+  absl::StatusOr<Result> ComputeUpload(const TensorRef& a, const TensorRef& b,
+                                       const ComputeOptions& options = {});
+
+  // Picks the RPC with ChooseMode (kAuto; the server's limits come from one cached GetInfo
+  // call) or uses `mode` as given, then calls it.
+  absl::StatusOr<Result> Similarity(const TensorRef& a, const TensorRef& b,
+                                    const ComputeOptions& options = {},
+                                    CallMode mode = CallMode::kAuto);
+
+  // The rule kAuto applies, exposed for tests and tools. `input_bytes` = A + B payload,
+  // `output_bytes` = values + indices of the result, `limits` = the server's (GetInfo).
+  // 1. inputs do not fit one message (max_receive_message_bytes minus 64 KiB) -> kUpload;
+  // 2. inputs + output <= auto_unary_max_bytes and the output fits the server's max send
+  //    message size -> kUnary;
+  // 3. inputs >= auto_upload_min_input_bytes -> kUpload;  4. otherwise kStream.
+  static CallMode ChooseMode(int64_t input_bytes, int64_t output_bytes, const v1::Limits& limits,
+                             const ClientOptions& options);
+
+  // The channel, e.g. for health checks or reflection.
+  std::shared_ptr<grpc::Channel> channel() const { return channel_; }
+
+ private:
+  // Restricts construction to Connect() while still allowing std::make_unique.
+  struct PassKey {
+    explicit PassKey() = default;
+  };
+
+ public:
+  // Use Connect().
+  Client(PassKey key, std::shared_ptr<grpc::Channel> channel, const ClientOptions& options);
+
+ private:
+  absl::StatusOr<v1::Limits> CachedLimits(absl::Duration timeout);
+
+  ClientOptions options_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::Similarity::Stub> stub_;
+  // Streaming calls go through grpc::ByteBuffer (zero-copy requests, direct tile placement).
+  std::unique_ptr<grpc::internal::RpcMethod> compute_stream_method_;
+  std::unique_ptr<grpc::internal::RpcMethod> compute_upload_method_;
+  absl::Mutex mu_;
+  std::optional<v1::Limits> limits_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace simserve
+
+#endif  // SIMSERVE_CLIENT_CLIENT_H_

@@ -1,0 +1,607 @@
+// End-to-end tests of simserve::Client against a real SimilarityServer started in-process
+// on an ephemeral loopback port. Every result is checked against an independent
+// double-precision reference computed here with plain loops.
+#include "client/client.h"
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "client/dtype.h"
+#include "gmock/gmock.h"
+#include "grpcpp/server.h"
+#include "grpcpp/server_builder.h"
+#include "gtest/gtest.h"
+#include "server/config.h"
+#include "server/server.h"
+
+namespace simserve {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr int64_t kMiB = int64_t{1} << 20;
+
+// Inputs of one problem in float32, C order.
+struct Problem {
+  int64_t batch = 1;
+  int64_t n = 1;
+  int64_t m = 1;
+  int64_t d = 1;
+  bool two_d = false;
+  std::vector<float> a;
+  std::vector<float> b;
+
+  std::vector<int64_t> AShape() const {
+    return two_d ? std::vector<int64_t>{n, d} : std::vector<int64_t>{batch, n, d};
+  }
+  std::vector<int64_t> BShape() const {
+    return two_d ? std::vector<int64_t>{m, d} : std::vector<int64_t>{batch, m, d};
+  }
+  TensorRef A() const { return TensorRef::Float32(AShape(), a); }
+  TensorRef B() const { return TensorRef::Float32(BShape(), b); }
+};
+
+Problem MakeProblem(int64_t batch, int64_t n, int64_t m, int64_t d, uint32_t seed,
+                    bool two_d = false) {
+  Problem p{batch, n, m, d, two_d, {}, {}};
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0F, 1.0F);
+  p.a.resize(static_cast<size_t>(batch * n * d));
+  p.b.resize(static_cast<size_t>(batch * m * d));
+  for (float& x : p.a) x = normal(rng);
+  for (float& x : p.b) x = normal(rng);
+  return p;
+}
+
+// The reference: S[k][i][j] in double precision with the documented semantics, plus the
+// per-element error scale (|a|*|b| for dot, |a|^2+|b|^2 for distances, 1 for cosine).
+struct Reference {
+  std::vector<double> values;
+  std::vector<double> scale;
+};
+
+Reference ComputeReference(const Problem& p, v1::Metric metric, float epsilon = 0.0F) {
+  Reference ref;
+  ref.values.resize(static_cast<size_t>(p.batch * p.n * p.m));
+  ref.scale.resize(ref.values.size());
+  for (int64_t k = 0; k < p.batch; ++k) {
+    for (int64_t i = 0; i < p.n; ++i) {
+      const float* a = &p.a[static_cast<size_t>((k * p.n + i) * p.d)];
+      for (int64_t j = 0; j < p.m; ++j) {
+        const float* b = &p.b[static_cast<size_t>((k * p.m + j) * p.d)];
+        double dot = 0, aa = 0, bb = 0, diff = 0;
+        for (int64_t t = 0; t < p.d; ++t) {
+          dot += static_cast<double>(a[t]) * b[t];
+          aa += static_cast<double>(a[t]) * a[t];
+          bb += static_cast<double>(b[t]) * b[t];
+          const double delta = static_cast<double>(a[t]) - b[t];
+          diff += delta * delta;
+        }
+        double value = 0;
+        double scale = 1;
+        switch (metric) {
+          case v1::COSINE: {
+            double na = std::sqrt(aa);
+            double nb = std::sqrt(bb);
+            if (epsilon > 0) {
+              na = std::sqrt(std::max(aa, static_cast<double>(epsilon)));
+              nb = std::sqrt(std::max(bb, static_cast<double>(epsilon)));
+            } else {
+              if (na == 0) na = 1;  // sklearn: a zero row gives 0
+              if (nb == 0) nb = 1;
+            }
+            value = dot / (na * nb);
+            break;
+          }
+          case v1::DOT:
+            value = dot;
+            scale = std::sqrt(aa * bb) + 1e-30;
+            break;
+          case v1::EUCLIDEAN:
+            value = std::sqrt(diff);
+            scale = (aa + bb) / std::max(value, 1e-3);  // d(sqrt(x)) = dx / (2 sqrt(x))
+            break;
+          case v1::SQUARED_EUCLIDEAN:
+            value = diff;
+            scale = aa + bb;
+            break;
+          default:
+            break;
+        }
+        const auto at = static_cast<size_t>((k * p.n + i) * p.m + j);
+        ref.values[at] = value;
+        ref.scale[at] = scale;
+      }
+    }
+  }
+  return ref;
+}
+
+// Relative error bound of one output element for an output dtype and precision.
+double Tolerance(v1::DataType output, v1::Precision precision) {
+  double tol = precision == v1::BF16 ? 2e-2 : 2e-5;
+  if (output == v1::BFLOAT16) tol += 8e-3;  // 8 mantissa bits
+  if (output == v1::FLOAT16) tol += 1e-3;   // 11 mantissa bits
+  return tol;
+}
+
+void ExpectMatchesReference(const Result& result, const Reference& ref, double tol) {
+  // float16 flushes magnitudes below half its smallest subnormal (2^-25) to zero.
+  const double abs_floor = result.dtype == v1::FLOAT16 ? 3e-8 : 0.0;
+  const std::vector<float> got = result.ValuesAsFloat();
+  ASSERT_EQ(got.size(), ref.values.size());
+  int failures = 0;
+  for (size_t i = 0; i < got.size() && failures < 10; ++i) {
+    const double bound = tol * (ref.scale[i] + std::abs(ref.values[i])) + abs_floor;
+    if (!(std::abs(got[i] - ref.values[i]) <= bound)) {
+      ADD_FAILURE() << "element " << i << ": got " << got[i] << ", reference " << ref.values[i]
+                    << " (bound " << bound << ")";
+      ++failures;
+    }
+  }
+}
+
+// Expected top-k of row `row` of `ref`: best first, ties to the lower column.
+std::vector<int32_t> ReferenceTopK(const Reference& ref, size_t row, int64_t m, uint32_t k,
+                                   bool largest) {
+  std::vector<int32_t> idx(static_cast<size_t>(m));
+  std::iota(idx.begin(), idx.end(), 0);
+  const double* v = &ref.values[row * static_cast<size_t>(m)];
+  std::stable_sort(idx.begin(), idx.end(), [v, largest](int32_t x, int32_t y) {
+    return largest ? v[x] > v[y] : v[x] < v[y];
+  });
+  idx.resize(k);
+  return idx;
+}
+
+class ClientTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    ServerConfig config;
+    config.listen = "127.0.0.1:0";
+    config.metrics_listen = "";
+    config.compute.workers = 1;
+    config.compute.threads_per_worker = 2;
+    config.compute.warmup = false;
+    // Small message limits so that the size-dependent paths are exercised cheaply.
+    config.limits.max_receive_message_bytes = kMiB;
+    config.limits.max_send_message_bytes = kMiB;
+    config.limits.max_chunk_bytes = 256 << 10;
+    config.limits.default_chunk_bytes = 64 << 10;
+    auto server = SimilarityServer::Start(config);
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = *std::move(server);
+    target_ = absl::StrCat("127.0.0.1:", server_->port());
+    auto client = Client::Connect(target_);
+    ASSERT_TRUE(client.ok()) << client.status();
+    client_ = *std::move(client);
+  }
+  static void TearDownTestSuite() {
+    client_.reset();
+    if (server_ != nullptr) server_->Shutdown(absl::Seconds(5));
+    server_.reset();
+  }
+  void SetUp() override { ASSERT_NE(client_, nullptr) << "server did not start"; }
+
+  // gtest suite-level state: one server and one client shared by the tests.
+  static std::unique_ptr<SimilarityServer> server_;
+  static std::unique_ptr<Client> client_;
+  static std::string target_;
+};
+
+std::unique_ptr<SimilarityServer> ClientTest::server_;
+std::unique_ptr<Client> ClientTest::client_;
+std::string ClientTest::target_;
+
+absl::StatusOr<Result> Call(Client& client, CallMode mode, const Problem& p,
+                            const ComputeOptions& options) {
+  return client.Similarity(p.A(), p.B(), options, mode);
+}
+
+TEST_F(ClientTest, GetInfoReportsTheServersLimits) {
+  auto info = client_->GetInfo();
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_FALSE(info->version().empty());
+  EXPECT_FALSE(info->onednn_version().empty());
+  EXPECT_EQ(info->limits().max_receive_message_bytes(), kMiB);
+  EXPECT_EQ(info->limits().max_send_message_bytes(), kMiB);
+  EXPECT_EQ(info->metrics_size(), 4);
+}
+
+// Every RPC x metric x output dtype against the double reference.
+class ModeMetricDtypeTest
+    : public ClientTest,
+      public ::testing::WithParamInterface<std::tuple<CallMode, v1::Metric, v1::DataType>> {};
+
+TEST_P(ModeMetricDtypeTest, MatchesDoubleReference) {
+  const auto [mode, metric, dtype] = GetParam();
+  Problem p = MakeProblem(3, 17, 13, 24, 11);
+  // A zero row and a tiny row: cosine must give 0 and stay undistorted.
+  std::fill_n(p.a.begin(), p.d, 0.0F);
+  for (int64_t t = 0; t < p.d; ++t) p.a[static_cast<size_t>(p.d + t)] *= 1e-20F;
+  ComputeOptions options;
+  options.metric = metric;
+  options.output_dtype = dtype;
+  options.max_chunk_bytes = 200;  // several chunks in the streaming modes
+  auto result = Call(*client_, mode, p, options);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->mode, mode);
+  EXPECT_EQ(result->shape, (std::vector<int64_t>{3, 17, 13}));
+  EXPECT_EQ(result->dtype, dtype);
+  EXPECT_TRUE(result->indices.empty());
+  if (mode != CallMode::kUnary) {
+    EXPECT_GT(result->chunks, 3);
+  }
+  ExpectMatchesReference(*result, ComputeReference(p, metric), Tolerance(dtype, v1::FP32));
+  EXPECT_TRUE(result->server.total_ms.has_value());
+  EXPECT_TRUE(result->server.compute_ms.has_value());
+  EXPECT_TRUE(result->server.queue_ms.has_value());
+  EXPECT_GT(result->client_wall_ms, 0.0);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    AllCombinations, ModeMetricDtypeTest,
+    ::testing::Combine(::testing::Values(CallMode::kUnary, CallMode::kStream, CallMode::kUpload),
+                       ::testing::Values(v1::COSINE, v1::DOT, v1::EUCLIDEAN, v1::SQUARED_EUCLIDEAN),
+                       ::testing::Values(v1::FLOAT32, v1::BFLOAT16, v1::FLOAT16)),
+    [](const auto& info) {
+      return absl::StrCat(Name(std::get<0>(info.param)), "_",
+                          v1::Metric_Name(std::get<1>(info.param)), "_",
+                          v1::DataType_Name(std::get<2>(info.param)));
+    });
+
+TEST_F(ClientTest, UnaryStreamAndUploadAreBitIdentical) {
+  const Problem p = MakeProblem(2, 300, 200, 64, 5);
+  for (const uint32_t top_k : {0U, 7U}) {
+    ComputeOptions options;
+    options.top_k = top_k;
+    auto unary = Call(*client_, CallMode::kUnary, p, options);
+    ASSERT_TRUE(unary.ok()) << unary.status();
+    options.max_chunk_bytes = 10000;
+    auto stream = Call(*client_, CallMode::kStream, p, options);
+    ASSERT_TRUE(stream.ok()) << stream.status();
+    ClientOptions small_pieces;
+    small_pieces.upload_piece_bytes = 64 << 10;
+    auto piece_client = Client::Connect(target_, small_pieces);
+    ASSERT_TRUE(piece_client.ok());
+    auto upload = Call(**piece_client, CallMode::kUpload, p, options);
+    ASSERT_TRUE(upload.ok()) << upload.status();
+    EXPECT_GT(stream->chunks, top_k == 0 ? 40 : 3);  // 10000-byte chunks
+    for (const Result* r : {&*stream, &*upload}) {
+      EXPECT_EQ(r->shape, unary->shape);
+      ASSERT_EQ(r->values.size(), unary->values.size());
+      EXPECT_EQ(std::memcmp(r->values.data(), unary->values.data(), r->values.size()), 0)
+          << Name(r->mode) << " differs from unary, top_k " << top_k;
+      EXPECT_EQ(r->indices, unary->indices);
+    }
+  }
+}
+
+TEST_F(ClientTest, TwoDimensionalInputsGiveTwoDimensionalOutput) {
+  const Problem p = MakeProblem(1, 9, 5, 16, 2, /*two_d=*/true);
+  for (const CallMode mode : {CallMode::kUnary, CallMode::kStream, CallMode::kUpload}) {
+    ComputeOptions options;
+    options.metric = v1::DOT;
+    auto result = Call(*client_, mode, p, options);
+    ASSERT_TRUE(result.ok()) << Name(mode) << ": " << result.status();
+    EXPECT_EQ(result->shape, (std::vector<int64_t>{9, 5}));
+    ExpectMatchesReference(*result, ComputeReference(p, v1::DOT), 2e-5);
+  }
+}
+
+TEST_F(ClientTest, TopKMatchesReferenceOrderInEveryMode) {
+  const Problem p = MakeProblem(2, 23, 40, 16, 9);
+  for (const v1::Metric metric : {v1::COSINE, v1::EUCLIDEAN}) {
+    const Reference ref = ComputeReference(p, metric);
+    for (const CallMode mode : {CallMode::kUnary, CallMode::kStream, CallMode::kUpload}) {
+      ComputeOptions options;
+      options.metric = metric;
+      options.top_k = 5;
+      options.max_chunk_bytes = 100;
+      auto result = Call(*client_, mode, p, options);
+      ASSERT_TRUE(result.ok()) << result.status();
+      ASSERT_EQ(result->shape, (std::vector<int64_t>{2, 23, 5}));
+      ASSERT_EQ(result->indices.size(), 2U * 23 * 5);
+      const std::vector<float> values = result->ValuesAsFloat();
+      for (size_t row = 0; row < size_t{2} * 23; ++row) {
+        const auto expected = ReferenceTopK(ref, row, p.m, 5, metric == v1::COSINE);
+        for (size_t j = 0; j < 5; ++j) {
+          const int32_t got = result->indices[row * 5 + j];
+          EXPECT_EQ(got, expected[j]) << Name(mode) << " row " << row << " rank " << j;
+          const double want = ref.values[row * static_cast<size_t>(p.m) + expected[j]];
+          EXPECT_NEAR(values[row * 5 + j], want, 1e-4 * (1 + std::abs(want)));
+        }
+      }
+    }
+  }
+}
+
+TEST_F(ClientTest, EpsilonAppliesTheKerasClamp) {
+  Problem p = MakeProblem(1, 4, 3, 8, 4);
+  for (int64_t t = 0; t < p.d; ++t) p.a[static_cast<size_t>(t)] *= 1e-4F;  // |a0|^2 ~ 1e-7
+  ComputeOptions options;
+  options.epsilon = 1e-3F;
+  auto result = client_->Similarity(p.A(), p.B(), options);
+  ASSERT_TRUE(result.ok()) << result.status();
+  ExpectMatchesReference(*result, ComputeReference(p, v1::COSINE, 1e-3F), 2e-5);
+}
+
+TEST_F(ClientTest, Bf16PrecisionIsCloseToReference) {
+  const Problem p = MakeProblem(2, 32, 48, 64, 8);
+  ComputeOptions options;
+  options.precision = v1::BF16;
+  auto result = client_->Similarity(p.A(), p.B(), options, CallMode::kStream);
+  ASSERT_TRUE(result.ok()) << result.status();
+  ExpectMatchesReference(*result, ComputeReference(p, v1::COSINE),
+                         Tolerance(v1::FLOAT32, v1::BF16));
+}
+
+TEST_F(ClientTest, HalfPrecisionInputsAreAccepted) {
+  Problem p = MakeProblem(2, 6, 7, 32, 12);
+  // Round the inputs to float16 so the reference sees exactly what the server sees.
+  std::vector<uint16_t> a16(p.a.size());
+  std::vector<uint16_t> b16(p.b.size());
+  for (size_t i = 0; i < p.a.size(); ++i) {
+    a16[i] = FloatToHalf(p.a[i]);
+    p.a[i] = HalfToFloat(a16[i]);
+  }
+  for (size_t i = 0; i < p.b.size(); ++i) {
+    b16[i] = FloatToHalf(p.b[i]);
+    p.b[i] = HalfToFloat(b16[i]);
+  }
+  const TensorRef a{p.AShape(), v1::FLOAT16, std::as_bytes(std::span(a16))};
+  const TensorRef b{p.BShape(), v1::FLOAT16, std::as_bytes(std::span(b16))};
+  for (const CallMode mode : {CallMode::kUnary, CallMode::kUpload}) {
+    auto result = client_->Similarity(a, b, {}, mode);
+    ASSERT_TRUE(result.ok()) << result.status();
+    ExpectMatchesReference(*result, ComputeReference(p, v1::COSINE), 2e-5);
+  }
+}
+
+TEST_F(ClientTest, AutoPicksUnaryStreamOrUploadBySize) {
+  // Tiny: unary.
+  const Problem small = MakeProblem(1, 8, 8, 8, 1);
+  auto r1 = client_->Similarity(small.A(), small.B());
+  ASSERT_TRUE(r1.ok()) << r1.status();
+  EXPECT_EQ(r1->mode, CallMode::kUnary);
+  // Small inputs, 1.6 MB result (over the 1 MiB send limit): stream.
+  const Problem wide = MakeProblem(1, 1000, 400, 4, 2);
+  auto r2 = client_->Similarity(wide.A(), wide.B());
+  ASSERT_TRUE(r2.ok()) << r2.status();
+  EXPECT_EQ(r2->mode, CallMode::kStream);
+  ExpectMatchesReference(*r2, ComputeReference(wide, v1::COSINE), 2e-5);
+  // 1.2 MB of input, over the 1 MiB receive limit: upload; unary must be refused.
+  const Problem big = MakeProblem(1, 3000, 40, 100, 3);
+  auto r3 = client_->Similarity(big.A(), big.B());
+  ASSERT_TRUE(r3.ok()) << r3.status();
+  EXPECT_EQ(r3->mode, CallMode::kUpload);
+  ExpectMatchesReference(*r3, ComputeReference(big, v1::COSINE), 2e-5);
+  auto refused = client_->Compute(big.A(), big.B());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();
+}
+
+TEST_F(ClientTest, UploadPiecesAreClampedToTheServersMessageLimit) {
+  ClientOptions huge_pieces;
+  huge_pieces.upload_piece_bytes = 8 * kMiB;  // more than the server's 1 MiB limit
+  auto client = Client::Connect(target_, huge_pieces);
+  ASSERT_TRUE(client.ok());
+  const Problem big = MakeProblem(1, 3000, 40, 100, 6);
+  auto result = (*client)->ComputeUpload(big.A(), big.B());
+  ASSERT_TRUE(result.ok()) << result.status();
+  ExpectMatchesReference(*result, ComputeReference(big, v1::COSINE), 2e-5);
+}
+
+TEST_F(ClientTest, UnaryResultOverTheSendLimitSaysUseComputeStream) {
+  const Problem wide = MakeProblem(1, 1000, 400, 4, 2);
+  auto result = client_->Compute(wide.A(), wide.B());
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(result.status().message(), HasSubstr("ComputeStream"));
+}
+
+TEST_F(ClientTest, ExpiredDeadlineSurfacesAsDeadlineExceeded) {
+  const Problem p = MakeProblem(4, 200, 200, 64, 7);
+  for (const CallMode mode : {CallMode::kUnary, CallMode::kStream, CallMode::kUpload}) {
+    ComputeOptions options;
+    options.timeout = absl::Microseconds(50);
+    auto result = client_->Similarity(p.A(), p.B(), options, mode);
+    EXPECT_EQ(result.status().code(), absl::StatusCode::kDeadlineExceeded)
+        << Name(mode) << ": " << result.status();
+  }
+  // A client whose default deadline is tiny: the default applies too.
+  ClientOptions hasty;
+  hasty.default_timeout = absl::Microseconds(50);
+  auto client = Client::Connect(target_, hasty);
+  ASSERT_TRUE(client.ok());
+  auto result = (*client)->ComputeStream(p.A(), p.B());
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kDeadlineExceeded) << result.status();
+  // The server keeps serving.
+  auto ok = client_->Similarity(p.A(), p.B(), {}, CallMode::kStream);
+  ASSERT_TRUE(ok.ok()) << ok.status();
+}
+
+TEST_F(ClientTest, BadInputSurfacesAsInvalidArgumentWithTheServersMessage) {
+  const Problem p = MakeProblem(2, 5, 6, 8, 3);
+  const Problem other_d = MakeProblem(2, 6, 6, 9, 3);
+  std::vector<float> nan_a = p.a;
+  nan_a[13] = std::nanf("");
+  for (const CallMode mode : {CallMode::kUnary, CallMode::kStream, CallMode::kUpload}) {
+    SCOPED_TRACE(Name(mode));
+    auto mismatch = client_->Similarity(p.A(), other_d.B(), {}, mode);
+    EXPECT_EQ(mismatch.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(mismatch.status().message(), HasSubstr("D mismatch"));
+
+    ComputeOptions too_many;
+    too_many.top_k = 7;  // M = 6
+    auto top_k = client_->Similarity(p.A(), p.B(), too_many, mode);
+    EXPECT_EQ(top_k.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(top_k.status().message(), HasSubstr("top_k = 7 exceeds M = 6"));
+
+    const TensorRef nan_ref = TensorRef::Float32(p.AShape(), nan_a);
+    auto nan = client_->Similarity(nan_ref, p.B(), {}, mode);
+    EXPECT_EQ(nan.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(nan.status().message(), HasSubstr("tensor a"));
+
+    // Shape says 2x5x8 floats but only part of the bytes come.
+    const TensorRef short_a{p.AShape(), v1::FLOAT32,
+                            std::as_bytes(std::span(p.a)).first(p.a.size() * 4 - 8)};
+    auto truncated = client_->Similarity(short_a, p.B(), {}, mode);
+    EXPECT_EQ(truncated.status().code(), absl::StatusCode::kInvalidArgument) << truncated.status();
+
+    const TensorRef rank1 = TensorRef::Float32({static_cast<int64_t>(p.a.size())}, p.a);
+    auto rank = client_->Similarity(rank1, p.B(), {}, mode);
+    EXPECT_EQ(rank.status().code(), absl::StatusCode::kInvalidArgument) << rank.status();
+  }
+  auto still_ok = client_->Similarity(p.A(), p.B());
+  EXPECT_TRUE(still_ok.ok()) << still_ok.status();
+}
+
+TEST_F(ClientTest, ConcurrentCallsAllGetTheirOwnCorrectResult) {
+  constexpr int kThreads = 6;
+  constexpr int kCallsPerThread = 4;
+  std::vector<std::thread> threads;
+  threads.reserve(kThreads);
+  std::vector<int> failures(kThreads, 0);
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([t, &failures, client = client_.get()] {
+      for (int c = 0; c < kCallsPerThread; ++c) {
+        const Problem p = MakeProblem(2, 20 + t, 30 + c, 16, 100 * t + c);
+        const CallMode mode =
+            std::array{CallMode::kUnary, CallMode::kStream, CallMode::kUpload}[(t + c) % 3];
+        ComputeOptions options;
+        options.metric = v1::SQUARED_EUCLIDEAN;
+        options.max_chunk_bytes = 512;
+        auto result = client->Similarity(p.A(), p.B(), options, mode);
+        if (!result.ok()) {
+          ++failures[t];
+          continue;
+        }
+        const Reference ref = ComputeReference(p, v1::SQUARED_EUCLIDEAN);
+        const std::vector<float> got = result->ValuesAsFloat();
+        if (got.size() != ref.values.size()) {
+          ++failures[t];
+          continue;
+        }
+        for (size_t i = 0; i < got.size(); ++i) {
+          if (!(std::abs(got[i] - ref.values[i]) <= 1e-4 * ref.scale[i])) {
+            ++failures[t];
+            break;
+          }
+        }
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  EXPECT_EQ(std::accumulate(failures.begin(), failures.end(), 0), 0);
+}
+
+TEST(ClientConnectTest, UnreachableServerIsUnavailable) {
+  // A port that nobody listens on: bind an ephemeral port, then close it.
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  socklen_t len = sizeof(addr);
+  ASSERT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  close(fd);
+  ClientOptions options;
+  options.connect_timeout = absl::Milliseconds(300);
+  auto client = Client::Connect(absl::StrCat("127.0.0.1:", ntohs(addr.sin_port)), options);
+  EXPECT_EQ(client.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(Client::Connect("").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(ChooseModeTest, FollowsTheDocumentedRule) {
+  ClientOptions options;  // unary <= 1 MiB total, upload >= 8 MiB of input
+  v1::Limits limits;
+  limits.set_max_receive_message_bytes(64 * kMiB);
+  limits.set_max_send_message_bytes(256 * kMiB);
+  EXPECT_EQ(Client::ChooseMode(1000, 1000, limits, options), CallMode::kUnary);
+  EXPECT_EQ(Client::ChooseMode(1000, 2 * kMiB, limits, options), CallMode::kStream);
+  EXPECT_EQ(Client::ChooseMode(4 * kMiB, 80 * kMiB, limits, options), CallMode::kStream);
+  EXPECT_EQ(Client::ChooseMode(8 * kMiB, 1000, limits, options), CallMode::kUpload);
+  EXPECT_EQ(Client::ChooseMode(72 * kMiB, 80 * kMiB, limits, options), CallMode::kUpload);
+  // Over the receive limit: upload even when the upload threshold is huge.
+  options.auto_upload_min_input_bytes = int64_t{1} << 40;
+  EXPECT_EQ(Client::ChooseMode(64 * kMiB, 10, limits, options), CallMode::kUpload);
+  EXPECT_EQ(Client::ChooseMode(60 * kMiB, 10, limits, options), CallMode::kStream);
+  // Small send limit: a result that does not fit one message is never unary.
+  limits.set_max_send_message_bytes(100 << 10);
+  options.auto_unary_max_bytes = 4 * kMiB;
+  EXPECT_EQ(Client::ChooseMode(1000, 200 << 10, limits, options), CallMode::kStream);
+  // Unset limits mean gRPC's 4 MiB default.
+  EXPECT_EQ(Client::ChooseMode(5 * kMiB, 10, v1::Limits(), options), CallMode::kUpload);
+}
+
+// A deliberately broken server: streams chunks that do not tile the output correctly.
+class BrokenStreamService final : public v1::Similarity::Service {
+ public:
+  grpc::Status ComputeStream(grpc::ServerContext* /*context*/, const v1::ComputeRequest* request,
+                             grpc::ServerWriter<v1::ComputeChunk>* writer) override {
+    // Output [1, 4, 3] float32; request.top_k selects the defect.
+    v1::ComputeChunk chunk;
+    chunk.add_shape(1);
+    chunk.add_shape(4);
+    chunk.add_shape(3);
+    chunk.set_row_count(2);
+    chunk.set_values_raw(std::string(size_t{2} * 3 * 4, '\0'));
+    writer->Write(chunk);
+    chunk.clear_shape();
+    switch (request->epsilon() > 2 ? 2 : request->epsilon() > 1 ? 1 : 0) {
+      case 0:  // a gap: rows 2..3 skipped, row 3 sent
+        chunk.set_row_offset(3);
+        chunk.set_row_count(1);
+        chunk.set_values_raw(std::string(size_t{3} * 4, '\0'));
+        writer->Write(chunk);
+        break;
+      case 1:  // the stream ends after 2 of 4 rows
+        break;
+      default:  // wrong payload size
+        chunk.set_row_offset(2);
+        chunk.set_row_count(2);
+        chunk.set_values_raw(std::string(5, '\0'));
+        writer->Write(chunk);
+        break;
+    }
+    return grpc::Status::OK;
+  }
+};
+
+TEST(MalformedStreamTest, GapsShortStreamsAndBadSizesAreInternalErrors) {
+  BrokenStreamService service;
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  auto client = Client::Connect(absl::StrCat("127.0.0.1:", port));
+  ASSERT_TRUE(client.ok()) << client.status();
+  const Problem p = MakeProblem(1, 4, 3, 2, 1);
+  const std::vector<std::pair<float, std::string>> cases = {
+      {0.5F, "expected batch 0 row 2"}, {1.5F, "ended at batch 0 row 2"}, {2.5F, "value bytes"}};
+  for (const auto& [selector, message] : cases) {
+    ComputeOptions options;
+    options.epsilon = selector;
+    auto result = (*client)->ComputeStream(p.A(), p.B(), options);
+    EXPECT_EQ(result.status().code(), absl::StatusCode::kInternal) << result.status();
+    EXPECT_THAT(result.status().message(), HasSubstr(message));
+  }
+  server->Shutdown();
+}
+
+}  // namespace
+}  // namespace simserve

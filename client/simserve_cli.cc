@@ -1,0 +1,382 @@
+// simserve-cli: computes the similarity of two .npy tensors on a simserve server and writes
+// the .npy result, printing client and server timings. `simserve-cli --help` lists flags.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "client/client.h"
+#include "client/npy.h"
+
+ABSL_FLAG(std::string, target, "localhost:50051", "Server address, host:port.");
+ABSL_FLAG(std::string, a, "",
+          "Input A: .npy of shape [batch, N, D] or [N, D] "
+          "(float32; float64 is converted to float32; float16 is sent as float16 if the "
+          "server accepts it, else converted).");
+ABSL_FLAG(std::string, b, "", "Input B: .npy of shape [batch, M, D] or [M, D].");
+ABSL_FLAG(std::string, out, "",
+          "Output .npy for the result S [batch, N, M] (or [.., k] with --top_k): float32, "
+          "float16 for --output_dtype float16, bfloat16 output is widened to float32. "
+          "Empty: do not write (timings only).");
+ABSL_FLAG(std::string, indices_out, "",
+          "Top-k only: output .npy for the int32 column indices. Default: --out with "
+          "'.npy' replaced by '.indices.npy'.");
+ABSL_FLAG(std::string, metric, "cosine", "cosine | dot | euclidean | sqeuclidean.");
+ABSL_FLAG(std::string, output_dtype, "float32", "float32 | bfloat16 | float16.");
+ABSL_FLAG(std::string, precision, "fp32",
+          "fp32 (exact) | bf16 (bfloat16 operands, float32 accumulation; AMX fast path).");
+ABSL_FLAG(int, top_k, 0, "0: dense matrix. k > 0: per row the k best values and indices.");
+ABSL_FLAG(double, epsilon, 0.0,
+          "Cosine only. 0: sklearn semantics. > 0: Keras clamp sqrt(max(sum_sq, epsilon)).");
+ABSL_FLAG(int64_t, timeout_ms, 60000, "Deadline of each call in milliseconds.");
+ABSL_FLAG(int64_t, connect_timeout_ms, 5000,
+          "How long to wait for the server to become reachable.");
+ABSL_FLAG(std::string, mode, "auto",
+          "auto | unary | stream | upload. auto: unary for small requests, upload (full "
+          "duplex) for inputs >= 8 MiB or beyond the server's message limit, else stream.");
+ABSL_FLAG(int64_t, max_chunk_bytes, 0,
+          "Streaming modes: max bytes per result chunk (0 = server default, 1 MiB).");
+ABSL_FLAG(int, repeat, 1,
+          "Run the computation this many times on one connection and print the median "
+          "(benchmarking); the result of the last run is written.");
+ABSL_FLAG(bool, info, false, "Print the server's GetInfo (version, ISA, limits) and exit.");
+
+namespace {
+
+constexpr int kExitFailure = 1;
+constexpr int kExitUsage = 2;
+
+using simserve::CallMode;
+namespace v1 = simserve::v1;
+
+double MillisSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+      .count();
+}
+
+absl::StatusOr<v1::Metric> ParseMetric(std::string name) {
+  absl::AsciiStrToLower(&name);
+  if (name == "cosine") return v1::COSINE;
+  if (name == "dot") return v1::DOT;
+  if (name == "euclidean") return v1::EUCLIDEAN;
+  if (name == "sqeuclidean" || name == "squared_euclidean") return v1::SQUARED_EUCLIDEAN;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--metric: '", name, "' is not cosine|dot|euclidean|sqeuclidean"));
+}
+
+absl::StatusOr<v1::DataType> ParseDataType(std::string name) {
+  absl::AsciiStrToLower(&name);
+  if (name == "float32" || name == "fp32" || name == "f32") return v1::FLOAT32;
+  if (name == "bfloat16" || name == "bf16") return v1::BFLOAT16;
+  if (name == "float16" || name == "fp16" || name == "f16" || name == "half") return v1::FLOAT16;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--output_dtype: '", name, "' is not float32|bfloat16|float16"));
+}
+
+absl::StatusOr<v1::Precision> ParsePrecision(std::string name) {
+  absl::AsciiStrToLower(&name);
+  if (name == "fp32" || name == "float32") return v1::FP32;
+  if (name == "bf16" || name == "bfloat16") return v1::BF16;
+  return absl::InvalidArgumentError(absl::StrCat("--precision: '", name, "' is not fp32|bf16"));
+}
+
+absl::StatusOr<CallMode> ParseMode(std::string name) {
+  absl::AsciiStrToLower(&name);
+  if (name == "auto") return CallMode::kAuto;
+  if (name == "unary") return CallMode::kUnary;
+  if (name == "stream") return CallMode::kStream;
+  if (name == "upload") return CallMode::kUpload;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--mode: '", name, "' is not auto|unary|stream|upload"));
+}
+
+const char* DataTypeName(v1::DataType dtype) {
+  switch (dtype) {
+    case v1::FLOAT32:
+      return "float32";
+    case v1::BFLOAT16:
+      return "bfloat16";
+    case v1::FLOAT16:
+      return "float16";
+    default:
+      return "?";
+  }
+}
+
+// An input .npy file, memory-mapped, and the bytes/dtype to send: the file's own bytes
+// when they can go as they are (little-endian float32, or float16 the server accepts),
+// else a converted float32 copy.
+struct Input {
+  simserve::npy::MappedFile file;
+  v1::DataType dtype = v1::FLOAT32;
+  bool use_converted = false;
+  simserve::ByteVector converted;
+
+  simserve::TensorRef Ref() const {
+    return simserve::TensorRef{file.layout().shape, dtype,
+                               use_converted ? std::span<const std::byte>(converted) : file.data()};
+  }
+};
+
+// Prepares a mapped file for sending (see Input).
+absl::StatusOr<Input> MakeInput(simserve::npy::MappedFile file, const std::string& path,
+                                bool send_fp16) {
+  Input input{std::move(file)};
+  const simserve::npy::Layout& layout = input.file.layout();
+  if (layout.dtype == simserve::npy::DType::kInt32) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": int32 arrays are not accepted; convert to float32"));
+  }
+  if (!layout.big_endian && layout.dtype == simserve::npy::DType::kFloat32) return input;
+  if (!layout.big_endian && layout.dtype == simserve::npy::DType::kFloat16 && send_fp16) {
+    input.dtype = v1::FLOAT16;
+    return input;
+  }
+  auto array = simserve::npy::Parse(input.file.bytes());  // byte-swaps if needed
+  if (!array.ok()) return array.status();
+  auto floats = simserve::npy::ToFloat32(*array);
+  if (!floats.ok()) return floats.status();
+  input.converted.resize(floats->size() * sizeof(float));
+  if (!floats->empty()) std::memcpy(input.converted.data(), floats->data(), input.converted.size());
+  input.use_converted = true;
+  return input;
+}
+
+absl::Status WriteResult(const simserve::Result& result, const std::string& out,
+                         std::string indices_out) {
+  if (result.dtype == v1::BFLOAT16) {
+    std::fprintf(stderr,
+                 "note: .npy has no bfloat16; the bfloat16 result is written widened to "
+                 "float32 (exactly)\n");
+  }
+  if (result.dtype == v1::FLOAT32 || result.dtype == v1::FLOAT16) {
+    const auto dtype = result.dtype == v1::FLOAT32 ? simserve::npy::DType::kFloat32
+                                                   : simserve::npy::DType::kFloat16;
+    if (absl::Status s = simserve::npy::WriteFile(out, result.shape, dtype, result.values);
+        !s.ok()) {
+      return s;
+    }
+  } else {
+    const std::vector<float> widened = result.ValuesAsFloat();
+    if (absl::Status s = simserve::npy::WriteFile(out, result.shape, simserve::npy::DType::kFloat32,
+                                                  std::as_bytes(std::span(widened)));
+        !s.ok()) {
+      return s;
+    }
+  }
+  if (!result.indices.empty()) {
+    if (indices_out.empty()) {
+      indices_out = absl::EndsWith(out, ".npy") ? out.substr(0, out.size() - 4) : out;
+      indices_out += ".indices.npy";
+    }
+    if (absl::Status s =
+            simserve::npy::WriteFile(indices_out, result.shape, simserve::npy::DType::kInt32,
+                                     std::as_bytes(std::span(result.indices)));
+        !s.ok()) {
+      return s;
+    }
+    absl::PrintF("indices written to %s\n", indices_out);
+  }
+  return absl::OkStatus();
+}
+
+std::string Ms(const std::optional<double>& ms) {
+  return ms.has_value() ? absl::StrFormat("%.2f ms", *ms) : std::string("n/a");
+}
+
+// Joins the names of repeated enum values, e.g. "COSINE DOT".
+template <typename Enum, typename Values, typename NameFn>
+std::string EnumNames(const Values& values, NameFn name) {
+  std::vector<std::string> names;
+  names.reserve(values.size());
+  for (const int value : values) names.push_back(name(static_cast<Enum>(value)));
+  return absl::StrJoin(names, " ");
+}
+
+void PrintInfo(const v1::GetInfoResponse& info) {
+  const auto& l = info.limits();
+  absl::PrintF(
+      "version             %s\n"
+      "onednn_version      %s\n"
+      "cpu_isa             %s\n"
+      "compute_workers     %d\n"
+      "threads_per_worker  %d\n"
+      "metrics             %s\n"
+      "input_dtypes        %s\n"
+      "output_dtypes       %s\n"
+      "precisions          %s\n",
+      info.version(), info.onednn_version(), info.cpu_isa(), info.compute_workers(),
+      info.threads_per_worker(), EnumNames<v1::Metric>(info.metrics(), v1::Metric_Name<v1::Metric>),
+      EnumNames<v1::DataType>(info.input_dtypes(), v1::DataType_Name<v1::DataType>),
+      EnumNames<v1::DataType>(info.output_dtypes(), v1::DataType_Name<v1::DataType>),
+      EnumNames<v1::Precision>(info.precisions(), v1::Precision_Name<v1::Precision>));
+  absl::PrintF(
+      "limits:\n"
+      "  max_receive_message_bytes  %d\n"
+      "  max_send_message_bytes     %d\n"
+      "  max_input_elements         %d\n"
+      "  max_output_bytes           %d\n"
+      "  max_flops                  %d\n"
+      "  max_chunk_bytes            %d\n"
+      "  default_chunk_bytes        %d\n"
+      "  max_queued_requests        %d\n"
+      "  max_inflight_bytes         %d\n",
+      l.max_receive_message_bytes(), l.max_send_message_bytes(), l.max_input_elements(),
+      l.max_output_bytes(), l.max_flops(), l.max_chunk_bytes(), l.default_chunk_bytes(),
+      l.max_queued_requests(), l.max_inflight_bytes());
+}
+
+int Fail(const absl::Status& status, const char* what) {
+  absl::FPrintF(stderr, "simserve-cli: %s: %s\n", what, status.ToString());
+  return kExitFailure;
+}
+
+int UsageError(const absl::Status& status) {
+  absl::FPrintF(stderr, "simserve-cli: %s\n(see simserve-cli --help)\n", status.message());
+  return kExitUsage;
+}
+
+int Run() {
+  simserve::ComputeOptions options;
+  auto metric = ParseMetric(absl::GetFlag(FLAGS_metric));
+  if (!metric.ok()) return UsageError(metric.status());
+  auto output_dtype = ParseDataType(absl::GetFlag(FLAGS_output_dtype));
+  if (!output_dtype.ok()) return UsageError(output_dtype.status());
+  auto precision = ParsePrecision(absl::GetFlag(FLAGS_precision));
+  if (!precision.ok()) return UsageError(precision.status());
+  auto mode = ParseMode(absl::GetFlag(FLAGS_mode));
+  if (!mode.ok()) return UsageError(mode.status());
+  const int top_k = absl::GetFlag(FLAGS_top_k);
+  const int64_t timeout_ms = absl::GetFlag(FLAGS_timeout_ms);
+  const int64_t max_chunk = absl::GetFlag(FLAGS_max_chunk_bytes);
+  const int repeat = absl::GetFlag(FLAGS_repeat);
+  if (top_k < 0) return UsageError(absl::InvalidArgumentError("--top_k must be >= 0"));
+  if (timeout_ms <= 0) return UsageError(absl::InvalidArgumentError("--timeout_ms must be > 0"));
+  if (max_chunk < 0 || max_chunk > UINT32_MAX) {
+    return UsageError(absl::InvalidArgumentError("--max_chunk_bytes must be in [0, 2^32)"));
+  }
+  if (repeat < 1) return UsageError(absl::InvalidArgumentError("--repeat must be >= 1"));
+  options.metric = *metric;
+  options.output_dtype = *output_dtype;
+  options.precision = *precision;
+  options.top_k = static_cast<uint32_t>(top_k);
+  options.epsilon = static_cast<float>(absl::GetFlag(FLAGS_epsilon));
+  options.max_chunk_bytes = static_cast<uint32_t>(max_chunk);
+  options.timeout = absl::Milliseconds(timeout_ms);
+
+  const bool info_only = absl::GetFlag(FLAGS_info);
+  if (!info_only && (absl::GetFlag(FLAGS_a).empty() || absl::GetFlag(FLAGS_b).empty())) {
+    return UsageError(absl::InvalidArgumentError("--a and --b are required (or --info)"));
+  }
+
+  simserve::ClientOptions client_options;
+  client_options.default_timeout = absl::Milliseconds(timeout_ms);
+  client_options.connect_timeout = absl::Milliseconds(absl::GetFlag(FLAGS_connect_timeout_ms));
+  const std::string target = absl::GetFlag(FLAGS_target);
+  auto client = simserve::Client::Connect(target, client_options);
+  if (!client.ok()) return Fail(client.status(), "connect");
+
+  if (info_only) {
+    auto info = (*client)->GetInfo();
+    if (!info.ok()) return Fail(info.status(), "GetInfo");
+    PrintInfo(*info);
+    return 0;
+  }
+
+  const auto load_start = std::chrono::steady_clock::now();
+  auto a_array = simserve::npy::MappedFile::Open(absl::GetFlag(FLAGS_a));
+  if (!a_array.ok()) return Fail(a_array.status(), "reading --a");
+  auto b_array = simserve::npy::MappedFile::Open(absl::GetFlag(FLAGS_b));
+  if (!b_array.ok()) return Fail(b_array.status(), "reading --b");
+  // float16 files go over the wire as float16 only if both are float16 and the server
+  // accepts float16 inputs; otherwise they are widened to float32 (exactly).
+  bool send_fp16 = false;
+  if (a_array->layout().dtype == simserve::npy::DType::kFloat16 &&
+      b_array->layout().dtype == simserve::npy::DType::kFloat16) {
+    auto info = (*client)->GetInfo();
+    if (!info.ok()) return Fail(info.status(), "GetInfo");
+    send_fp16 = std::find(info->input_dtypes().begin(), info->input_dtypes().end(), v1::FLOAT16) !=
+                info->input_dtypes().end();
+  }
+  auto a = MakeInput(*std::move(a_array), absl::GetFlag(FLAGS_a), send_fp16);
+  if (!a.ok()) return Fail(a.status(), "reading --a");
+  auto b = MakeInput(*std::move(b_array), absl::GetFlag(FLAGS_b), send_fp16);
+  if (!b.ok()) return Fail(b.status(), "reading --b");
+  const double load_ms = MillisSince(load_start);
+
+  std::vector<double> walls;
+  absl::StatusOr<simserve::Result> result;
+  for (int i = 0; i < repeat; ++i) {
+    result = (*client)->Similarity(a->Ref(), b->Ref(), options, *mode);
+    if (!result.ok()) return Fail(result.status(), "Similarity");
+    walls.push_back(result->client_wall_ms);
+    if (repeat > 1) {
+      absl::PrintF("run %d: client wall %.2f ms, server total %s\n", i + 1, result->client_wall_ms,
+                   Ms(result->server.total_ms));
+    }
+  }
+
+  double save_ms = 0;
+  const std::string out = absl::GetFlag(FLAGS_out);
+  if (!out.empty()) {
+    const auto save_start = std::chrono::steady_clock::now();
+    if (absl::Status s = WriteResult(*result, out, absl::GetFlag(FLAGS_indices_out)); !s.ok()) {
+      return Fail(s, "writing the result");
+    }
+    save_ms = MillisSince(save_start);
+  }
+
+  const double in_mb = static_cast<double>(a->Ref().data.size() + b->Ref().data.size()) / 1e6;
+  const double out_mb =
+      static_cast<double>(result->values.size() + result->indices.size() * sizeof(int32_t)) / 1e6;
+  std::sort(walls.begin(), walls.end());
+  const double median = walls[walls.size() / 2];
+  absl::PrintF("result: shape [%s] %s via %s (%d message%s)%s%s\n",
+               absl::StrJoin(result->shape, ", "), DataTypeName(result->dtype),
+               simserve::Name(result->mode), result->chunks, result->chunks == 1 ? "" : "s",
+               out.empty() ? "" : " -> ", out);
+  const std::string median_note =
+      repeat > 1 ? absl::StrFormat(" (median of %d: %.2f ms)", repeat, median) : "";
+  absl::PrintF("client wall %.2f ms%s | server queue %s, compute %s, total %s\n",
+               result->client_wall_ms, median_note, Ms(result->server.queue_ms),
+               Ms(result->server.compute_ms), Ms(result->server.total_ms));
+  absl::PrintF("transfer %.3f MB in + %.3f MB out = %.1f MB/s | load %.1f ms, save %.1f ms\n",
+               in_mb, out_mb, (in_mb + out_mb) / (median / 1e3), load_ms, save_ms);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::FlagsUsageConfig usage_config;
+  usage_config.contains_help_flags = [](absl::string_view path) {
+    return absl::StrContains(path, "simserve_cli");
+  };
+  usage_config.contains_helpshort_flags = usage_config.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage_config);
+  absl::SetProgramUsageMessage(
+      "computes S[k][i][j] = sim(A[k][i], B[k][j]) on a simserve server.\n"
+      "  simserve-cli --target localhost:50051 --a a.npy --b b.npy --out s.npy "
+      "--metric cosine\n"
+      "  simserve-cli --target localhost:50051 --info\n"
+      "Exit status: 0 success, 1 call or file error, 2 usage error.");
+  const std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
+  if (positional.size() > 1) {
+    std::fprintf(stderr, "simserve-cli: unexpected argument '%s' (see --help)\n", positional[1]);
+    return kExitUsage;
+  }
+  return Run();
+}

@@ -1,0 +1,72 @@
+// Zero-copy wire encoding for the client's streaming calls: requests whose tensor bytes
+// are referenced (not copied) by the outgoing grpc::ByteBuffer, and a ComputeChunk decoder
+// that copies tile payloads straight from the received slices into their final place.
+// The encodings are plain protobuf wire format of the messages in similarity.proto.
+#ifndef SIMSERVE_CLIENT_WIRE_H_
+#define SIMSERVE_CLIENT_WIRE_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "grpcpp/support/byte_buffer.h"
+#include "grpcpp/support/slice.h"
+#include "simserve/v1/similarity.pb.h"
+
+namespace simserve::wire {
+
+// A serialized ComputeRequest with `a_data` / `b_data` as the tensors' raw bytes.
+// `request` carries everything else (shapes, dtypes, options) and must have no tensor data.
+// The data is referenced, not copied: it must outlive the call that sends the buffer.
+grpc::ByteBuffer EncodeComputeRequest(const v1::ComputeRequest& request,
+                                      std::span<const std::byte> a_data,
+                                      std::span<const std::byte> b_data);
+
+// A serialized UploadRequest whose `a_data` (field 2) or `b_data` (field 3) holds `piece`,
+// referenced, not copied (same lifetime rule as above).
+enum class UploadField { kAData = 2, kBData = 3 };
+grpc::ByteBuffer EncodeUploadPiece(UploadField field, std::span<const std::byte> piece);
+
+// Serializes any message into a buffer (copying; for small messages such as headers).
+grpc::ByteBuffer EncodeMessage(const google::protobuf::MessageLite& message);
+
+// A position inside a received message, for copying a bytes field out of it later.
+struct SlicePosition {
+  size_t slice = 0;
+  size_t offset = 0;
+};
+
+// One ComputeChunk as decoded from the wire, its payloads still in the received slices.
+struct ChunkView {
+  std::vector<int64_t> shape;
+  int dtype = 0;
+  int64_t batch_index = 0;
+  int64_t row_offset = 0;
+  int64_t row_count = 0;
+  size_t values_size = 0;
+  size_t indices_size = 0;
+  SlicePosition values_at;
+  SlicePosition indices_at;
+};
+
+// Decodes a ComputeChunk. Keeps the buffer's slices so that CopyValues/CopyIndices can
+// copy the payloads afterwards. Not thread-safe; reusable for the next message.
+class ChunkDecoder {
+ public:
+  // Parses `buffer` (taking its slices). INTERNAL for malformed protobuf wire data.
+  absl::Status Decode(grpc::ByteBuffer& buffer, ChunkView* view);
+  // Copies the values_raw / indices_raw payload of the last decoded chunk to `dst`, which
+  // must have room for view.values_size / view.indices_size bytes.
+  void CopyValues(const ChunkView& view, std::byte* dst) const;
+  void CopyIndices(const ChunkView& view, std::byte* dst) const;
+
+ private:
+  void Copy(SlicePosition at, size_t size, std::byte* dst) const;
+  std::vector<grpc::Slice> slices_;
+};
+
+}  // namespace simserve::wire
+
+#endif  // SIMSERVE_CLIENT_WIRE_H_
