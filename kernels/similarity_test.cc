@@ -324,6 +324,16 @@ TEST(Kernel, TopKMatchesStableSortOfReference) {
   }
 }
 
+TEST(Kernel, LargeTopKUsesTheSortPathAndMatchesTheReference) {
+  const Problem p = RandomProblem({2, 3, 100, 8}, 19);
+  for (const int64_t k : {65, 100}) {  // above the scan path's limit of 64
+    for (const Metric metric : {Metric::kDot, Metric::kEuclidean}) {
+      const Options options{.metric = metric, .top_k = k};
+      ExpectTopKMatchesReference(p, options, Compute(p, options));
+    }
+  }
+}
+
 TEST(Kernel, TopKTiesGoToTheLowerIndex) {
   // Every B row is the same vector: all similarities tie, so indices must be 0, 1, 2, ...
   Problem p = RandomProblem({1, 2, 6, 4}, 17);
