@@ -1,0 +1,400 @@
+"""Transport-independent parts of the clients: option parsing, input normalisation, the choice
+of RPC, request building (unary message or upload pieces), and in-place result assembly.
+
+Shared by the blocking `simserve.Client` and the asyncio `simserve.aio.Client`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Tuple, Union
+
+import grpc
+import numpy as np
+
+from simserve import _wire, errors
+from simserve.v1 import similarity_pb2 as pb
+
+ArrayLike = Union[np.ndarray, Sequence]
+ProgressCallback = Callable[[int, int], None]
+"""Called as progress(rows_done, rows_total) after every received tile (rows = batch * N)."""
+
+MiB = 1 << 20
+
+METRICS: Mapping[str, int] = {
+    "cosine": pb.COSINE,
+    "dot": pb.DOT,
+    "euclidean": pb.EUCLIDEAN,
+    "squared_euclidean": pb.SQUARED_EUCLIDEAN,
+}
+OUTPUT_DTYPES: Mapping[str, int] = {
+    "float32": pb.FLOAT32, "fp32": pb.FLOAT32,
+    "bfloat16": pb.BFLOAT16, "bf16": pb.BFLOAT16,
+    "float16": pb.FLOAT16, "fp16": pb.FLOAT16,
+}
+PRECISIONS: Mapping[str, int] = {"fp32": pb.FP32, "float32": pb.FP32,
+                                 "bf16": pb.BF16, "bfloat16": pb.BF16}
+_WIRE_ITEMSIZE = {pb.FLOAT32: 4, pb.BFLOAT16: 2, pb.FLOAT16: 2}
+MODES = ("auto", "unary", "stream", "upload")
+
+SERVICE = "/simserve.v1.Similarity/"
+TIMING_KEYS = {"simserve-queue-ms": "queue_ms", "simserve-compute-ms": "compute_ms",
+               "simserve-total-ms": "total_ms"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Timings:
+    """Timings of the last completed call.
+
+    Attributes:
+        mode: the RPC used: "unary", "stream" or "upload".
+        client_ms: wall time in the client, from the call to the assembled array.
+        queue_ms, compute_ms, total_ms: the server's figures from trailing metadata
+            (`simserve-queue-ms`, ...), None if the server sent none.
+        attempts: 1 + the number of UNAVAILABLE retries.
+    """
+
+    mode: str
+    client_ms: float
+    queue_ms: Optional[float] = None
+    compute_ms: Optional[float] = None
+    total_ms: Optional[float] = None
+    attempts: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of calls that fail with one of `codes` (default: UNAVAILABLE only).
+
+    Backoff before attempt n+1 is min(max_backoff, initial_backoff * multiplier**(n-1)),
+    randomised by +-jitter (a fraction). The call's timeout bounds all attempts together.
+    `RetryPolicy(max_attempts=1)` disables retries.
+    """
+
+    max_attempts: int = 4
+    initial_backoff: float = 0.1
+    max_backoff: float = 2.0
+    multiplier: float = 2.0
+    jitter: float = 0.2
+    codes: frozenset = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to sleep after failed attempt number `attempt` (1-based)."""
+        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        return max(0.0, base * (1.0 + random.uniform(-self.jitter, self.jitter)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Info:
+    """What GetInfo reports: versions, ISA, limits and capabilities.
+
+    `limits` maps the Limits field names (e.g. "max_receive_message_bytes") to ints;
+    metrics/dtypes/precisions are lower-case names as accepted by the client's keyword
+    arguments. `raw` is the GetInfoResponse message itself.
+    """
+
+    version: str
+    onednn_version: str
+    cpu_isa: str
+    compute_workers: int
+    threads_per_worker: int
+    limits: Mapping[str, int]
+    metrics: Tuple[str, ...]
+    input_dtypes: Tuple[str, ...]
+    output_dtypes: Tuple[str, ...]
+    precisions: Tuple[str, ...]
+    raw: pb.GetInfoResponse = dataclasses.field(repr=False, compare=False)
+
+    @staticmethod
+    def from_proto(msg: pb.GetInfoResponse) -> "Info":
+        """Builds an Info from a GetInfoResponse."""
+        limits = {f.name: getattr(msg.limits, f.name) for f in msg.limits.DESCRIPTOR.fields}
+        return Info(
+            version=msg.version, onednn_version=msg.onednn_version, cpu_isa=msg.cpu_isa,
+            compute_workers=msg.compute_workers, threads_per_worker=msg.threads_per_worker,
+            limits=limits,
+            metrics=tuple(pb.Metric.Name(m).lower() for m in msg.metrics),
+            input_dtypes=tuple(pb.DataType.Name(d).lower() for d in msg.input_dtypes),
+            output_dtypes=tuple(pb.DataType.Name(d).lower() for d in msg.output_dtypes),
+            precisions=tuple(pb.Precision.Name(p).lower() for p in msg.precisions),
+            raw=msg)
+
+
+def _enum(name: str, value: Union[str, int], table: Mapping[str, int]) -> int:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        if int(value) in table.values():
+            return int(value)
+    elif isinstance(value, str) and value.lower() in table:
+        return table[value.lower()]
+    raise errors.InvalidArgumentError(
+        f"{name}={value!r} is not one of {sorted(set(table))}")
+
+
+def _as_float32(name: str, x: ArrayLike) -> np.ndarray:
+    """float32, C-contiguous, native little-endian; float64/float16/F-order are converted."""
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "fiu":
+        raise errors.InvalidArgumentError(f"{name} has dtype {arr.dtype}; expected floats")
+    if arr.ndim not in (2, 3):
+        raise errors.InvalidArgumentError(
+            f"{name} must be 2D [rows, dim] or 3D [batch, rows, dim], got shape {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.dtype("<f4"))
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A normalised request: float32 C-order 3D inputs plus the proto options."""
+
+    a: np.ndarray          # [batch, N, D] float32, C-contiguous
+    b: np.ndarray          # [batch, M, D]
+    squeeze: bool          # 2D inputs: return 2D results
+    top_k: int
+    options: pb.ComputeRequest  # metric, output_dtype, precision, top_k, epsilon, chunk
+    out_shape: Tuple[int, int, int]  # [batch, N, M or k]
+
+    @property
+    def input_bytes(self) -> int:
+        return self.a.nbytes + self.b.nbytes
+
+    @property
+    def output_wire_bytes(self) -> int:
+        per = _WIRE_ITEMSIZE[self.options.output_dtype] + (4 if self.top_k else 0)
+        return int(np.prod(self.out_shape)) * per
+
+    def tensor(self, which: str, with_data: bool) -> pb.Tensor:
+        """The proto Tensor for `a` or `b`; its user-facing (2D/3D) shape, data if asked."""
+        arr = self.a if which == "a" else self.b
+        shape = arr.shape[1:] if self.squeeze else arr.shape
+        t = pb.Tensor(shape=list(shape), dtype=pb.FLOAT32)
+        if with_data:
+            t.raw = arr.tobytes()
+        return t
+
+    def request(self, with_data: bool = True) -> pb.ComputeRequest:
+        """The ComputeRequest (Compute / ComputeStream; upload header when with_data=False)."""
+        req = pb.ComputeRequest()
+        req.CopyFrom(self.options)
+        req.a.CopyFrom(self.tensor("a", with_data))
+        req.b.CopyFrom(self.tensor("b", with_data))
+        return req
+
+
+def prepare(a: ArrayLike, b: ArrayLike, *, metric: Union[str, int], output_dtype: Union[str, int],
+            precision: Union[str, int], epsilon: float, top_k: int,
+            chunk_bytes: int) -> Prepared:
+    """Validates what the client must know to size the result and normalises the inputs.
+
+    Batch/D mismatches, NaN/Inf, k > M etc. are left to the server (one source of truth).
+    """
+    a32, b32 = _as_float32("a", a), _as_float32("b", b)
+    if a32.ndim != b32.ndim:
+        raise errors.InvalidArgumentError(
+            f"a and b must both be 2D or both 3D, got shapes {a32.shape} and {b32.shape}")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise errors.InvalidArgumentError(f"k must be a non-negative int, got {top_k!r}")
+    squeeze = a32.ndim == 2
+    if squeeze:
+        a32, b32 = a32[np.newaxis], b32[np.newaxis]
+    opts = pb.ComputeRequest(
+        metric=_enum("metric", metric, METRICS),
+        output_dtype=_enum("output_dtype", output_dtype, OUTPUT_DTYPES),
+        precision=_enum("precision", precision, PRECISIONS),
+        top_k=int(top_k), epsilon=float(epsilon), max_chunk_bytes=int(chunk_bytes))
+    cols = int(top_k) if top_k else b32.shape[1]
+    return Prepared(a=a32, b=b32, squeeze=squeeze, top_k=int(top_k), options=opts,
+                    out_shape=(a32.shape[0], a32.shape[1], cols))
+
+
+def choose_mode(prep: Prepared, mode: str, limits: Optional[Mapping[str, int]],
+                unary_max_bytes: int, upload_min_bytes: int) -> str:
+    """Picks the RPC (the same rule as the C++ client's ChooseMode):
+    1. inputs do not fit one message (server's max receive minus 64 KiB) -> "upload";
+    2. inputs + output <= unary_max_bytes and the output fits one message -> "unary";
+    3. inputs >= upload_min_bytes -> "upload" (overlaps upload, compute and download);
+    4. otherwise "stream"."""
+    if mode not in MODES:
+        raise errors.InvalidArgumentError(f"mode={mode!r} is not one of {MODES}")
+    if mode != "auto":
+        return mode
+    limits = limits or {}
+    max_recv = limits.get("max_receive_message_bytes") or 4 * MiB
+    max_send = limits.get("max_send_message_bytes") or 4 * MiB
+    inputs, output = prep.input_bytes, prep.output_wire_bytes
+    if inputs > max_recv - 64 * 1024:
+        return "upload"
+    if inputs + output <= unary_max_bytes and output + 4096 <= max_send:
+        return "unary"
+    if inputs >= upload_min_bytes:
+        return "upload"
+    return "stream"
+
+
+def piece_bytes(wanted: int, limits: Optional[Mapping[str, int]]) -> int:
+    """Upload piece size: `wanted`, but below the server's receive limit when it is known."""
+    max_recv = (limits or {}).get("max_receive_message_bytes") or 0
+    if max_recv > 0:
+        wanted = min(wanted, max_recv - 64 * 1024)
+    return max(wanted, 64 * 1024)
+
+
+def upload_requests(prep: Prepared, piece_bytes: int) -> Iterator[bytes]:
+    """The ComputeUpload request stream, serialised UploadRequests: the header, then all of B,
+    then all of A, in pieces of piece_bytes (one copy of the input each)."""
+    header = pb.UploadRequest(header=pb.UploadHeader(request=prep.request(with_data=False)))
+    yield header.SerializeToString()
+    for field, arr in ((_wire.F_B_DATA, prep.b), (_wire.F_A_DATA, prep.a)):
+        view = memoryview(arr).cast("B")
+        for off in range(0, len(view), piece_bytes):
+            yield _wire.upload_piece(field, view[off:off + piece_bytes])
+
+
+def bulk_methods(channel) -> Tuple[Any, Any]:
+    """(ComputeStream, ComputeUpload) callables on `channel` (sync or aio) that use the
+    zero-copy codec of _wire: responses arrive as ChunkView, upload requests are bytes."""
+    stream = channel.unary_stream(SERVICE + "ComputeStream",
+                                  request_serializer=pb.ComputeRequest.SerializeToString,
+                                  response_deserializer=_wire.parse_chunk)
+    upload = channel.stream_stream(SERVICE + "ComputeUpload",
+                                   request_serializer=_wire.identity,
+                                   response_deserializer=_wire.parse_chunk)
+    return stream, upload
+
+
+class Assembler:
+    """Writes result tiles straight into a preallocated float32 array (and int32 indices).
+
+    Checks that tiles arrive in (batch, row) order, cover the output exactly once and carry
+    the declared byte length; bf16/fp16 tiles are widened to float32 while being written.
+    """
+
+    def __init__(self, prep: Prepared, progress: Optional[ProgressCallback] = None,
+                 out: Optional[np.ndarray] = None) -> None:
+        self._prep = prep
+        self._progress = progress
+        shape = prep.out_shape
+        if out is not None:
+            want = shape[1:] if prep.squeeze else shape
+            if out.shape != tuple(want) or out.dtype != np.float32 or \
+                    not out.flags.c_contiguous:
+                raise errors.InvalidArgumentError(
+                    f"out must be a C-contiguous float32 array of shape {tuple(want)}")
+            self.values = out.reshape(shape)
+        else:
+            self.values = np.empty(shape, dtype=np.float32)
+        self._fresh = out is None
+        self.indices = np.empty(shape, dtype=np.int32) if prep.top_k else None
+        self._total_rows = shape[0] * shape[1]
+        self.reset()
+
+    def prefault(self) -> None:
+        """Touches one element per page of a freshly allocated result, so that its page
+        faults (~10 ms per 80 MB) happen while the inputs upload, not while tiles arrive."""
+        if self._fresh and self.values.nbytes >= 4 * MiB:
+            self.values.reshape(-1)[::1024] = 0
+            if self.indices is not None:
+                self.indices.reshape(-1)[::1024] = 0
+            self._fresh = False
+
+    def reset(self) -> None:
+        """Forgets received tiles (before a retry)."""
+        self._batch, self._row, self._done = 0, 0, 0
+
+    def _check_shape(self, shape: Sequence[int]) -> None:
+        want = self._prep.out_shape[1:] if self._prep.squeeze else self._prep.out_shape
+        if tuple(shape) != tuple(want):
+            raise errors.ProtocolError(f"server result shape {list(shape)}, expected {list(want)}")
+
+    def _write(self, batch: int, row: int, rows: int, dtype: int,
+               values: Union[bytes, memoryview], indices: Union[bytes, memoryview]) -> None:
+        b_total, n, cols = self._prep.out_shape
+        if (batch, row) != (self._batch, self._row) or rows <= 0 or row + rows > n:
+            raise errors.ProtocolError(
+                f"tile batch={batch} rows [{row}, {row + rows}) out of order or out of range "
+                f"(expected batch={self._batch} row={self._row}, N={n})")
+        itemsize = _WIRE_ITEMSIZE.get(dtype)
+        if dtype != self._prep.options.output_dtype or itemsize is None:
+            raise errors.ProtocolError(f"tile dtype {dtype}, expected "
+                                       f"{self._prep.options.output_dtype}")
+        count = rows * cols
+        if len(values) != count * itemsize:
+            raise errors.ProtocolError(
+                f"tile has {len(values)} value bytes, expected {count * itemsize}")
+        dst = self.values[batch, row:row + rows]
+        if dtype == pb.FLOAT32:
+            np.copyto(dst, np.frombuffer(values, dtype="<f4").reshape(rows, cols))
+        elif dtype == pb.BFLOAT16:
+            # bf16 is the upper half of a float32: widen in place, no temporary.
+            u32 = dst.view(np.uint32)
+            np.copyto(u32, np.frombuffer(values, dtype="<u2").reshape(rows, cols),
+                      casting="unsafe")
+            np.left_shift(u32, 16, out=u32)
+        else:
+            np.copyto(dst, np.frombuffer(values, dtype="<f2").reshape(rows, cols),
+                      casting="unsafe")
+        if self.indices is not None:
+            if len(indices) != count * 4:
+                raise errors.ProtocolError(
+                    f"tile has {len(indices)} index bytes, expected {count * 4}")
+            np.copyto(self.indices[batch, row:row + rows],
+                      np.frombuffer(indices, dtype="<i4").reshape(rows, cols))
+        self._row += rows
+        self._done += rows
+        if self._row == n:
+            self._batch, self._row = self._batch + 1, 0
+        if self._progress is not None:
+            self._progress(self._done, self._total_rows)
+
+    def add_chunk(self, chunk: Union[pb.ComputeChunk, _wire.ChunkView]) -> None:
+        """Writes one streamed tile into place (the first one must state the full shape)."""
+        if self._done == 0:
+            self._check_shape(chunk.shape)
+        self._write(chunk.batch_index, chunk.row_offset, chunk.row_count, chunk.dtype,
+                    chunk.values_raw, chunk.indices_raw)
+
+    def set_response(self, resp: pb.ComputeResponse) -> None:
+        """Writes a whole unary response into place."""
+        self._check_shape(resp.shape)
+        b_total, n, _ = self._prep.out_shape
+        itemsize = _WIRE_ITEMSIZE.get(resp.dtype, 4)
+        per_batch = len(resp.values_raw) // max(b_total, 1)
+        idx_per_batch = len(resp.indices_raw) // max(b_total, 1)
+        if per_batch * b_total != len(resp.values_raw) or per_batch != n * \
+                self._prep.out_shape[2] * itemsize:
+            raise errors.ProtocolError(
+                f"response has {len(resp.values_raw)} value bytes for shape {list(resp.shape)}")
+        mv, mi = memoryview(resp.values_raw), memoryview(resp.indices_raw)
+        for k in range(b_total):
+            self._write(k, 0, n, resp.dtype, mv[k * per_batch:(k + 1) * per_batch],
+                        mi[k * idx_per_batch:(k + 1) * idx_per_batch])
+
+    def result(self) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
+        """The assembled result (2D for 2D inputs); raises if tiles are missing."""
+        if self._done != self._total_rows:
+            raise errors.ProtocolError(
+                f"stream ended after {self._done} of {self._total_rows} result rows")
+        vals, idx = self.values, self.indices
+        if self._prep.squeeze:
+            vals = vals[0]
+            idx = idx[0] if idx is not None else None
+        return (vals, idx) if idx is not None else vals
+
+
+def timings(metadata, mode: str, client_ms: float, attempts: int) -> Timings:
+    """Builds Timings from trailing metadata (a sequence of (key, value) pairs)."""
+    found = {}
+    for key, value in metadata or ():
+        field = TIMING_KEYS.get(key)
+        if field is not None:
+            try:
+                found[field] = float(value)
+            except (TypeError, ValueError):
+                pass
+    return Timings(mode=mode, client_ms=client_ms, attempts=attempts, **found)
+
+
+CHANNEL_OPTIONS = (
+    # The server enforces its own limits (and says so with RESOURCE_EXHAUSTED).
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+)

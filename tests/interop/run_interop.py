@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""Interop matrix runner: starts the real simserve server on a free loopback port, then lets one
+client language send the shared vectors (vectors/cases.json) by unary and server-streaming
+calls and compare with the reference; or checks reflection with grpcurl. One CTest test per
+language (see CMakeLists.txt). Prints 'N passed, M failed'; exit code 1 on any failure.
+
+Usage: run_interop.py --server BIN --lang {python,go,node,cpp,grpcurl}
+                      [--cli simserve-cli] [--work DIR]
+Tools (Go plugins, grpcurl, node_modules) come from $SIMSERVE_TOOLS_DIR (default
+~/.cache/simserve), installed by scripts/setup.d/40-python-interop.sh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import List, Tuple
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+PROTO_DIR = os.path.join(ROOT, "proto")
+CASES = os.path.join(HERE, "vectors", "cases.json")
+TOOLS = os.environ.get("SIMSERVE_TOOLS_DIR", os.path.expanduser("~/.cache/simserve"))
+sys.path.insert(0, HERE)
+from serverctl import Server  # noqa: E402
+
+TIMEOUT = 240  # per child process; CTest allows the whole test 300 s
+
+
+def run(cmd: List[str], **kw) -> subprocess.CompletedProcess:
+    """Runs cmd, echoing its output; raises with the output on a non-zero exit."""
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, **kw)
+    sys.stdout.write(p.stdout)
+    if p.returncode != 0:
+        sys.stdout.write(p.stderr)
+    return p
+
+
+def load_cases() -> list:
+    with open(CASES) as f:
+        return json.load(f)["cases"]
+
+
+def go_env() -> dict:
+    gopath = os.path.join(TOOLS, "go")
+    path = os.pathsep.join([os.path.join(gopath, "bin"), "/usr/local/go/bin",
+                            os.environ.get("PATH", "")])
+    # Offline: everything was fetched by setup (go.sum pins it); never download at test time.
+    return dict(os.environ, GOPATH=gopath, GOMODCACHE=os.path.join(gopath, "pkg", "mod"),
+                GOFLAGS="-mod=readonly -modcacherw", GOPROXY="off", PATH=path)
+
+
+def lang_go(addr: str, work: str) -> int:
+    env = go_env()
+    src = os.path.join(HERE, "go")
+    os.makedirs(work, exist_ok=True)
+    for name in ("go.mod", "go.sum", "main.go"):
+        shutil.copyfile(os.path.join(src, name), os.path.join(work, name))
+    gen = os.path.join(work, "gen")
+    shutil.rmtree(gen, ignore_errors=True)
+    m = "Msimserve/v1/similarity.proto=simserve.dev/interop/gen/simservev1"
+    p = run(["protoc", f"-I{PROTO_DIR}", f"--go_out={work}", "--go_opt=module=simserve.dev/interop",
+             f"--go_opt={m}", f"--go-grpc_out={work}",
+             "--go-grpc_opt=module=simserve.dev/interop", f"--go-grpc_opt={m}",
+             "simserve/v1/similarity.proto"], env=env)
+    if p.returncode:
+        return p.returncode
+    p = run(["go", "build", "-o", "interop", "."], cwd=work, env=env)
+    if p.returncode:
+        return p.returncode
+    return run([os.path.join(work, "interop"), "-addr", addr, "-cases", CASES]).returncode
+
+
+def lang_node(addr: str) -> int:
+    env = dict(os.environ, NODE_PATH=os.path.join(TOOLS, "node", "node_modules"))
+    return run(["node", os.path.join(HERE, "node", "interop.js"), addr, CASES, PROTO_DIR],
+               env=env).returncode
+
+
+def lang_python(addr: str) -> int:
+    return run([sys.executable, os.path.join(HERE, "python_interop.py"), addr, CASES]).returncode
+
+
+def compare(c: dict, values: np.ndarray, indices) -> str:
+    exp = c["expected"]
+    want = np.array(exp["values"]).reshape(exp["shape"])
+    if list(values.shape) != exp["shape"]:
+        return f"shape {list(values.shape)} != {exp['shape']}"
+    if not np.allclose(values, want, atol=c["atol"], rtol=1e-5):
+        i = int(np.argmax(np.abs(values - want)))
+        return f"value[{i}] {values.ravel()[i]} != {want.ravel()[i]}"
+    if c["top_k"]:
+        want_idx = np.array(exp["indices"]).reshape(exp["shape"])
+        if indices is None or not np.array_equal(indices, want_idx):
+            return f"indices {None if indices is None else indices.tolist()} != {want_idx.tolist()}"
+    return ""
+
+
+def tally(results: List[Tuple[str, str]], lang: str) -> int:
+    failed = 0
+    for name, err in results:
+        print(f"{'FAIL' if err else 'ok  '} {lang} {name}{': ' + err if err else ''}")
+        failed += bool(err)
+    print(f"{lang}: {len(results) - failed} passed, {failed} failed")
+    return 1 if failed or not results else 0
+
+
+def lang_cpp(addr: str, cli: str) -> int:
+    metric = {"COSINE": "cosine", "DOT": "dot", "EUCLIDEAN": "euclidean",
+              "SQUARED_EUCLIDEAN": "sqeuclidean"}
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for c in load_cases():
+            a_path, b_path = os.path.join(tmp, "a.npy"), os.path.join(tmp, "b.npy")
+            np.save(a_path, np.array(c["a"]["values"], np.float32).reshape(c["a"]["shape"]))
+            np.save(b_path, np.array(c["b"]["values"], np.float32).reshape(c["b"]["shape"]))
+            for mode in ("unary", "stream"):
+                out, idx_out = os.path.join(tmp, "s.npy"), os.path.join(tmp, "i.npy")
+                for f in (out, idx_out):
+                    if os.path.exists(f):
+                        os.unlink(f)
+                p = run([cli, f"--target={addr}", f"--a={a_path}", f"--b={b_path}",
+                         f"--out={out}", f"--indices_out={idx_out}",
+                         f"--metric={metric[c['metric']]}", f"--top_k={c['top_k']}",
+                         f"--epsilon={c['epsilon']!r}", f"--mode={mode}",
+                         "--max_chunk_bytes=64", "--timeout_ms=30000"])
+                if p.returncode:
+                    results.append((f"{mode} {c['name']}", f"exit {p.returncode}: {p.stderr}"))
+                    continue
+                idx = np.load(idx_out) if c["top_k"] else None
+                results.append((f"{mode} {c['name']}", compare(c, np.load(out), idx)))
+    return tally(results, "cpp")
+
+
+def grpcurl_json(p: subprocess.CompletedProcess) -> list:
+    """grpcurl prints one JSON object per response message."""
+    dec, text, i, out = json.JSONDecoder(), p.stdout, 0, []
+    while True:
+        while i < len(text) and text[i].isspace():
+            i += 1
+        if i >= len(text):
+            return out
+        obj, i = dec.raw_decode(text, i)
+        out.append(obj)
+
+
+def lang_grpcurl(addr: str) -> int:
+    """Reflection only (no proto file): list, describe, GetInfo, and a Compute/ComputeStream
+    sent as JSON `values` (the convenience path for JSON tools)."""
+    tool = os.path.join(TOOLS, "go", "bin", "grpcurl")
+    base = [tool, "-plaintext", "-max-time", "30"]
+    results = []
+    p = run(base + [addr, "list"])
+    services = p.stdout.split()
+    results.append(("list", "" if p.returncode == 0 and "simserve.v1.Similarity" in services
+                    and "grpc.health.v1.Health" in services else f"services: {services}"))
+    p = run(base + [addr, "describe", "simserve.v1.Similarity"])
+    results.append(("describe", "" if all(m in p.stdout for m in (
+        "rpc Compute", "rpc ComputeStream", "rpc ComputeUpload", "rpc GetInfo"))
+        else "methods missing"))
+    p = run(base + ["-d", "{}", addr, "simserve.v1.Similarity/GetInfo"])
+    info = grpcurl_json(p)[0] if p.returncode == 0 else {}
+    limits = info.get("limits", {})
+    ok = info.get("version") and int(limits.get("max_receive_message_bytes",
+                                                limits.get("maxReceiveMessageBytes", 0))) > 0
+    results.append(("GetInfo", "" if ok else f"GetInfo answered {info}"))
+    for c in [c for c in load_cases() if not c["top_k"]][:2]:
+        req = json.dumps({
+            "a": {"shape": c["a"]["shape"], "values": {"values": c["a"]["values"]}},
+            "b": {"shape": c["b"]["shape"], "values": {"values": c["b"]["values"]}},
+            "metric": c["metric"], "epsilon": c["epsilon"], "maxChunkBytes": 64})
+        for method in ("Compute", "ComputeStream"):
+            p = run(base + ["-d", "@", addr, f"simserve.v1.Similarity/{method}"], input=req)
+            if p.returncode:
+                results.append((f"{method} {c['name']}", f"exit {p.returncode}: {p.stderr}"))
+                continue
+            msgs = grpcurl_json(p)
+            # grpcurl prints proto field names (values_raw); accept the JSON camelCase too.
+            raw = b"".join(base64.b64decode(m.get("values_raw", m.get("valuesRaw", "")))
+                           for m in msgs)
+            vals = np.frombuffer(raw, "<f4").reshape([int(d) for d in msgs[0]["shape"]])
+            results.append((f"{method} {c['name']}", compare(c, vals, None)))
+    return tally(results, "grpcurl")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--server", required=True, help="path of the simserve binary")
+    ap.add_argument("--lang", required=True, choices=["python", "go", "node", "cpp", "grpcurl"])
+    ap.add_argument("--cli", help="path of simserve-cli (--lang cpp)")
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "simserve-interop-go"),
+                    help="build directory for the Go client")
+    args = ap.parse_args()
+    with Server(args.server) as srv:
+        if args.lang == "go":
+            return lang_go(srv.address, args.work)
+        if args.lang == "node":
+            return lang_node(srv.address)
+        if args.lang == "python":
+            return lang_python(srv.address)
+        if args.lang == "cpp":
+            return lang_cpp(srv.address, args.cli)
+        return lang_grpcurl(srv.address)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
