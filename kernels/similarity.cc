@@ -157,6 +157,7 @@ struct MatmulKey {
   int64_t m;
   int64_t d;
   bool bf16;
+  // NOLINTNEXTLINE(modernize-use-nullptr): clang-tidy 14 misreads the defaulted <=>.
   auto operator<=>(const MatmulKey&) const = default;
 };
 
@@ -309,8 +310,9 @@ class SimilarityJob::Impl {
     if (distance) scratch_->b_sq_norms.resize(shape_.m);
     float* sq_norms = distance ? scratch_->b_sq_norms.data() : nullptr;
     if (UsableInPlace(b_.dtype)) {
-      if (distance && prepared_batch_ != batch)
+      if (distance && prepared_batch_ != batch) {
         ops_.squared_norms(b_batch, shape_.m, shape_.d, sq_norms);
+      }
       prepared_batch_ = batch;
       return b_batch.data;
     }

@@ -360,6 +360,38 @@ TEST(Kernel, NeverSelectsAReferenceMatmulForTheShapesThatMatter) {
   }
 }
 
+TEST(Dtype, ConvertsToAndFromIeeeHalfAndBfloat16ExactlyAsSpecified) {
+  // Expected bit patterns from the IEEE 754 binary16 and bfloat16 definitions.
+  const std::pair<float, uint16_t> halves[] = {
+      {1.0F, 0x3c00},
+      {-2.0F, 0xc000},
+      {65504.0F, 0x7bff},
+      {65519.0F, 0x7bff},
+      {65520.0F, 0x7c00},
+      {0.1F, 0x2e66},
+      {1.0F / 3, 0x3555},
+      {5.9604645e-8F, 0x0001},
+      {6.1035156e-5F, 0x0400} /* smallest normal */,
+      {0.0F, 0x0000},
+      {-0.0F, 0x8000},
+      {2.9802322e-8F, 0x0000} /* half of the smallest subnormal: ties to even */,
+      {8.940697e-8F, 0x0002} /* 1.5 units: ties to even */,
+      {1e9F, 0x7c00}};
+  for (const auto& [value, bits] : halves) {
+    EXPECT_EQ(FloatToF16(value), bits) << value;
+  }
+  for (const uint16_t bits : {0x3c00, 0xc000, 0x7bff, 0x0001, 0x03ff, 0x0400, 0x3555, 0x7c00}) {
+    EXPECT_EQ(FloatToF16(F16ToFloat(bits)), bits) << "round trip of " << bits;
+  }
+  EXPECT_EQ(F16ToFloat(0x0001), 5.9604644775390625e-8F);
+  EXPECT_TRUE(std::isnan(F16ToFloat(FloatToF16(NAN))));
+  EXPECT_EQ(FloatToBf16(1.0F), 0x3f80);
+  EXPECT_EQ(FloatToBf16(1.00390625F), 0x3f80) << "tie (1 + 2^-8) rounds to even";
+  EXPECT_EQ(FloatToBf16(1.01171875F), 0x3f82) << "tie (1 + 3*2^-8) rounds to even";
+  EXPECT_EQ(Bf16ToFloat(0xc0a0), -5.0F);
+  EXPECT_TRUE(std::isnan(Bf16ToFloat(FloatToBf16(NAN))));
+}
+
 TEST(Kernel, RejectsBadProblems) {
   EXPECT_EQ(ValidateProblem({1, 0, 2, 3}, {}).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(ValidateProblem({1, 2, 2, -3}, {}).message()), HasSubstr("D"));
