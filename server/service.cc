@@ -327,7 +327,8 @@ class TileStreamCall : public Reactor {
           computing_ = true;
           to_compute = NextTileLocked();
         }
-        if (have_problem_ && tiles_written_ == total_tiles_ && !computing_ && writing_ == nullptr) {
+        if (have_problem_ && input_closed_ && tiles_written_ == total_tiles_ && !computing_ &&
+            writing_ == nullptr) {
           finished_ = true;
           to_finish = absl::OkStatus();
         }
@@ -392,6 +393,9 @@ class TileStreamCall : public Reactor {
   bool b_ready_ ABSL_GUARDED_BY(mu_) = false;
   // Rows of A (counted over all batch entries) whose bytes are present.
   int64_t a_rows_ready_ ABSL_GUARDED_BY(mu_) = 0;
+  // False while the client may still send (upload): the call ends OK only after the client's
+  // half-close, so data past the declared shapes is an error rather than silently dropped.
+  bool input_closed_ ABSL_GUARDED_BY(mu_) = true;
   absl::Status error_ ABSL_GUARDED_BY(mu_);
   Timings timings_;
 
@@ -547,6 +551,10 @@ class UploadCall final : public TileStreamCall<grpc::ServerBidiReactor<v1::Uploa
       Fail(DrainingError());
       return;
     }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      input_closed_ = false;
+    }
     StartRead(&request_);
   }
 
@@ -566,6 +574,7 @@ class UploadCall final : public TileStreamCall<grpc::ServerBidiReactor<v1::Uploa
 
  private:
   absl::Status HalfClosed() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    input_closed_ = true;
     if (!have_header_) {
       return absl::InvalidArgumentError("upload stream ended before its header");
     }

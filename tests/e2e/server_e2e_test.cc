@@ -555,6 +555,9 @@ TEST_F(ServerE2E, RequestWhoseDeadlineExpiresWhileQueuedIsNeverComputed) {
   EXPECT_EQ(Stream(stub_, MakeRequest(p, v1::DOT), absl::ZeroDuration(), absl::Milliseconds(200))
                 .status.error_code(),
             grpc::StatusCode::DEADLINE_EXCEEDED);
+  // The server's deadline trails the client's by the time the request took to arrive; wait
+  // until it has surely passed there too before letting the worker take the queued tasks.
+  absl::SleepFor(absl::Milliseconds(50));
   blocker.Release();
   WaitUntilQueueEmpty(server_);
   EXPECT_EQ(server_->stats().tiles_computed.load(), tiles_before);

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Style checks: clang-format (must be clean) and clang-tidy (.clang-tidy, warnings are errors)
+# over simserve's own C++ sources. Needs a configured build for compile_commands.json.
+# Usage: scripts/lint.sh [--format-only] [build_dir (default build/release)]
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+format_only=0
+if [ "${1:-}" = "--format-only" ]; then format_only=1; shift; fi
+BUILD="${1:-build/release}"
+mapfile -t files < <(git ls-files 'kernels/*.cc' 'kernels/*.h' 'server/*.cc' 'server/*.h' \
+  'client/*.cc' 'client/*.h' 'tests/*.cc' 'tests/*.h')
+clang-format --dry-run -Werror "${files[@]}"
+echo "lint: clang-format clean (${#files[@]} files)"
+[ "$format_only" = 1 ] && exit 0
+# clang 14 does not find GCC's omp.h by itself.
+omp_include="$(dirname "$(gcc -print-file-name=include/omp.h)")"
+mapfile -t sources < <(printf '%s\n' "${files[@]}" | grep '\.cc$')
+clang-tidy -p "$BUILD" --quiet --extra-arg="-I$omp_include" "${sources[@]}"
+echo "lint: clang-tidy clean (${#sources[@]} sources)"
