@@ -166,6 +166,11 @@ def lang_grpcurl(addr: str) -> int:
     results.append(("describe", "" if all(m in p.stdout for m in (
         "rpc Compute", "rpc ComputeStream", "rpc ComputeUpload", "rpc GetInfo"))
         else "methods missing"))
+    # The health service is described through reflection too (no health.proto needed).
+    p = run(base + ["-d", "{}", addr, "grpc.health.v1.Health/Check"])
+    health = grpcurl_json(p)[0] if p.returncode == 0 else {}
+    results.append(("Health/Check", "" if health.get("status") == "SERVING"
+                    else f"exit {p.returncode}: {p.stderr.strip()} {health}"))
     p = run(base + ["-d", "{}", addr, "simserve.v1.Similarity/GetInfo"])
     info = grpcurl_json(p)[0] if p.returncode == 0 else {}
     limits = info.get("limits", {})
