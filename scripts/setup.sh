@@ -24,7 +24,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${#missing[@]} Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq >/dev/null
-  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # debconf's "delaying package configuration" notice on stderr is noise, not an error.
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 ||
+    $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"  # rerun loudly on failure
 fi
 
 # Python tooling for the benchmark comparison and tests lives in a project venv.
@@ -33,14 +35,14 @@ VENV="${SIMSERVE_VENV:-$ROOT/.venv}"
 PY_PACKAGES=(numpy scikit-learn grpcio grpcio-tools grpcio-health-checking protobuf)
 # SIMSERVE_SETUP_VENV=0 skips the venv (the Dockerfile build stage needs no Python tooling).
 if [ "${SIMSERVE_SETUP_VENV:-1}" != 0 ]; then
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "setup: creating Python venv at $VENV"
-  python3 -m venv "$VENV"
-fi
-if ! "$VENV/bin/python" -c 'import numpy, sklearn, grpc, grpc_tools, grpc_health' 2>/dev/null; then
-  echo "setup: installing Python packages: ${PY_PACKAGES[*]}"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
-fi
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "setup: creating Python venv at $VENV"
+    python3 -m venv "$VENV"
+  fi
+  if ! "$VENV/bin/python" -c 'import numpy, sklearn, grpc, grpc_tools, grpc_health' 2>/dev/null; then
+    echo "setup: installing Python packages: ${PY_PACKAGES[*]}"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
+  fi
 fi
 
 # Each area adds its own idempotent, quiet installer (Go tools, Node packages, podman, ...).
