@@ -49,7 +49,8 @@ void RunSimilarity(benchmark::State& state, Shape shape, Options options, int64_
   std::vector<int32_t> indices(rows * k);
   auto impl = Engine().MatmulImplementation(shape, options, std::min(tile_rows, shape.n));
   if (!impl.ok()) {
-    state.SkipWithError(std::string(impl.status().message()).c_str());
+    const std::string message(impl.status().message());
+    state.SkipWithError(message.c_str());
     return;
   }
   for (auto _ : state) {
@@ -57,7 +58,8 @@ void RunSimilarity(benchmark::State& state, Shape shape, Options options, int64_
     absl::Status status =
         job.ok() ? ComputeAll(**job, a_view, tile_rows, values, indices) : job.status();
     if (!status.ok()) {
-      state.SkipWithError(std::string(status.message()).c_str());
+      const std::string message(status.message());
+      state.SkipWithError(message.c_str());
       return;
     }
     benchmark::DoNotOptimize(values.data());

@@ -197,7 +197,7 @@ TEST(Kernel, UnevenTilesReassembleToTheWholeResult) {
     for (const int64_t tile_rows : {1, 4, 7, 22}) {
       const Result tiled = Compute(p, options, tile_rows);
       ExpectDenseMatchesReference(p, options, tiled);
-      for (int64_t i = 0; i < 3 * 23 * 19; ++i) {
+      for (int64_t i = 0; i < int64_t{3} * 23 * 19; ++i) {
         ASSERT_NEAR(OutputValue(tiled.values, DataType::kFloat32, i),
                     OutputValue(whole.values, DataType::kFloat32, i), 1e-6)
             << "tile_rows " << tile_rows << " entry " << i;
@@ -208,15 +208,16 @@ TEST(Kernel, UnevenTilesReassembleToTheWholeResult) {
 
 TEST(Kernel, CosineOfZeroRowIsZeroNotNan) {
   Problem p = RandomProblem({2, 3, 4, 5}, 3);
-  std::fill_n(p.a.begin() + 5, 5, 0.0F);      // A[0][1] = 0
-  std::fill_n(p.b.begin() + 4 * 5, 5, 0.0F);  // B[1][0] = 0
+  std::fill_n(p.a.begin() + 5, 5, 0.0F);   // A[0][1] = 0
+  std::fill_n(p.b.begin() + 20, 5, 0.0F);  // B[1][0] = 0
   const Result r = Compute(p, {});
   for (int64_t j = 0; j < 4; ++j) EXPECT_EQ(OutputValue(r.values, DataType::kFloat32, 4 + j), 0.0F);
   for (int64_t i = 0; i < 3; ++i) {
     EXPECT_EQ(OutputValue(r.values, DataType::kFloat32, 12 + i * 4), 0.0F);
   }
-  for (int64_t i = 0; i < 24; ++i)
+  for (int64_t i = 0; i < 24; ++i) {
     EXPECT_FALSE(std::isnan(OutputValue(r.values, DataType::kFloat32, i)));
+  }
 }
 
 TEST(Kernel, TinyAndHugeVectorsAreNotDistorted) {
@@ -410,10 +411,10 @@ TEST(Kernel, RejectsWronglySizedTileBuffers) {
   const Problem p = RandomProblem({1, 4, 3, 2}, 1);
   auto job = TestEngine().Prepare(p.shape, {}, {reinterpret_cast<const std::byte*>(p.b.data())});
   ASSERT_TRUE(job.ok());
-  std::vector<std::byte> small(4 * 3 * 4 - 1);
+  std::vector<std::byte> small(size_t{4} * 3 * 4 - 1);
   const ConstTensorView a{reinterpret_cast<const std::byte*>(p.a.data())};
   EXPECT_EQ((*job)->ComputeTile(0, 0, 4, a, small, {}).code(), absl::StatusCode::kInvalidArgument);
-  std::vector<std::byte> right(4 * 3 * 4);
+  std::vector<std::byte> right(size_t{4} * 3 * 4);
   EXPECT_EQ((*job)->ComputeTile(0, 2, 4, a, right, {}).code(), absl::StatusCode::kInvalidArgument)
       << "rows past N";
   EXPECT_EQ((*job)->ComputeTile(1, 0, 4, a, right, {}).code(), absl::StatusCode::kInvalidArgument)

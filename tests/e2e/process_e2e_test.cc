@@ -48,9 +48,11 @@ class Child {
     }
     env_strings.insert(env_strings.end(), extra_env.begin(), extra_env.end());
     std::vector<char*> argv{const_cast<char*>(SIMSERVE_BINARY)};
+    argv.reserve(args.size() + 2);
     for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
     argv.push_back(nullptr);
     std::vector<char*> envp;
+    envp.reserve(env_strings.size() + 1);
     for (auto& e : env_strings) envp.push_back(e.data());
     envp.push_back(nullptr);
     if (posix_spawn(&pid_, SIMSERVE_BINARY, &actions, nullptr, argv.data(), envp.data()) != 0) {

@@ -635,6 +635,7 @@ TEST_F(ServerE2E, ManyConcurrentClientsAllGetCorrectResults) {
   constexpr int kCalls = 4;
   std::atomic<int> correct{0};
   std::vector<std::thread> threads;
+  threads.reserve(kClients);
   for (int c = 0; c < kClients; ++c) {
     threads.emplace_back([c, &correct] {
       // A channel per client: separate connections, like separate processes.
