@@ -13,8 +13,7 @@ mapfile -t files < <(git ls-files 'kernels/*.cc' 'kernels/*.h' 'server/*.cc' 'se
 clang-format --dry-run -Werror "${files[@]}"
 echo "lint: clang-format clean (${#files[@]} files)"
 [ "$format_only" = 1 ] && exit 0
-# clang 14 does not find GCC's omp.h by itself.
-omp_include="$(dirname "$(gcc -print-file-name=include/omp.h)")"
+# omp.h for clang comes from libomp-14-dev (setup.sh); GCC-only warning flags are ignored.
 mapfile -t sources < <(printf '%s\n' "${files[@]}" | grep '\.cc$')
-clang-tidy -p "$BUILD" --quiet --extra-arg="-I$omp_include" "${sources[@]}"
+clang-tidy -p "$BUILD" --quiet --extra-arg=-Wno-unknown-warning-option "${sources[@]}"
 echo "lint: clang-tidy clean (${#sources[@]} sources)"
