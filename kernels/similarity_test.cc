@@ -228,6 +228,9 @@ TEST(Kernel, TinyAndHugeVectorsAreNotDistorted) {
     for (float& v : scaled.a) v *= scale;
     for (float& v : scaled.b) v *= scale;
     const Result got = Compute(scaled, {});
+    // Against the double-precision reference on the scaled inputs themselves...
+    ExpectDenseMatchesReference(scaled, {}, got);
+    // ...and scale invariance: the same similarities as the unscaled problem.
     for (int64_t i = 0; i < 20; ++i) {
       // Subnormal inputs themselves carry fewer bits; allow for that rounding only.
       EXPECT_NEAR(OutputValue(got.values, DataType::kFloat32, i),
