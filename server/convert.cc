@@ -169,17 +169,16 @@ absl::StatusOr<ProblemSpec> ParseProblem(const v1::ComputeRequest& request, Requ
         absl::StrCat("result would be ", spec.output_bytes,
                      " bytes; the limit is max_output_bytes = ", limits.max_output_bytes));
   }
-  // A few hundred bytes of framing around the payload of one message.
-  constexpr int64_t kOverhead = 512;
   if (kind == RequestKind::kUnary &&
-      spec.output_bytes + kOverhead > limits.max_send_message_bytes) {
+      spec.output_bytes + kMessageOverheadBytes > limits.max_send_message_bytes) {
     return ResourceError(
         RejectReason::kOutputTooLarge, reason,
         absl::StrCat("result of ", spec.output_bytes,
                      " bytes exceeds the unary message limit max_send_message_bytes = ",
                      limits.max_send_message_bytes, "; use ComputeStream (or ComputeUpload)"));
   }
-  if (kind != RequestKind::kUnary && row_bytes + kOverhead > limits.max_send_message_bytes) {
+  if (kind != RequestKind::kUnary &&
+      row_bytes + kMessageOverheadBytes > limits.max_send_message_bytes) {
     return ResourceError(
         RejectReason::kOutputTooLarge, reason,
         absl::StrCat("one result row is ", row_bytes,

@@ -18,6 +18,11 @@
 
 namespace simserve {
 
+// Bytes of a gRPC message taken by everything but tensor payloads (tags, lengths, shapes,
+// options): a payload fits a message limit if payload + this <= limit. Reported to clients
+// as Limits.message_overhead_bytes, so they apply the same rule.
+inline constexpr int64_t kMessageOverheadBytes = 4096;
+
 // Which RPC a request arrived on; decides the data and size rules.
 enum class RequestKind {
   kUnary,   // Compute: tensors carry data; the whole result must fit one message.

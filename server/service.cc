@@ -720,6 +720,7 @@ grpc::ServerUnaryReactor* SimilarityService::GetInfo(grpc::CallbackServerContext
   limits->set_default_chunk_bytes(l.default_chunk_bytes);
   limits->set_max_queued_requests(l.max_queued_requests);
   limits->set_max_inflight_bytes(l.max_inflight_bytes);
+  limits->set_message_overhead_bytes(kMessageOverheadBytes);
   for (auto m : {v1::COSINE, v1::DOT, v1::EUCLIDEAN, v1::SQUARED_EUCLIDEAN}) {
     response->add_metrics(m);
   }
