@@ -35,7 +35,7 @@ ComputePool::ComputePool(const Options& options, ServerMetrics* metrics)
 ComputePool::~ComputePool() { Shutdown(); }
 
 absl::StatusOr<Admission> ComputePool::Admit(int64_t bytes) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   if (bytes > options_.max_inflight_bytes - inflight_bytes_) {
     if (metrics_ != nullptr) metrics_->Reject(RejectReason::kInflightBytes);
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -47,13 +47,13 @@ absl::StatusOr<Admission> ComputePool::Admit(int64_t bytes) {
 }
 
 void ComputePool::Release(int64_t bytes) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   inflight_bytes_ -= bytes;
 }
 
 absl::Status ComputePool::Submit(ComputeTask task, bool new_request) {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     if (shutdown_) return absl::UnavailableError("server is shutting down");
     if (new_request && queued_new_requests_ >= options_.max_queued_requests) {
       if (metrics_ != nullptr) metrics_->Reject(RejectReason::kQueueFull);
@@ -73,8 +73,8 @@ void ComputePool::WorkerLoop() {
   for (;;) {
     Queued item;
     {
-      std::unique_lock<std::mutex> lock(mu_);
-      work_.wait(lock, [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      MutexLock lock(&mu_);
+      mu_.Await(work_, [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
         return shutdown_ || !queue_.empty();
       });
       if (queue_.empty()) return;  // shut down and drained
@@ -97,7 +97,7 @@ void ComputePool::WorkerLoop() {
 void ComputePool::Shutdown() {
   std::deque<Queued> dropped;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     shutdown_ = true;
     dropped.swap(queue_);
     queued_new_requests_ = 0;
@@ -113,12 +113,12 @@ void ComputePool::Shutdown() {
 }
 
 int64_t ComputePool::queued() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   return static_cast<int64_t>(queue_.size());
 }
 
 int64_t ComputePool::inflight_bytes() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   return inflight_bytes_;
 }
 

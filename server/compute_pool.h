@@ -8,7 +8,6 @@
 #include <deque>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -18,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "server/metrics.h"
+#include "server/mutex.h"
 
 namespace simserve {
 
@@ -108,9 +108,7 @@ class ComputePool {
 
   const Options options_;
   ServerMetrics* const metrics_;
-  // std::mutex rather than absl::Mutex: TSan sees through libstdc++'s pthread calls but
-  // not through the (uninstrumented) system Abseil.
-  mutable std::mutex mu_;
+  mutable Mutex mu_;
   std::condition_variable work_;
   std::deque<Queued> queue_ ABSL_GUARDED_BY(mu_);
   int64_t queued_new_requests_ ABSL_GUARDED_BY(mu_) = 0;

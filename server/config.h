@@ -22,6 +22,19 @@ struct ComputeConfig {
   int stream_window = 3;
   // Warm the oneDNN primitives of the common shapes before reporting SERVING.
   bool warmup = true;
+  // ComputeUpload stops reading from a client while this many received bytes wait to be
+  // copied into the input buffers (HTTP/2 flow control then slows the client down). Bounds
+  // the memory of a call beyond its reservation; a few upload pieces.
+  int64_t upload_read_ahead_bytes = int64_t{8} << 20;
+  // How long an OpenMP thread spins (GOMP_SPINCOUNT iterations) after a parallel region
+  // before it sleeps. libgomp's default (300000, about 0.1-1 ms) keeps the compute threads
+  // busy between tiles while the pipeline waits on the network, taking the cores gRPC
+  // needs. 0 = sleep at once (OMP_WAIT_POLICY=passive); -1 = libgomp's default. An explicit
+  // GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment wins. Applied by the `simserve`
+  // executable (main.cc), which re-executes itself once because libgomp reads it at load.
+  int64_t omp_spin_count = 0;
+  // Filled by main.cc: the OpenMP wait policy actually in force, for the startup line.
+  std::string omp_wait_policy = "not applied (library use)";
 };
 
 // Admission limits. A request over any of them is rejected with RESOURCE_EXHAUSTED before

@@ -199,7 +199,8 @@ absl::StatusOr<ProblemSpec> ParseProblem(const v1::ComputeRequest& request, Requ
 
 // A view of one tensor's data, checking its length and its values.
 absl::StatusOr<kernels::ConstTensorView> ViewData(absl::string_view name, const v1::Tensor& t,
-                                                  kernels::DataType dtype, int64_t bytes) {
+                                                  kernels::DataType dtype, int64_t bytes,
+                                                  const int64_t* raw_size) {
   const int64_t elements = bytes / static_cast<int64_t>(kernels::SizeOf(dtype));
   kernels::ConstTensorView view;
   view.dtype = dtype;
@@ -212,19 +213,17 @@ absl::StatusOr<kernels::ConstTensorView> ViewData(absl::string_view name, const 
     }
     view.data = reinterpret_cast<const std::byte*>(t.values().values().data());
   } else if (t.data_case() == v1::Tensor::kRaw) {
-    const auto have = static_cast<int64_t>(t.raw().size());
+    const auto have = raw_size != nullptr ? *raw_size : static_cast<int64_t>(t.raw().size());
     if (have != bytes) {
       return absl::InvalidArgumentError(absl::StrCat(
           "tensor ", name, ": raw has ", have, " bytes but shape ", ShapeString(t), " of ",
           kernels::Name(dtype), " needs ", bytes, " (prod(shape) * ", kernels::SizeOf(dtype), ")"));
     }
-    view.data = reinterpret_cast<const std::byte*>(t.raw().data());
+    if (raw_size == nullptr) view.data = reinterpret_cast<const std::byte*>(t.raw().data());
   } else {
     return absl::InvalidArgumentError(
         absl::StrCat("tensor ", name, " has no data: set raw or values"));
   }
-  absl::Status finite = CheckFinite(name, view.data, elements, dtype, 0);
-  if (!finite.ok()) return finite;
   return view;
 }
 
@@ -244,11 +243,14 @@ int64_t ProblemSpec::InflightBytes(RequestKind kind, int window) const {
   const int64_t buffered = kind == RequestKind::kUnary
                                ? output_bytes
                                : std::min(output_bytes, SatMul(tile_bytes, window));
-  return SatAdd(SatAdd(a_bytes, b_bytes), buffered);
+  const int64_t inputs = SatAdd(a_bytes, b_bytes);
+  const int64_t held = kind == RequestKind::kUpload ? inputs : SatMul(inputs, 2);
+  return SatAdd(held, buffered);
 }
 
 absl::StatusOr<ConvertedRequest> ConvertRequest(const v1::ComputeRequest& request, RequestKind kind,
-                                                const LimitsConfig& limits, RejectReason* reason) {
+                                                const LimitsConfig& limits, RejectReason* reason,
+                                                const RawPayloadSizes* raw_sizes) {
   auto spec = ParseProblem(request, kind, limits, reason);
   if (!spec.ok()) return spec.status();
   ConvertedRequest out;
@@ -263,9 +265,11 @@ absl::StatusOr<ConvertedRequest> ConvertRequest(const v1::ComputeRequest& reques
     }
     return out;
   }
-  auto a = ViewData("a", request.a(), spec->a_dtype, spec->a_bytes);
+  auto a = ViewData("a", request.a(), spec->a_dtype, spec->a_bytes,
+                    raw_sizes != nullptr ? &raw_sizes->a : nullptr);
   if (!a.ok()) return a.status();
-  auto b = ViewData("b", request.b(), spec->b_dtype, spec->b_bytes);
+  auto b = ViewData("b", request.b(), spec->b_dtype, spec->b_bytes,
+                    raw_sizes != nullptr ? &raw_sizes->b : nullptr);
   if (!b.ok()) return b.status();
   out.a = *a;
   out.b = *b;

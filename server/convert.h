@@ -13,7 +13,7 @@
 #include "absl/strings/string_view.h"
 #include "kernels/similarity.h"
 #include "server/config.h"
-#include "server/metrics.h"
+#include "server/reject_reason.h"
 #include "simserve/v1/similarity.pb.h"
 
 namespace simserve {
@@ -52,30 +52,43 @@ struct ProblemSpec {
   std::vector<int64_t> OutputShape() const;
   // Number of streamed tiles (tiles never span two batch entries).
   int64_t TileCount() const;
-  // Bytes this request holds while running: its inputs plus the result bytes buffered at
-  // once (all of it for unary calls, at most `window` tiles for streams).
+  // Bytes this request holds while running: its inputs (twice for unary and stream calls:
+  // the received message stays with gRPC until the call ends, beside the kernel's aligned
+  // copy) plus the result bytes buffered at once (all of it for unary calls, at most
+  // `window` tiles for streams).
   int64_t InflightBytes(RequestKind kind, int window) const;
 };
 
 // A validated Compute/ComputeStream request. `a` and `b` point into the request message
-// (raw bytes or the float32 `values` array; no copy) and are valid as long as it is.
+// (raw bytes or the float32 `values` array; no copy) and are valid as long as it is; a
+// tensor whose raw bytes the caller holds elsewhere (see RawPayloadSizes) has a null view.
 struct ConvertedRequest {
   ProblemSpec spec;
   kernels::ConstTensorView a;
   kernels::ConstTensorView b;
 };
 
+// For requests decoded with their raw payloads left in the received message (wire_codec.h):
+// the payload lengths, which then replace the lengths of the (empty) `raw` fields.
+struct RawPayloadSizes {
+  int64_t a = 0;
+  int64_t b = 0;
+};
+
 // Validates `request` for `kind` against `limits` and converts it.
 // INVALID_ARGUMENT: missing or empty tensor, rank not 2 or 3, a dimension <= 0, ranks or
 //   batch or D of a and b differ, unsupported dtype/metric/precision, data length !=
-//   prod(shape) * sizeof(dtype), top_k > M, epsilon < 0 or not finite, NaN/Inf in a
-//   tensor (naming it and the first bad flat index), data present in an upload header.
+//   prod(shape) * sizeof(dtype), top_k > M, epsilon < 0 or not finite, data present in an
+//   upload header.
 // RESOURCE_EXHAUSTED (and *reason set, if non-null): elements, flops or output bytes over
 //   the limit (an int64 overflow counts as over), a unary result over the send limit
 //   ("use ComputeStream"), one streamed row over the send limit.
+// NaN/Inf values are not checked here: they are found while the bytes are copied for the
+// kernel (TilePipeline, with CheckFinite's message), off the gRPC threads.
 // For kUpload the returned views are null; use ProblemFromUploadHeader instead.
 absl::StatusOr<ConvertedRequest> ConvertRequest(const v1::ComputeRequest& request, RequestKind kind,
-                                                const LimitsConfig& limits, RejectReason* reason);
+                                                const LimitsConfig& limits, RejectReason* reason,
+                                                const RawPayloadSizes* raw_sizes = nullptr);
 
 // Validates a ComputeUpload header's request (no tensor data allowed) as ConvertRequest
 // does for kUpload and returns its problem.

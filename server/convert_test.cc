@@ -195,19 +195,38 @@ TEST(ConvertRequest, BadEpsilonIsInvalid) {
   }
 }
 
-TEST(ConvertRequest, NonFiniteValuesNameTensorAndFirstIndex) {
+TEST(ConvertRequest, NonFiniteValuesAreLeftToTheIngestCheck) {
+  // NaN/Inf are found while the pipeline copies the bytes (tile_pipeline_test, e2e tests);
+  // validation itself never scans the payload.
   v1::ComputeRequest r = Request({2, 3}, {4, 3});
   std::vector<float> b = Iota(12);
   b[7] = std::numeric_limits<float>::infinity();
-  b[9] = std::numeric_limits<float>::quiet_NaN();
   *r.mutable_b() = RawTensor({4, 3}, b);
-  ExpectInvalid(r, "tensor b contains NaN or Inf at flat index 7");
-  r = Request({2, 3}, {4, 3});
-  r.mutable_a()->clear_raw();
-  for (int i = 0; i < 6; ++i) {
-    r.mutable_a()->mutable_values()->add_values(i == 4 ? -INFINITY : 1.0F);
-  }
-  ExpectInvalid(r, "tensor a contains NaN or Inf at flat index 4");
+  EXPECT_TRUE(Convert(r).ok());
+}
+
+TEST(ConvertRequest, RawPayloadSizesReplaceTheRawFieldLengths) {
+  v1::ComputeRequest r = Request({2, 3}, {4, 3});
+  r.mutable_a()->set_raw("");
+  r.mutable_b()->set_raw("");
+  const RawPayloadSizes right{.a = 24, .b = 48};
+  auto c = ConvertRequest(r, RequestKind::kUnary, LimitsConfig{}, nullptr, &right);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->a.data, nullptr);  // the caller holds the bytes
+  const RawPayloadSizes wrong{.a = 24, .b = 44};
+  absl::Status s = ConvertRequest(r, RequestKind::kUnary, LimitsConfig{}, nullptr, &wrong).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("tensor b: raw has 44 bytes"));
+}
+
+TEST(CheckFinite, Float32NonFiniteNamesTensorAndFirstIndex) {
+  std::vector<float> b = Iota(12);
+  b[7] = std::numeric_limits<float>::infinity();
+  b[9] = std::numeric_limits<float>::quiet_NaN();
+  absl::Status s = CheckFinite("b", reinterpret_cast<const std::byte*>(b.data()), 12,
+                               kernels::DataType::kFloat32, 0);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(s.message(), "tensor b contains NaN or Inf at flat index 7");
 }
 
 TEST(CheckFinite, HalfPrecisionNonFiniteIsFoundWithOffset) {
@@ -263,7 +282,7 @@ TEST(ConvertRequest, LimitsGiveResourceExhaustedStatingTheLimit) {
   EXPECT_EQ(reason, RejectReason::kOutputTooLarge);
 
   limits = LimitsConfig{};
-  limits.max_send_message_bytes = 4096;  // result is 12000 bytes
+  limits.max_send_message_bytes = 8192;  // result is 12000 bytes; a row + framing fits
   s = Convert(r, RequestKind::kUnary, limits, &reason);
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(std::string(s.message()), HasSubstr("use ComputeStream"));
@@ -290,9 +309,11 @@ TEST(ProblemSpec, InflightBytesCountsInputsAndBufferedResult) {
       ConvertRequest(Request({2, 10, 4}, {2, 8, 4}), RequestKind::kStream, LimitsConfig{}, nullptr);
   ASSERT_TRUE(c.ok());
   const int64_t inputs = c->spec.a_bytes + c->spec.b_bytes;
-  EXPECT_EQ(c->spec.InflightBytes(RequestKind::kUnary, 3), inputs + int64_t{2} * 10 * 32);
+  // Unary and stream hold the received message and the kernel's copy of the inputs.
+  EXPECT_EQ(c->spec.InflightBytes(RequestKind::kUnary, 3), 2 * inputs + int64_t{2} * 10 * 32);
   // One tile = the whole batch entry (320 bytes); window 1 buffers one tile.
-  EXPECT_EQ(c->spec.InflightBytes(RequestKind::kStream, 1), inputs + 320);
+  EXPECT_EQ(c->spec.InflightBytes(RequestKind::kStream, 1), 2 * inputs + 320);
+  EXPECT_EQ(c->spec.InflightBytes(RequestKind::kUpload, 1), inputs + 320);
 }
 
 }  // namespace

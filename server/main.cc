@@ -1,6 +1,10 @@
 // simserve: the gRPC similarity server. Parses flags (and their SIMSERVE_* environment
 // equivalents) into one ServerConfig and runs the server until SIGTERM/SIGINT.
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -36,6 +40,14 @@ ABSL_FLAG(int, stream_window, kDefaults.compute.stream_window,
           "window x chunk). Env SIMSERVE_STREAM_WINDOW.");
 ABSL_FLAG(bool, warmup, kDefaults.compute.warmup,
           "Warm the common kernel shapes before reporting SERVING. Env SIMSERVE_WARMUP.");
+ABSL_FLAG(int64_t, upload_read_ahead_bytes, kDefaults.compute.upload_read_ahead_bytes,
+          "ComputeUpload pauses reading while this many received bytes wait to be copied. "
+          "Env SIMSERVE_UPLOAD_READ_AHEAD_BYTES.");
+ABSL_FLAG(int64_t, omp_spin_count, kDefaults.compute.omp_spin_count,
+          "GOMP_SPINCOUNT of the compute threads: how long they spin after a parallel region "
+          "before sleeping. 0 = sleep at once (passive: no core burnt while a call waits on "
+          "the network), -1 = libgomp's default (300000). GOMP_SPINCOUNT or OMP_WAIT_POLICY "
+          "in the environment win. Env SIMSERVE_OMP_SPIN_COUNT.");
 ABSL_FLAG(int64_t, max_input_elements, kDefaults.limits.max_input_elements,
           "Max elements of one input tensor. Env SIMSERVE_MAX_INPUT_ELEMENTS.");
 ABSL_FLAG(int64_t, max_flops, kDefaults.limits.max_flops,
@@ -79,6 +91,8 @@ bool ApplyEnvironment() {
                                            "threads_per_worker",
                                            "stream_window",
                                            "warmup",
+                                           "upload_read_ahead_bytes",
+                                           "omp_spin_count",
                                            "max_input_elements",
                                            "max_flops",
                                            "max_output_bytes",
@@ -114,6 +128,8 @@ simserve::ServerConfig ConfigFromFlags() {
   c.compute.threads_per_worker = absl::GetFlag(FLAGS_threads_per_worker);
   c.compute.stream_window = absl::GetFlag(FLAGS_stream_window);
   c.compute.warmup = absl::GetFlag(FLAGS_warmup);
+  c.compute.upload_read_ahead_bytes = absl::GetFlag(FLAGS_upload_read_ahead_bytes);
+  c.compute.omp_spin_count = absl::GetFlag(FLAGS_omp_spin_count);
   c.limits.max_input_elements = absl::GetFlag(FLAGS_max_input_elements);
   c.limits.max_flops = absl::GetFlag(FLAGS_max_flops);
   c.limits.max_output_bytes = absl::GetFlag(FLAGS_max_output_bytes);
@@ -127,6 +143,26 @@ simserve::ServerConfig ConfigFromFlags() {
   c.max_connection_age = absl::GetFlag(FLAGS_max_connection_age);
   c.log_requests = absl::GetFlag(FLAGS_log_requests);
   return c;
+}
+
+// libgomp reads its wait policy once, when the library is loaded (before main), so the
+// configured spin count is applied by re-executing this binary once with GOMP_SPINCOUNT set.
+// The variables then present stop a second re-exec; set by the operator, they win. Returns
+// the policy in force, for the startup line.
+std::string ApplyOpenMpWaitPolicy(simserve::ServerConfig* config, char** argv) {
+  const char* spin = std::getenv("GOMP_SPINCOUNT");
+  const char* policy = std::getenv("OMP_WAIT_POLICY");
+  if (spin != nullptr || policy != nullptr) {
+    return absl::StrCat("GOMP_SPINCOUNT=", spin != nullptr ? spin : "(unset)",
+                        " OMP_WAIT_POLICY=", policy != nullptr ? policy : "(unset)");
+  }
+  const int64_t count = config->compute.omp_spin_count;
+  if (count < 0) return "libgomp default (active spin)";
+  setenv("GOMP_SPINCOUNT", absl::StrCat(count).c_str(), 1);
+  if (count == 0) setenv("OMP_WAIT_POLICY", "passive", 1);
+  execv("/proc/self/exe", argv);
+  return absl::StrCat("libgomp default: re-exec to apply GOMP_SPINCOUNT=", count,
+                      " failed: ", std::strerror(errno));
 }
 
 }  // namespace
@@ -146,7 +182,9 @@ int main(int argc, char** argv) {
   absl::SetFlagsUsageConfig(usage);
   if (!ApplyEnvironment()) return 2;
   absl::ParseCommandLine(argc, argv);
-  const absl::Status status = simserve::RunServer(ConfigFromFlags());
+  simserve::ServerConfig config = ConfigFromFlags();
+  config.compute.omp_wait_policy = ApplyOpenMpWaitPolicy(&config, argv);
+  const absl::Status status = simserve::RunServer(config);
   if (!status.ok()) {
     std::cerr << "simserve: " << status << "\n";
     return 1;

@@ -12,6 +12,7 @@
 
 #include "grpcpp/support/server_interceptor.h"
 #include "prometheus/registry.h"
+#include "server/reject_reason.h"
 
 namespace simserve {
 
@@ -20,17 +21,6 @@ struct BuildInfo {
   std::string version;
   std::string onednn_version;
   std::string isa;
-};
-
-// Why admission control turned a request away (label `reason` of
-// simserve_rejected_requests_total). A fixed set: no high-cardinality labels.
-enum class RejectReason {
-  kQueueFull,
-  kTooManyElements,
-  kTooManyFlops,
-  kOutputTooLarge,
-  kInflightBytes,
-  kDraining
 };
 
 // All metric families of one server. Thread-safe (prometheus-cpp metrics are atomic).

@@ -42,6 +42,9 @@ absl::Status ValidateConfig(const ServerConfig& c) {
   if (c.compute.stream_window < 1) {
     return absl::InvalidArgumentError("--stream_window must be >= 1");
   }
+  if (c.compute.upload_read_ahead_bytes < 1) {
+    return absl::InvalidArgumentError("--upload_read_ahead_bytes must be >= 1");
+  }
   for (auto [name, value] : std::vector<std::pair<const char*, int64_t>>{
            {"max_input_elements", l.max_input_elements},
            {"max_flops", l.max_flops},
@@ -189,7 +192,8 @@ absl::Status SimilarityServer::Init() {
       " max_receive_message_bytes=", l.max_receive_message_bytes,
       " max_send_message_bytes=", l.max_send_message_bytes, " chunk_bytes=", l.default_chunk_bytes,
       "/", l.max_chunk_bytes, " stream_window=", config_.compute.stream_window,
-      " drain_grace=", absl::FormatDuration(config_.drain_grace), "; ", warmup));
+      " drain_grace=", absl::FormatDuration(config_.drain_grace),
+      "; OpenMP wait: ", config_.compute.omp_wait_policy, "; ", warmup));
   health->SetServingStatus(true);
   health->SetServingStatus(kService, true);
   return absl::OkStatus();
@@ -227,7 +231,7 @@ std::string SimilarityServer::Warmup() {
 int64_t SimilarityServer::queued_tasks() const { return pool_ ? pool_->queued() : 0; }
 
 void SimilarityServer::Shutdown(absl::Duration grace) {
-  std::lock_guard<std::mutex> lock(shutdown_mu_);
+  MutexLock lock(&shutdown_mu_);
   if (shut_down_) return;
   shut_down_ = true;
   if (server_ != nullptr) {

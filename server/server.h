@@ -5,13 +5,13 @@
 #define SIMSERVE_SERVER_SERVER_H_
 
 #include <memory>
-#include <mutex>
 #include <string>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "server/config.h"
+#include "server/mutex.h"
 #include "server/service.h"
 
 namespace prometheus {
@@ -86,8 +86,8 @@ class SimilarityServer {
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
   int metrics_port_ = 0;
-  bool shut_down_ = false;
-  std::mutex shutdown_mu_;
+  Mutex shutdown_mu_;
+  bool shut_down_ ABSL_GUARDED_BY(shutdown_mu_) = false;
 };
 
 // Runs the server until SIGTERM or SIGINT, then drains it within config.drain_grace.

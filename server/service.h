@@ -5,29 +5,27 @@
 #define SIMSERVE_SERVER_SERVICE_H_
 
 #include <atomic>
-#include <cstdint>
 
 #include "kernels/similarity.h"
 #include "server/compute_pool.h"
 #include "server/config.h"
 #include "server/metrics.h"
+#include "server/tile_pipeline.h"
 #include "simserve/v1/similarity.grpc.pb.h"
 
 namespace simserve {
 
-// Counters that tests and logs read. All atomic; readable from any thread.
-struct ServiceStats {
-  // Result bytes of streamed tiles computed but not yet fully written, summed over calls.
-  std::atomic<int64_t> stream_buffered_bytes{0};
-  // Highest value stream_buffered_bytes reached.
-  std::atomic<int64_t> stream_buffered_bytes_peak{0};
-  // Kernel tiles (ComputeTile calls) executed.
-  std::atomic<int64_t> tiles_computed{0};
-};
+// The generated service with the three compute methods in raw form: they receive and send
+// grpc::ByteBuffer, so tensors are decoded and results encoded without copying payloads
+// (server/wire_codec.h). The wire format is exactly the proto's.
+using SimilarityServiceBase = v1::Similarity::WithRawCallbackMethod_Compute<
+    v1::Similarity::WithRawCallbackMethod_ComputeStream<
+        v1::Similarity::WithRawCallbackMethod_ComputeUpload<
+            v1::Similarity::WithCallbackMethod_GetInfo<v1::Similarity::Service>>>>;
 
 // The service. Thread-safe. `engine`, `pool` and `metrics` are borrowed and must outlive
 // the service and every call it runs (i.e. until grpc::Server::Shutdown has returned).
-class SimilarityService final : public v1::Similarity::CallbackService {
+class SimilarityService final : public SimilarityServiceBase {
  public:
   SimilarityService(const ServerConfig& config, kernels::SimilarityEngine* engine,
                     ComputePool* pool, ServerMetrics* metrics);
@@ -39,15 +37,18 @@ class SimilarityService final : public v1::Similarity::CallbackService {
   bool draining() const { return draining_.load(); }
   const ServiceStats& stats() const { return stats_; }
 
-  // Whole result in one message (RESOURCE_EXHAUSTED "use ComputeStream" if too big).
+  // ComputeRequest -> ComputeResponse: the whole result in one message
+  // (RESOURCE_EXHAUSTED "use ComputeStream" if too big).
   grpc::ServerUnaryReactor* Compute(grpc::CallbackServerContext* context,
-                                    const v1::ComputeRequest* request,
-                                    v1::ComputeResponse* response) override;
-  // Result as row tiles, computed at most `stream_window` tiles ahead of the writer.
-  grpc::ServerWriteReactor<v1::ComputeChunk>* ComputeStream(
-      grpc::CallbackServerContext* context, const v1::ComputeRequest* request) override;
-  // Header, then B's bytes, then A's bytes; tiles stream back while A still arrives.
-  grpc::ServerBidiReactor<v1::UploadRequest, v1::ComputeChunk>* ComputeUpload(
+                                    const grpc::ByteBuffer* request,
+                                    grpc::ByteBuffer* response) override;
+  // ComputeRequest -> stream of ComputeChunk: row tiles, computed at most `stream_window`
+  // tiles ahead of the writer.
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* ComputeStream(
+      grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) override;
+  // Stream of UploadRequest (header, then B's bytes, then A's bytes) -> stream of
+  // ComputeChunk; tiles stream back while A still arrives.
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* ComputeUpload(
       grpc::CallbackServerContext* context) override;
   // Version, oneDNN version and ISA, pool sizes, limits and supported enums.
   grpc::ServerUnaryReactor* GetInfo(grpc::CallbackServerContext* context,

@@ -1,0 +1,21 @@
+// RejectReason: why admission control turned a request away. Shared by validation
+// (convert.h), the compute pool and the metrics (label `reason` of
+// simserve_rejected_requests_total), without validation depending on Prometheus.
+#ifndef SIMSERVE_SERVER_REJECT_REASON_H_
+#define SIMSERVE_SERVER_REJECT_REASON_H_
+
+namespace simserve {
+
+// A fixed set: no high-cardinality labels.
+enum class RejectReason {
+  kQueueFull,
+  kTooManyElements,
+  kTooManyFlops,
+  kOutputTooLarge,
+  kInflightBytes,
+  kDraining
+};
+
+}  // namespace simserve
+
+#endif  // SIMSERVE_SERVER_REJECT_REASON_H_

@@ -1,0 +1,470 @@
+// Invariants, all under mu_: at most one ingest task and one tile task of a call run at a
+// time (the cursor and the kernel job travel with them and come back under the lock); in
+// stream mode computing + ready + writing tiles <= window; Finish happens exactly once,
+// when no task and no write is outstanding, so the pipeline outlives every task. Sink calls
+// and pool submissions are made after releasing mu_ (a gRPC reaction may run inline).
+#include "server/tile_pipeline.h"
+
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace simserve {
+namespace {
+
+int64_t ElementSize(kernels::DataType dtype) {
+  return static_cast<int64_t>(kernels::SizeOf(dtype));
+}
+
+// Copies `piece` to `dst` and checks every element it completes for NaN/Inf, slice by slice
+// while the bytes are in cache. `done` is the tensor's byte count before the piece, `checked`
+// its checked elements (advanced).
+absl::Status CopyAndCheck(const InputPiece& piece, const char* name, kernels::DataType dtype,
+                          std::byte* tensor, int64_t done, int64_t* checked) {
+  const int64_t elem = ElementSize(dtype);
+  for (std::span<const std::byte> span : piece.spans) {
+    std::memcpy(tensor + done, span.data(), span.size());
+    done += static_cast<int64_t>(span.size());
+    const int64_t complete = done / elem;
+    absl::Status finite =
+        CheckFinite(name, tensor + *checked * elem, complete - *checked, dtype, *checked);
+    if (!finite.ok()) return finite;
+    *checked = complete;
+  }
+  return absl::OkStatus();
+}
+
+void RaisePeak(std::atomic<int64_t>& peak, int64_t value) {
+  int64_t seen = peak.load();
+  while (value > seen && !peak.compare_exchange_weak(seen, value)) {
+  }
+}
+
+}  // namespace
+
+int64_t InputPiece::size() const {
+  int64_t total = 0;
+  for (std::span<const std::byte> span : spans) total += static_cast<int64_t>(span.size());
+  return total;
+}
+
+TilePipeline::TilePipeline(const Deps& deps, Mode mode, Sink* sink, absl::Time deadline)
+    : deps_(deps), mode_(mode), sink_(sink), deadline_(deadline) {}
+
+TilePipeline::~TilePipeline() {
+  MutexLock lock(&mu_);
+  deps_.stats->stream_buffered_bytes.fetch_sub(ready_bytes_ + writing_bytes_);
+}
+
+void TilePipeline::Start(const ProblemSpec& spec, Admission admission,
+                         std::vector<InputPiece> pieces, bool input_complete) {
+  {
+    MutexLock lock(&mu_);
+    spec_ = spec;
+    admission_ = std::move(admission);
+    have_problem_ = true;
+    report_.flops = spec.flops;
+    tile_rows_ = mode_ == Mode::kWholeResult ? spec.shape.n : spec.tile_rows;
+    total_tiles_ = spec.shape.batch * ((spec.shape.n + tile_rows_ - 1) / tile_rows_);
+    a_buffer_ = AllocateAligned(spec.a_bytes);
+    b_buffer_ = AllocateAligned(spec.b_bytes);
+    bool allocated = a_buffer_ != nullptr && b_buffer_ != nullptr;
+    if (mode_ == Mode::kWholeResult) {
+      whole_ = std::make_unique<TileOutput>();
+      whole_->first = true;
+      whole_->rows = spec.shape.batch * spec.shape.n;
+      whole_->values_bytes = whole_->rows * spec.value_row_bytes;
+      whole_->values = AllocateAligned(whole_->values_bytes);
+      whole_->indices_bytes = whole_->rows * spec.index_row_bytes;
+      if (whole_->indices_bytes > 0) whole_->indices = AllocateAligned(whole_->indices_bytes);
+      allocated = allocated && whole_->values != nullptr &&
+                  (whole_->indices_bytes == 0 || whole_->indices != nullptr);
+    }
+    if (!allocated) {
+      FailLocked(absl::ResourceExhaustedError("server out of memory for this request's buffers"));
+    }
+    for (InputPiece& piece : pieces) AddInputLocked(std::move(piece));
+    if (input_complete) CloseInputLocked();
+  }
+  Pump();
+}
+
+bool TilePipeline::AddInput(InputPiece piece) {
+  bool read_more = false;
+  {
+    MutexLock lock(&mu_);
+    read_more = AddInputLocked(std::move(piece));
+  }
+  Pump();
+  return read_more;
+}
+
+bool TilePipeline::AddInputLocked(InputPiece piece) {
+  if (finished_ || !error_.ok()) return false;
+  if (!have_problem_) {
+    FailLocked(absl::InternalError("input before the problem is known"));
+    return false;
+  }
+  const bool is_b = piece.tensor == InputPiece::Tensor::kB;
+  const char* name = is_b ? "b" : "a";
+  const int64_t expected = is_b ? spec_.b_bytes : spec_.a_bytes;
+  int64_t& received = is_b ? b_received_ : a_received_;
+  const int64_t size = piece.size();
+  if (!is_b && b_received_ < spec_.b_bytes) {
+    FailLocked(absl::InvalidArgumentError(
+        absl::StrCat("a_data before all of b: received ", b_received_, " of ", spec_.b_bytes,
+                     " bytes of b (send b_data first, then a_data)")));
+    return false;
+  }
+  if (received == expected) {
+    FailLocked(absl::InvalidArgumentError(absl::StrCat("too much data for tensor ", name, ": all ",
+                                                       expected, " bytes already received")));
+    return false;
+  }
+  if (received + size > expected) {
+    FailLocked(absl::InvalidArgumentError(absl::StrCat("too much data for tensor ", name, ": ",
+                                                       received + size,
+                                                       " bytes received, shape needs ", expected)));
+    return false;
+  }
+  received += size;
+  pending_bytes_ += size;
+  pending_.push_back(std::move(piece));
+  reading_paused_ = pending_bytes_ >= deps_.max_pending_input_bytes;
+  return !reading_paused_;
+}
+
+void TilePipeline::CloseInput() {
+  {
+    MutexLock lock(&mu_);
+    CloseInputLocked();
+  }
+  Pump();
+}
+
+void TilePipeline::CloseInputLocked() {
+  input_closed_ = true;
+  if (have_problem_ && (b_received_ < spec_.b_bytes || a_received_ < spec_.a_bytes)) {
+    FailLocked(absl::InvalidArgumentError(
+        absl::StrCat("upload stream ended early: received ", b_received_, " of ", spec_.b_bytes,
+                     " bytes of b and ", a_received_, " of ", spec_.a_bytes, " bytes of a")));
+  }
+}
+
+void TilePipeline::WriteDone(bool ok) {
+  {
+    MutexLock lock(&mu_);
+    report_.timings.write += absl::Now() - write_started_;
+    deps_.stats->stream_buffered_bytes.fetch_sub(writing_bytes_);
+    writing_ = false;
+    if (ok) {
+      report_.sent_bytes += writing_bytes_;
+      ++tiles_written_;
+    } else {
+      FailLocked(WhyGone());
+    }
+    writing_bytes_ = 0;
+  }
+  Pump();
+}
+
+void TilePipeline::Fail(absl::Status status) {
+  {
+    MutexLock lock(&mu_);
+    FailLocked(std::move(status));
+  }
+  Pump();
+}
+
+void TilePipeline::Cancel() {
+  cancelled_.store(true);
+  Fail(WhyGone());
+}
+
+absl::Status TilePipeline::WhyGone() const {
+  if (absl::Now() >= deadline_) return absl::DeadlineExceededError("deadline expired");
+  return absl::CancelledError("cancelled by the client");
+}
+
+void TilePipeline::FailLocked(absl::Status status) {
+  if (error_.ok()) error_ = std::move(status);
+}
+
+bool TilePipeline::CanComputeLocked() const {
+  if (computing_ || !have_problem_ || tiles_scheduled_ >= total_tiles_ ||
+      b_ingested_ < spec_.b_bytes) {
+    return false;
+  }
+  if (mode_ == Mode::kStreamTiles) {
+    const int64_t outstanding = static_cast<int64_t>(ready_.size()) + (writing_ ? 1 : 0);
+    if (outstanding + 1 > deps_.window) return false;
+  }
+  const int64_t rows = std::min(tile_rows_, spec_.shape.n - next_row_);
+  const int64_t a_row_bytes = spec_.shape.d * ElementSize(spec_.a_dtype);
+  return (next_batch_ * spec_.shape.n + next_row_ + rows) * a_row_bytes <= a_ingested_;
+}
+
+TilePipeline::Tile TilePipeline::NextTileLocked() {
+  Tile tile{next_batch_, next_row_, std::min(tile_rows_, spec_.shape.n - next_row_),
+            tiles_scheduled_ == 0};
+  next_row_ += tile.rows;
+  if (next_row_ == spec_.shape.n) {
+    next_row_ = 0;
+    ++next_batch_;
+  }
+  ++tiles_scheduled_;
+  return tile;
+}
+
+bool TilePipeline::DoneLocked() const {
+  if (!have_problem_ || !input_closed_ || computing_ || ingesting_ || writing_) return false;
+  return mode_ == Mode::kWholeResult ? tiles_computed_ == total_tiles_
+                                     : tiles_written_ == total_tiles_;
+}
+
+void TilePipeline::TaskEndedLocked(TaskKind kind, absl::Status status) {
+  (kind == TaskKind::kIngest ? ingesting_ : computing_) = false;
+  if (!status.ok()) FailLocked(std::move(status));
+}
+
+void TilePipeline::Submit(TaskKind kind, absl::AnyInvocable<void(absl::Duration)> run) {
+  ComputeTask task;
+  task.run = std::move(run);
+  task.skip = [this, kind](absl::Status why) {
+    {
+      MutexLock lock(&mu_);
+      TaskEndedLocked(kind, std::move(why));
+    }
+    Pump();
+  };
+  task.deadline = deadline_;
+  task.cancelled = [this] { return cancelled_.load(); };
+  bool new_request = false;
+  {
+    MutexLock lock(&mu_);
+    new_request = !submitted_any_;
+    submitted_any_ = true;
+  }
+  absl::Status submitted = deps_.pool->Submit(std::move(task), new_request);
+  if (!submitted.ok()) {
+    {
+      MutexLock lock(&mu_);
+      TaskEndedLocked(kind, std::move(submitted));
+    }
+    Pump();
+  }
+}
+
+void TilePipeline::Pump() {
+  std::unique_ptr<TileOutput> to_write;
+  std::optional<std::deque<InputPiece>> to_ingest;
+  IngestCursor cursor;
+  std::optional<Tile> to_compute;
+  std::unique_ptr<kernels::SimilarityJob> job;
+  bool resume_reading = false;
+  std::optional<absl::Status> to_finish;
+  std::unique_ptr<TileOutput> whole;
+  PipelineReport report;
+  {
+    MutexLock lock(&mu_);
+    if (finished_) return;
+    if (!error_.ok()) {
+      if (!computing_ && !ingesting_ && !writing_) {
+        finished_ = true;
+        to_finish = error_;
+      }
+    } else {
+      if (mode_ == Mode::kStreamTiles && !writing_ && !ready_.empty()) {
+        to_write = std::move(ready_.front());
+        ready_.pop_front();
+        writing_ = true;
+        writing_bytes_ = to_write->values_bytes + to_write->indices_bytes;
+        ready_bytes_ -= writing_bytes_;
+        write_started_ = absl::Now();
+      }
+      if (!ingesting_ && !pending_.empty()) {
+        ingesting_ = true;
+        to_ingest = std::move(pending_);
+        pending_.clear();
+        cursor = cursor_;
+      }
+      if (reading_paused_ && pending_bytes_ < deps_.max_pending_input_bytes) {
+        reading_paused_ = false;
+        resume_reading = true;
+      }
+      if (CanComputeLocked()) {
+        computing_ = true;
+        to_compute = NextTileLocked();
+        job = std::move(job_);
+      }
+      if (DoneLocked()) {
+        finished_ = true;
+        to_finish = absl::OkStatus();
+        whole = std::move(whole_);
+      }
+    }
+    if (to_finish.has_value()) {
+      // Nothing runs any more: release the kernel job (it borrows b), the buffers and the
+      // reservation before the transport finishes.
+      job_.reset();
+      deps_.stats->stream_buffered_bytes.fetch_sub(ready_bytes_);
+      ready_bytes_ = 0;
+      ready_.clear();
+      a_buffer_.reset();
+      b_buffer_.reset();
+      admission_ = Admission();
+      report = report_;
+    }
+  }
+  if (to_ingest.has_value()) {
+    Submit(TaskKind::kIngest,
+           [this, pieces = std::move(*to_ingest), cursor](absl::Duration wait) mutable {
+             RunIngest(std::move(pieces), cursor, wait);
+           });
+  }
+  if (to_compute.has_value()) {
+    Submit(TaskKind::kTile,
+           [this, tile = *to_compute, job = std::move(job)](absl::Duration wait) mutable {
+             RunTile(tile, std::move(job), wait);
+           });
+  }
+  if (to_write != nullptr) sink_->WriteTile(std::move(to_write));
+  if (resume_reading) sink_->ResumeReading();
+  if (to_finish.has_value()) {
+    sink_->Finish(*to_finish, report, to_finish->ok() ? std::move(whole) : nullptr);
+  }
+}
+
+void TilePipeline::RunIngest(std::deque<InputPiece> pieces, IngestCursor cursor,
+                             absl::Duration wait) {
+  const absl::Time begin = absl::Now();
+  std::byte* a = nullptr;
+  std::byte* b = nullptr;
+  int64_t a_done = 0;
+  int64_t b_done = 0;
+  kernels::DataType a_dtype = kernels::DataType::kFloat32;
+  kernels::DataType b_dtype = kernels::DataType::kFloat32;
+  {
+    MutexLock lock(&mu_);
+    a = a_buffer_.get();
+    b = b_buffer_.get();
+    a_done = a_ingested_;
+    b_done = b_ingested_;
+    a_dtype = spec_.a_dtype;
+    b_dtype = spec_.b_dtype;
+  }
+  absl::Status status;
+  int64_t ingested = 0;
+  for (const InputPiece& piece : pieces) {
+    const bool is_b = piece.tensor == InputPiece::Tensor::kB;
+    int64_t& done = is_b ? b_done : a_done;
+    status = is_b ? CopyAndCheck(piece, "b", b_dtype, b, done, &cursor.b_checked)
+                  : CopyAndCheck(piece, "a", a_dtype, a, done, &cursor.a_checked);
+    if (!status.ok()) break;
+    done += piece.size();
+    ingested += piece.size();
+  }
+  pieces.clear();  // the received bytes are no longer needed
+  {
+    MutexLock lock(&mu_);
+    TaskEndedLocked(TaskKind::kIngest, std::move(status));
+    cursor_ = cursor;
+    a_ingested_ = a_done;
+    b_ingested_ = b_done;
+    pending_bytes_ -= ingested;
+    report_.timings.queue += wait;
+    report_.timings.ingest += absl::Now() - begin;
+  }
+  Pump();
+}
+
+void TilePipeline::RunTile(const Tile& tile, std::unique_ptr<kernels::SimilarityJob> job,
+                           absl::Duration wait) {
+  const absl::Time begin = absl::Now();
+  ProblemSpec spec;
+  const std::byte* a = nullptr;
+  const std::byte* b = nullptr;
+  TileOutput* whole = nullptr;
+  {
+    MutexLock lock(&mu_);
+    spec = spec_;
+    a = a_buffer_.get();
+    b = b_buffer_.get();
+    whole = whole_.get();
+  }
+  absl::Status status;
+  if (job == nullptr) {
+    auto prepared = deps_.engine->Prepare(spec.shape, spec.options, {b, spec.b_dtype});
+    if (prepared.ok()) {
+      job = std::move(*prepared);
+    } else {
+      status = prepared.status();
+    }
+  }
+  std::unique_ptr<TileOutput> out;
+  if (status.ok()) {
+    const int64_t first_row = tile.batch * spec.shape.n + tile.row;
+    std::byte* values = nullptr;
+    int32_t* indices = nullptr;
+    if (mode_ == Mode::kStreamTiles) {
+      out = std::make_unique<TileOutput>();
+      out->batch = tile.batch;
+      out->row_offset = tile.row;
+      out->rows = tile.rows;
+      out->first = tile.first;
+      out->values_bytes = tile.rows * spec.value_row_bytes;
+      out->values = AllocateAligned(out->values_bytes);
+      out->indices_bytes = tile.rows * spec.index_row_bytes;
+      if (out->indices_bytes > 0) out->indices = AllocateAligned(out->indices_bytes);
+      values = out->values.get();
+      indices = reinterpret_cast<int32_t*>(out->indices.get());
+    } else {
+      values = whole->values.get() + first_row * spec.value_row_bytes;
+      if (whole->indices != nullptr) {
+        indices =
+            reinterpret_cast<int32_t*>(whole->indices.get() + first_row * spec.index_row_bytes);
+      }
+    }
+    if (values == nullptr || (spec.index_row_bytes > 0 && indices == nullptr)) {
+      status = absl::ResourceExhaustedError("server out of memory for a result tile");
+    } else {
+      const kernels::ConstTensorView a_rows{
+          a + first_row * spec.shape.d * ElementSize(spec.a_dtype), spec.a_dtype};
+      std::span<int32_t> index_span;
+      if (indices != nullptr) {
+        index_span = {indices, static_cast<size_t>(tile.rows * spec.options.top_k)};
+      }
+      status = job->ComputeTile(tile.batch, tile.row, tile.rows, a_rows,
+                                {values, static_cast<size_t>(tile.rows * spec.value_row_bytes)},
+                                index_span);
+    }
+  }
+  const absl::Duration took = absl::Now() - begin;
+  {
+    MutexLock lock(&mu_);
+    job_ = std::move(job);
+    report_.timings.queue += wait;
+    report_.timings.compute += took;
+    if (status.ok()) {
+      ++tiles_computed_;
+      ++report_.tiles;
+      deps_.stats->tiles_computed.fetch_add(1);
+      if (mode_ == Mode::kWholeResult) {
+        report_.sent_bytes += tile.rows * (spec.value_row_bytes + spec.index_row_bytes);
+      } else {
+        const int64_t bytes = out->values_bytes + out->indices_bytes;
+        ready_bytes_ += bytes;
+        RaisePeak(deps_.stats->stream_buffered_bytes_peak,
+                  deps_.stats->stream_buffered_bytes.fetch_add(bytes) + bytes);
+        ready_.push_back(std::move(out));
+      }
+    }
+    TaskEndedLocked(TaskKind::kTile, std::move(status));
+  }
+  Pump();
+}
+
+}  // namespace simserve
