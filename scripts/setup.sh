@@ -5,7 +5,7 @@ set -euo pipefail
 
 APT_PACKAGES=(
   build-essential cmake ninja-build pkg-config git
-  clang-format clang-tidy libomp-14-dev
+  clang-format clang-tidy clang-14 libomp-14-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libdnnl-dev ocl-icd-opencl-dev opencl-headers libabsl-dev prometheus-cpp-dev
   libgtest-dev libgmock-dev libbenchmark-dev

@@ -43,6 +43,9 @@ ABSL_FLAG(bool, warmup, kDefaults.compute.warmup,
 ABSL_FLAG(int64_t, upload_read_ahead_bytes, kDefaults.compute.upload_read_ahead_bytes,
           "ComputeUpload pauses reading while this many received bytes wait to be copied. "
           "Env SIMSERVE_UPLOAD_READ_AHEAD_BYTES.");
+ABSL_FLAG(int64_t, buffer_cache_bytes, kDefaults.compute.buffer_cache_bytes,
+          "Freed input/result buffers kept for reuse (avoids page faults on large calls); "
+          "memory on top of max_inflight_bytes. 0 disables. Env SIMSERVE_BUFFER_CACHE_BYTES.");
 ABSL_FLAG(int64_t, omp_spin_count, kDefaults.compute.omp_spin_count,
           "GOMP_SPINCOUNT of the compute threads: how long they spin after a parallel region "
           "before sleeping. 0 = sleep at once (passive: no core burnt while a call waits on "
@@ -93,6 +96,7 @@ bool ApplyEnvironment() {
                                            "warmup",
                                            "upload_read_ahead_bytes",
                                            "omp_spin_count",
+                                           "buffer_cache_bytes",
                                            "max_input_elements",
                                            "max_flops",
                                            "max_output_bytes",
@@ -130,6 +134,7 @@ simserve::ServerConfig ConfigFromFlags() {
   c.compute.warmup = absl::GetFlag(FLAGS_warmup);
   c.compute.upload_read_ahead_bytes = absl::GetFlag(FLAGS_upload_read_ahead_bytes);
   c.compute.omp_spin_count = absl::GetFlag(FLAGS_omp_spin_count);
+  c.compute.buffer_cache_bytes = absl::GetFlag(FLAGS_buffer_cache_bytes);
   c.limits.max_input_elements = absl::GetFlag(FLAGS_max_input_elements);
   c.limits.max_flops = absl::GetFlag(FLAGS_max_flops);
   c.limits.max_output_bytes = absl::GetFlag(FLAGS_max_output_bytes);

@@ -42,6 +42,9 @@ absl::Status ValidateConfig(const ServerConfig& c) {
   if (c.compute.stream_window < 1) {
     return absl::InvalidArgumentError("--stream_window must be >= 1");
   }
+  if (c.compute.buffer_cache_bytes < 0) {
+    return absl::InvalidArgumentError("--buffer_cache_bytes must be >= 0");
+  }
   if (c.compute.upload_read_ahead_bytes < 1) {
     return absl::InvalidArgumentError("--upload_read_ahead_bytes must be >= 1");
   }
@@ -141,8 +144,9 @@ absl::Status SimilarityServer::Init() {
                            .max_queued_requests = config_.limits.max_queued_requests,
                            .max_inflight_bytes = config_.limits.max_inflight_bytes},
       metrics_.get());
-  service_ =
-      std::make_unique<SimilarityService>(config_, engine_.get(), pool_.get(), metrics_.get());
+  buffers_ = BufferPool::Create(config_.compute.buffer_cache_bytes);
+  service_ = std::make_unique<SimilarityService>(config_, engine_.get(), pool_.get(),
+                                                 metrics_.get(), buffers_.get());
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -193,6 +197,7 @@ absl::Status SimilarityServer::Init() {
       " max_send_message_bytes=", l.max_send_message_bytes, " chunk_bytes=", l.default_chunk_bytes,
       "/", l.max_chunk_bytes, " stream_window=", config_.compute.stream_window,
       " drain_grace=", absl::FormatDuration(config_.drain_grace),
+      " buffer_cache_bytes=", config_.compute.buffer_cache_bytes,
       "; OpenMP wait: ", config_.compute.omp_wait_policy, "; ", warmup));
   health->SetServingStatus(true);
   health->SetServingStatus(kService, true);

@@ -81,6 +81,7 @@ class SimilarityServer {
   std::unique_ptr<ServerMetrics> metrics_;
   std::unique_ptr<prometheus::Exposer> exposer_;
   std::unique_ptr<kernels::SimilarityEngine> engine_;
+  std::shared_ptr<BufferPool> buffers_;
   std::unique_ptr<ComputePool> pool_;
   std::unique_ptr<SimilarityService> service_;
   std::unique_ptr<grpc::Server> server_;

@@ -132,6 +132,7 @@ TilePipeline::Deps PipelineDeps(const Env& env) {
   return {.engine = env.engine,
           .pool = env.pool,
           .stats = env.stats,
+          .buffers = env.buffers,
           .window = env.config.compute.stream_window,
           .max_pending_input_bytes = env.config.compute.upload_read_ahead_bytes};
 }
@@ -381,8 +382,8 @@ class UploadCall final
 }  // namespace
 
 SimilarityService::SimilarityService(const ServerConfig& config, kernels::SimilarityEngine* engine,
-                                     ComputePool* pool, ServerMetrics* metrics)
-    : config_(config), env_{config_, engine, pool, metrics, &stats_, &draining_} {}
+                                     ComputePool* pool, ServerMetrics* metrics, BufferPool* buffers)
+    : config_(config), env_{config_, engine, pool, metrics, &stats_, buffers, &draining_} {}
 
 grpc::ServerUnaryReactor* SimilarityService::Compute(grpc::CallbackServerContext* context,
                                                      const grpc::ByteBuffer* request,

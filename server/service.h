@@ -23,12 +23,12 @@ using SimilarityServiceBase = v1::Similarity::WithRawCallbackMethod_Compute<
         v1::Similarity::WithRawCallbackMethod_ComputeUpload<
             v1::Similarity::WithCallbackMethod_GetInfo<v1::Similarity::Service>>>>;
 
-// The service. Thread-safe. `engine`, `pool` and `metrics` are borrowed and must outlive
+// The service. Thread-safe. `engine`, `pool`, `metrics` and `buffers` are borrowed and must outlive
 // the service and every call it runs (i.e. until grpc::Server::Shutdown has returned).
 class SimilarityService final : public SimilarityServiceBase {
  public:
   SimilarityService(const ServerConfig& config, kernels::SimilarityEngine* engine,
-                    ComputePool* pool, ServerMetrics* metrics);
+                    ComputePool* pool, ServerMetrics* metrics, BufferPool* buffers);
   SimilarityService(const SimilarityService&) = delete;
   SimilarityService& operator=(const SimilarityService&) = delete;
 
@@ -62,6 +62,7 @@ class SimilarityService final : public SimilarityServiceBase {
     ComputePool* pool;
     ServerMetrics* metrics;
     ServiceStats* stats;
+    BufferPool* buffers;
     const std::atomic<bool>* draining;
   };
 

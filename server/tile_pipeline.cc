@@ -15,6 +15,9 @@
 namespace simserve {
 namespace {
 
+// Received bytes gathered into one ingest task while nothing waits for them.
+constexpr int64_t kIngestBatchBytes = int64_t{4} << 20;
+
 int64_t ElementSize(kernels::DataType dtype) {
   return static_cast<int64_t>(kernels::SizeOf(dtype));
 }
@@ -69,17 +72,18 @@ void TilePipeline::Start(const ProblemSpec& spec, Admission admission,
     report_.flops = spec.flops;
     tile_rows_ = mode_ == Mode::kWholeResult ? spec.shape.n : spec.tile_rows;
     total_tiles_ = spec.shape.batch * ((spec.shape.n + tile_rows_ - 1) / tile_rows_);
-    a_buffer_ = AllocateAligned(spec.a_bytes);
-    b_buffer_ = AllocateAligned(spec.b_bytes);
+    a_buffer_ = deps_.buffers->Allocate(spec.a_bytes);
+    b_buffer_ = deps_.buffers->Allocate(spec.b_bytes);
     bool allocated = a_buffer_ != nullptr && b_buffer_ != nullptr;
     if (mode_ == Mode::kWholeResult) {
       whole_ = std::make_unique<TileOutput>();
       whole_->first = true;
       whole_->rows = spec.shape.batch * spec.shape.n;
       whole_->values_bytes = whole_->rows * spec.value_row_bytes;
-      whole_->values = AllocateAligned(whole_->values_bytes);
+      whole_->values = deps_.buffers->Allocate(whole_->values_bytes);
       whole_->indices_bytes = whole_->rows * spec.index_row_bytes;
-      if (whole_->indices_bytes > 0) whole_->indices = AllocateAligned(whole_->indices_bytes);
+      if (whole_->indices_bytes > 0)
+        whole_->indices = deps_.buffers->Allocate(whole_->indices_bytes);
       allocated = allocated && whole_->values != nullptr &&
                   (whole_->indices_bytes == 0 || whole_->indices != nullptr);
     }
@@ -219,6 +223,14 @@ TilePipeline::Tile TilePipeline::NextTileLocked() {
   return tile;
 }
 
+bool TilePipeline::IngestDueLocked() const {
+  // Small pieces are gathered into fewer ingest tasks (each one is a wake-up of a worker)
+  // unless something waits for them: reading is paused, the input is complete, or all of b
+  // is in and no tile is running (the next tile may need these bytes now).
+  return pending_bytes_ >= kIngestBatchBytes || reading_paused_ || input_closed_ ||
+         (b_received_ == spec_.b_bytes && !computing_);
+}
+
 bool TilePipeline::DoneLocked() const {
   if (!have_problem_ || !input_closed_ || computing_ || ingesting_ || writing_) return false;
   return mode_ == Mode::kWholeResult ? tiles_computed_ == total_tiles_
@@ -285,7 +297,7 @@ void TilePipeline::Pump() {
         ready_bytes_ -= writing_bytes_;
         write_started_ = absl::Now();
       }
-      if (!ingesting_ && !pending_.empty()) {
+      if (!ingesting_ && !pending_.empty() && IngestDueLocked()) {
         ingesting_ = true;
         to_ingest = std::move(pending_);
         pending_.clear();
@@ -313,8 +325,8 @@ void TilePipeline::Pump() {
       deps_.stats->stream_buffered_bytes.fetch_sub(ready_bytes_);
       ready_bytes_ = 0;
       ready_.clear();
-      a_buffer_.reset();
-      b_buffer_.reset();
+      a_buffer_ = AlignedBuffer();
+      b_buffer_ = AlignedBuffer();
       admission_ = Admission();
       report = report_;
     }
@@ -416,9 +428,9 @@ void TilePipeline::RunTile(const Tile& tile, std::unique_ptr<kernels::Similarity
       out->rows = tile.rows;
       out->first = tile.first;
       out->values_bytes = tile.rows * spec.value_row_bytes;
-      out->values = AllocateAligned(out->values_bytes);
+      out->values = deps_.buffers->Allocate(out->values_bytes);
       out->indices_bytes = tile.rows * spec.index_row_bytes;
-      if (out->indices_bytes > 0) out->indices = AllocateAligned(out->indices_bytes);
+      if (out->indices_bytes > 0) out->indices = deps_.buffers->Allocate(out->indices_bytes);
       values = out->values.get();
       indices = reinterpret_cast<int32_t*>(out->indices.get());
     } else {

@@ -103,6 +103,7 @@ class TilePipeline {
     kernels::SimilarityEngine* engine = nullptr;
     ComputePool* pool = nullptr;
     ServiceStats* stats = nullptr;
+    BufferPool* buffers = nullptr;  // input, tile and result buffers
     // Stream mode: tiles computed ahead of the writer (computing + ready + writing).
     int window = 3;
     // AddInput asks the caller to pause reading while this many received bytes wait to be
@@ -162,6 +163,7 @@ class TilePipeline {
   bool CanComputeLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   Tile NextTileLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool DoneLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool IngestDueLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Starts whatever can start: the next write, ingest, tile, reading, or Finish.
   void Pump() ABSL_LOCKS_EXCLUDED(mu_);
   enum class TaskKind { kIngest, kTile };

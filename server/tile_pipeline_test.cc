@@ -154,6 +154,7 @@ class TilePipelineTest : public ::testing::Test {
     return {.engine = engine_.get(),
             .pool = &pool_,
             .stats = &stats_,
+            .buffers = buffers_.get(),
             .window = window,
             .max_pending_input_bytes = read_ahead};
   }
@@ -174,6 +175,7 @@ class TilePipelineTest : public ::testing::Test {
   }
 
   ServiceStats stats_;
+  std::shared_ptr<BufferPool> buffers_ = BufferPool::Create(int64_t{64} << 20);
   ComputePool pool_{ComputePool::Options{.workers = 2}, nullptr};
   std::unique_ptr<kernels::SimilarityEngine> engine_;
 };

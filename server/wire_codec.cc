@@ -271,8 +271,12 @@ grpc::ByteBuffer EncodeWithPayloads(const google::protobuf::MessageLite& head,
     }
     slices.emplace_back(framing);  // a copy of a few bytes
     framing.clear();
-    slices.emplace_back(payload.data.release(), static_cast<size_t>(payload.size),
-                        [](void* p) { std::free(p); });
+    // The slice owns the buffer from here; gRPC destroys it (returning the memory to its
+    // pool) once the bytes are sent.
+    auto* owner = new AlignedBuffer(std::move(payload.data));
+    slices.emplace_back(
+        owner->get(), static_cast<size_t>(payload.size),
+        [](void* p) { delete static_cast<AlignedBuffer*>(p); }, owner);
   }
   if (!framing.empty()) slices.emplace_back(framing);
   return grpc::ByteBuffer(slices.data(), slices.size());

@@ -44,7 +44,12 @@ class Child {
     posix_spawn_file_actions_addclose(&actions, fds[0]);
     std::vector<std::string> env_strings;
     for (char** e = environ; *e != nullptr; ++e) {
-      if (std::string(*e).rfind("SIMSERVE_", 0) != 0) env_strings.emplace_back(*e);
+      const std::string var(*e);
+      // The test decides the server's SIMSERVE_* settings and OpenMP wait policy.
+      if (var.rfind("SIMSERVE_", 0) != 0 && var.rfind("GOMP_SPINCOUNT=", 0) != 0 &&
+          var.rfind("OMP_WAIT_POLICY=", 0) != 0) {
+        env_strings.emplace_back(var);
+      }
     }
     env_strings.insert(env_strings.end(), extra_env.begin(), extra_env.end());
     std::vector<char*> argv{const_cast<char*>(SIMSERVE_BINARY)};
@@ -153,12 +158,27 @@ TEST(Process, HelpDocumentsEveryFlagWithItsDefaultAndVariable) {
   Child child({"--help"}, {});
   ASSERT_TRUE(child.started());
   EXPECT_EQ(child.WaitExit(absl::Seconds(20)), 1);  // absl's --help exits with 1
-  for (const char* flag :
-       {"listen", "metrics_listen", "workers", "threads_per_worker", "stream_window", "warmup",
-        "max_input_elements", "max_flops", "max_output_bytes", "max_queued_requests",
-        "max_inflight_bytes", "max_receive_message_bytes", "max_send_message_bytes",
-        "default_chunk_bytes", "max_chunk_bytes", "drain_grace", "max_connection_age",
-        "log_requests"}) {
+  for (const char* flag : {"listen",
+                           "metrics_listen",
+                           "workers",
+                           "threads_per_worker",
+                           "stream_window",
+                           "warmup",
+                           "max_input_elements",
+                           "max_flops",
+                           "max_output_bytes",
+                           "max_queued_requests",
+                           "max_inflight_bytes",
+                           "max_receive_message_bytes",
+                           "max_send_message_bytes",
+                           "default_chunk_bytes",
+                           "max_chunk_bytes",
+                           "drain_grace",
+                           "max_connection_age",
+                           "log_requests",
+                           "upload_read_ahead_bytes",
+                           "omp_spin_count",
+                           "buffer_cache_bytes"}) {
     EXPECT_THAT(child.output(), HasSubstr(std::string("--") + flag + " ")) << flag;
   }
   EXPECT_THAT(child.output(), HasSubstr("SIMSERVE_METRICS_LISTEN"));
@@ -226,6 +246,29 @@ TEST(Process, SigtermDuringAStreamDrainsItAndExitsZero) {
   v1::GetInfoResponse info;
   EXPECT_EQ(stub->GetInfo(&after, v1::GetInfoRequest(), &info).error_code(),
             grpc::StatusCode::UNAVAILABLE);
+}
+
+TEST(Process, OpenMpThreadsSleepAtOnceUnlessTheOperatorChoseAPolicy) {
+  // The default spin count 0 is applied by one re-exec (libgomp reads it at load time).
+  Child passive({"--listen=127.0.0.1:0", "--metrics_listen=", "--warmup=false"}, {});
+  ASSERT_TRUE(passive.started());
+  ASSERT_TRUE(passive.WaitFor("warm-up disabled", absl::Seconds(60))) << passive.output();
+  EXPECT_THAT(passive.output(), HasSubstr("OpenMP wait: GOMP_SPINCOUNT=0 OMP_WAIT_POLICY=passive"));
+  // A variable set by the operator wins over the flag and is reported as such.
+  Child chosen(
+      {"--listen=127.0.0.1:0", "--metrics_listen=", "--warmup=false", "--omp_spin_count=1000"},
+      {"GOMP_SPINCOUNT=5000"});
+  ASSERT_TRUE(chosen.started());
+  ASSERT_TRUE(chosen.WaitFor("warm-up disabled", absl::Seconds(60))) << chosen.output();
+  EXPECT_THAT(chosen.output(),
+              HasSubstr("OpenMP wait: GOMP_SPINCOUNT=5000 OMP_WAIT_POLICY=(unset)"));
+  // The flag sets a bounded spin when nothing is in the environment.
+  Child bounded(
+      {"--listen=127.0.0.1:0", "--metrics_listen=", "--warmup=false", "--omp_spin_count=1000"}, {});
+  ASSERT_TRUE(bounded.started());
+  ASSERT_TRUE(bounded.WaitFor("warm-up disabled", absl::Seconds(60))) << bounded.output();
+  EXPECT_THAT(bounded.output(),
+              HasSubstr("OpenMP wait: GOMP_SPINCOUNT=1000 OMP_WAIT_POLICY=(unset)"));
 }
 
 }  // namespace

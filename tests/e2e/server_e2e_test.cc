@@ -1,6 +1,8 @@
 // End-to-end tests of the simserve server: a real gRPC server on an ephemeral loopback
 // port, started in-process through simserve_server_lib, called through the generated stub.
 // Results are compared with a double-precision reference computed here.
+#include <unistd.h>
+
 #include <atomic>
 #include <chrono>
 #include <map>
@@ -831,6 +833,36 @@ TEST(ServerE2EDrain, ShutdownDrainsRunningStreamsAndRefusesNewCalls) {
   EXPECT_TRUE(result.status.ok()) << result.status.error_message();
   EXPECT_EQ(result.chunks.size(), 50U);
   ExpectMatches(p, req, result.shape, result.values, result.indices, result.dtype);
+}
+
+// Same-node sidecars: a unix domain socket serves every compute RPC like TCP does.
+TEST(UnixSocket, ServesUnaryStreamAndUploadCalls) {
+  const std::string path = "/tmp/simserve-e2e-" + std::to_string(getpid()) + ".sock";
+  ServerConfig config = TestConfig();
+  config.listen = "unix://" + path;
+  std::unique_ptr<SimilarityServer> server = StartServer(config);
+  ASSERT_NE(server, nullptr);
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);
+  auto stub = v1::Similarity::NewStub(
+      grpc::CreateCustomChannel("unix://" + path, grpc::InsecureChannelCredentials(), args));
+  const Problem p = RandomProblem(3, 40, 50, 16, 77);
+  v1::ComputeRequest req = MakeRequest(p, v1::COSINE);
+  v1::ComputeResponse resp;
+  grpc::Status status = Unary(stub.get(), req, &resp);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  ExpectMatches(p, req, {resp.shape().begin(), resp.shape().end()}, resp.values_raw(),
+                resp.indices_raw(), resp.dtype());
+  req.set_max_chunk_bytes(1024);
+  StreamResult streamed = Stream(stub.get(), req);
+  ASSERT_TRUE(streamed.status.ok()) << streamed.status.error_message();
+  EXPECT_GT(streamed.chunks.size(), 3U);
+  ExpectMatches(p, req, streamed.shape, streamed.values, streamed.indices, streamed.dtype);
+  StreamResult uploaded = Upload(stub.get(), req, 999);
+  ASSERT_TRUE(uploaded.status.ok()) << uploaded.status.error_message();
+  ExpectMatches(p, req, uploaded.shape, uploaded.values, uploaded.indices, uploaded.dtype);
+  server->Shutdown(absl::Seconds(1));
+  unlink(path.c_str());
 }
 
 }  // namespace
