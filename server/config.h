@@ -65,6 +65,23 @@ struct LimitsConfig {
   int64_t max_chunk_bytes = int64_t{16} << 20;
 };
 
+// HTTP/2 and TCP settings of the gRPC port. 0 keeps gRPC's own default. Measured on the
+// seed workload before being changed (README, "Performance").
+struct TransportConfig {
+  // SETTINGS_MAX_FRAME_SIZE the server advertises: the largest DATA frame clients send
+  // (16 KiB to 16 MiB; gRPC's default 16 KiB).
+  int http2_max_frame_size = 0;
+  // Initial per-stream flow-control window (GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES; gRPC
+  // starts at 64 KiB and grows it by BDP probing).
+  int http2_lookahead_bytes = 0;
+  // BDP probing: flow-control windows follow the measured bandwidth-delay product.
+  bool http2_bdp_probe = true;
+  // Bytes gRPC buffers per stream before a write completes (GRPC_ARG_HTTP2_WRITE_BUFFER_SIZE).
+  int http2_write_buffer_bytes = 0;
+  // Initial size of socket reads (GRPC_ARG_TCP_READ_CHUNK_SIZE; gRPC adapts it from 8 KiB).
+  int tcp_read_chunk_bytes = 0;
+};
+
 // Everything the server needs to start. Plain data; copyable.
 struct ServerConfig {
   // gRPC listen address, host:port. Port 0 picks a free port (see SimilarityServer::port).
@@ -73,6 +90,7 @@ struct ServerConfig {
   std::string metrics_listen = "0.0.0.0:9464";
   ComputeConfig compute;
   LimitsConfig limits;
+  TransportConfig transport;
   // How long running calls may continue after SIGTERM/SIGINT before they are cancelled.
   absl::Duration drain_grace = absl::Seconds(20);
   // GRPC_ARG_MAX_CONNECTION_AGE_MS: clients reconnect after this long, which lets a

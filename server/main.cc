@@ -73,6 +73,21 @@ ABSL_FLAG(int64_t, default_chunk_bytes, kDefaults.limits.default_chunk_bytes,
           "Env SIMSERVE_DEFAULT_CHUNK_BYTES.");
 ABSL_FLAG(int64_t, max_chunk_bytes, kDefaults.limits.max_chunk_bytes,
           "Cap on the request's max_chunk_bytes. Env SIMSERVE_MAX_CHUNK_BYTES.");
+ABSL_FLAG(int, http2_max_frame_size, kDefaults.transport.http2_max_frame_size,
+          "HTTP/2 SETTINGS_MAX_FRAME_SIZE advertised to clients (16 KiB..16 MiB); 0 = gRPC "
+          "default (16 KiB). Env SIMSERVE_HTTP2_MAX_FRAME_SIZE.");
+ABSL_FLAG(int, http2_lookahead_bytes, kDefaults.transport.http2_lookahead_bytes,
+          "Initial HTTP/2 stream flow-control window; 0 = gRPC default (grown by BDP probing). "
+          "Env SIMSERVE_HTTP2_LOOKAHEAD_BYTES.");
+ABSL_FLAG(bool, http2_bdp_probe, kDefaults.transport.http2_bdp_probe,
+          "HTTP/2 BDP probing (windows follow the bandwidth-delay product). "
+          "Env SIMSERVE_HTTP2_BDP_PROBE.");
+ABSL_FLAG(int, http2_write_buffer_bytes, kDefaults.transport.http2_write_buffer_bytes,
+          "Bytes gRPC buffers per stream before a write completes; 0 = gRPC default. "
+          "Env SIMSERVE_HTTP2_WRITE_BUFFER_BYTES.");
+ABSL_FLAG(int, tcp_read_chunk_bytes, kDefaults.transport.tcp_read_chunk_bytes,
+          "Initial socket read size; 0 = gRPC default (adaptive from 8 KiB). "
+          "Env SIMSERVE_TCP_READ_CHUNK_BYTES.");
 ABSL_FLAG(absl::Duration, drain_grace, kDefaults.drain_grace,
           "After SIGTERM/SIGINT, how long running calls may finish before they are "
           "cancelled (e.g. 20s). Env SIMSERVE_DRAIN_GRACE.");
@@ -106,6 +121,11 @@ bool ApplyEnvironment() {
                                            "max_send_message_bytes",
                                            "default_chunk_bytes",
                                            "max_chunk_bytes",
+                                           "http2_max_frame_size",
+                                           "http2_lookahead_bytes",
+                                           "http2_bdp_probe",
+                                           "http2_write_buffer_bytes",
+                                           "tcp_read_chunk_bytes",
                                            "drain_grace",
                                            "max_connection_age",
                                            "log_requests"};
@@ -144,6 +164,11 @@ simserve::ServerConfig ConfigFromFlags() {
   c.limits.max_send_message_bytes = absl::GetFlag(FLAGS_max_send_message_bytes);
   c.limits.default_chunk_bytes = absl::GetFlag(FLAGS_default_chunk_bytes);
   c.limits.max_chunk_bytes = absl::GetFlag(FLAGS_max_chunk_bytes);
+  c.transport.http2_max_frame_size = absl::GetFlag(FLAGS_http2_max_frame_size);
+  c.transport.http2_lookahead_bytes = absl::GetFlag(FLAGS_http2_lookahead_bytes);
+  c.transport.http2_bdp_probe = absl::GetFlag(FLAGS_http2_bdp_probe);
+  c.transport.http2_write_buffer_bytes = absl::GetFlag(FLAGS_http2_write_buffer_bytes);
+  c.transport.tcp_read_chunk_bytes = absl::GetFlag(FLAGS_tcp_read_chunk_bytes);
   c.drain_grace = absl::GetFlag(FLAGS_drain_grace);
   c.max_connection_age = absl::GetFlag(FLAGS_max_connection_age);
   c.log_requests = absl::GetFlag(FLAGS_log_requests);
