@@ -82,8 +82,9 @@ void TilePipeline::Start(const ProblemSpec& spec, Admission admission,
       whole_->values_bytes = whole_->rows * spec.value_row_bytes;
       whole_->values = deps_.buffers->Allocate(whole_->values_bytes);
       whole_->indices_bytes = whole_->rows * spec.index_row_bytes;
-      if (whole_->indices_bytes > 0)
+      if (whole_->indices_bytes > 0) {
         whole_->indices = deps_.buffers->Allocate(whole_->indices_bytes);
+      }
       allocated = allocated && whole_->values != nullptr &&
                   (whole_->indices_bytes == 0 || whole_->indices != nullptr);
     }
