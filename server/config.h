@@ -26,10 +26,21 @@ struct ComputeConfig {
   // copied into the input buffers (HTTP/2 flow control then slows the client down). Bounds
   // the memory of a call beyond its reservation; a few upload pieces.
   int64_t upload_read_ahead_bytes = int64_t{8} << 20;
+  // Unary calls this small (matmul flops, and input bytes below) run on the gRPC thread that
+  // received them: a hop to the compute pool and back costs more than their work (about
+  // 50 us at these sizes). 0 disables; bigger calls always run on the pool.
+  int64_t inline_max_flops = int64_t{4} << 20;
+  int64_t inline_max_input_bytes = int64_t{256} << 10;
   // Freed input, tile and result buffers kept for reuse (bytes). A fresh buffer costs a
   // page fault per 4 KiB on first touch (about 30 ms of CPU for the seed's 72 MB of inputs);
   // reused ones cost nothing. Memory held on top of max_inflight_bytes; 0 disables.
   int64_t buffer_cache_bytes = int64_t{256} << 20;
+  // Freed heap memory glibc keeps for reuse instead of returning it to the kernel
+  // (M_TRIM_THRESHOLD; blocks up to 32 MiB also stop being separate mmaps). With glibc's
+  // defaults (128 KiB) gRPC's socket read buffers page-fault afresh on every call: a quarter
+  // of the server's CPU for a 4 MiB request. Applied by the `simserve` executable; 0 keeps
+  // glibc's defaults.
+  int64_t malloc_retain_bytes = int64_t{1} << 30;
   // How long an OpenMP thread spins (GOMP_SPINCOUNT iterations) after a parallel region
   // before it sleeps. libgomp's default (300000, about 0.1-1 ms) keeps the compute threads
   // busy between tiles while the pipeline waits on the network, taking the cores gRPC
@@ -80,6 +91,9 @@ struct TransportConfig {
   int http2_write_buffer_bytes = 0;
   // Initial size of socket reads (GRPC_ARG_TCP_READ_CHUNK_SIZE; gRPC adapts it from 8 KiB).
   int tcp_read_chunk_bytes = 0;
+  // Largest socket read buffer gRPC allocates (GRPC_ARG_TCP_MAX_READ_CHUNK_SIZE; gRPC's
+  // default 4 MiB).
+  int tcp_max_read_chunk_bytes = 0;
 };
 
 // Everything the server needs to start. Plain data; copyable.

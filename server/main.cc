@@ -1,8 +1,11 @@
 // simserve: the gRPC similarity server. Parses flags (and their SIMSERVE_* environment
 // equivalents) into one ServerConfig and runs the server until SIGTERM/SIGINT.
+#include <malloc.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstdlib>
 #include <cstring>
 #include <iostream>
@@ -43,6 +46,14 @@ ABSL_FLAG(bool, warmup, kDefaults.compute.warmup,
 ABSL_FLAG(int64_t, upload_read_ahead_bytes, kDefaults.compute.upload_read_ahead_bytes,
           "ComputeUpload pauses reading while this many received bytes wait to be copied. "
           "Env SIMSERVE_UPLOAD_READ_AHEAD_BYTES.");
+ABSL_FLAG(int64_t, malloc_retain_bytes, kDefaults.compute.malloc_retain_bytes,
+          "Freed heap memory kept for reuse (glibc M_TRIM_THRESHOLD; avoids page faults on "
+          "every call's receive buffers); 0 = glibc default. Env SIMSERVE_MALLOC_RETAIN_BYTES.");
+ABSL_FLAG(int64_t, inline_max_flops, kDefaults.compute.inline_max_flops,
+          "Unary calls with at most this many flops (and --inline_max_input_bytes of input) run "
+          "on the gRPC thread, skipping the pool hop; 0 disables. Env SIMSERVE_INLINE_MAX_FLOPS.");
+ABSL_FLAG(int64_t, inline_max_input_bytes, kDefaults.compute.inline_max_input_bytes,
+          "Input bytes limit of inline unary calls. Env SIMSERVE_INLINE_MAX_INPUT_BYTES.");
 ABSL_FLAG(int64_t, buffer_cache_bytes, kDefaults.compute.buffer_cache_bytes,
           "Freed input/result buffers kept for reuse (avoids page faults on large calls); "
           "memory on top of max_inflight_bytes. 0 disables. Env SIMSERVE_BUFFER_CACHE_BYTES.");
@@ -88,6 +99,9 @@ ABSL_FLAG(int, http2_write_buffer_bytes, kDefaults.transport.http2_write_buffer_
 ABSL_FLAG(int, tcp_read_chunk_bytes, kDefaults.transport.tcp_read_chunk_bytes,
           "Initial socket read size; 0 = gRPC default (adaptive from 8 KiB). "
           "Env SIMSERVE_TCP_READ_CHUNK_BYTES.");
+ABSL_FLAG(int, tcp_max_read_chunk_bytes, kDefaults.transport.tcp_max_read_chunk_bytes,
+          "Largest socket read buffer gRPC allocates; 0 = gRPC default (4 MiB). "
+          "Env SIMSERVE_TCP_MAX_READ_CHUNK_BYTES.");
 ABSL_FLAG(absl::Duration, drain_grace, kDefaults.drain_grace,
           "After SIGTERM/SIGINT, how long running calls may finish before they are "
           "cancelled (e.g. 20s). Env SIMSERVE_DRAIN_GRACE.");
@@ -112,6 +126,9 @@ bool ApplyEnvironment() {
                                            "upload_read_ahead_bytes",
                                            "omp_spin_count",
                                            "buffer_cache_bytes",
+                                           "malloc_retain_bytes",
+                                           "inline_max_flops",
+                                           "inline_max_input_bytes",
                                            "max_input_elements",
                                            "max_flops",
                                            "max_output_bytes",
@@ -126,6 +143,7 @@ bool ApplyEnvironment() {
                                            "http2_bdp_probe",
                                            "http2_write_buffer_bytes",
                                            "tcp_read_chunk_bytes",
+                                           "tcp_max_read_chunk_bytes",
                                            "drain_grace",
                                            "max_connection_age",
                                            "log_requests"};
@@ -155,6 +173,9 @@ simserve::ServerConfig ConfigFromFlags() {
   c.compute.upload_read_ahead_bytes = absl::GetFlag(FLAGS_upload_read_ahead_bytes);
   c.compute.omp_spin_count = absl::GetFlag(FLAGS_omp_spin_count);
   c.compute.buffer_cache_bytes = absl::GetFlag(FLAGS_buffer_cache_bytes);
+  c.compute.malloc_retain_bytes = absl::GetFlag(FLAGS_malloc_retain_bytes);
+  c.compute.inline_max_flops = absl::GetFlag(FLAGS_inline_max_flops);
+  c.compute.inline_max_input_bytes = absl::GetFlag(FLAGS_inline_max_input_bytes);
   c.limits.max_input_elements = absl::GetFlag(FLAGS_max_input_elements);
   c.limits.max_flops = absl::GetFlag(FLAGS_max_flops);
   c.limits.max_output_bytes = absl::GetFlag(FLAGS_max_output_bytes);
@@ -169,6 +190,7 @@ simserve::ServerConfig ConfigFromFlags() {
   c.transport.http2_bdp_probe = absl::GetFlag(FLAGS_http2_bdp_probe);
   c.transport.http2_write_buffer_bytes = absl::GetFlag(FLAGS_http2_write_buffer_bytes);
   c.transport.tcp_read_chunk_bytes = absl::GetFlag(FLAGS_tcp_read_chunk_bytes);
+  c.transport.tcp_max_read_chunk_bytes = absl::GetFlag(FLAGS_tcp_max_read_chunk_bytes);
   c.drain_grace = absl::GetFlag(FLAGS_drain_grace);
   c.max_connection_age = absl::GetFlag(FLAGS_max_connection_age);
   c.log_requests = absl::GetFlag(FLAGS_log_requests);
@@ -195,6 +217,16 @@ std::string ApplyOpenMpWaitPolicy(simserve::ServerConfig* config, char** argv) {
                       " failed: ", std::strerror(errno));
 }
 
+// glibc returns freed memory above M_TRIM_THRESHOLD to the kernel and maps blocks above
+// M_MMAP_THRESHOLD separately, so large buffers that are freed after every call (gRPC's
+// socket reads) page-fault again on the next one. Keeps up to `retain_bytes` for reuse.
+void RetainFreedMemory(int64_t retain_bytes) {
+  if (retain_bytes <= 0) return;
+  constexpr int64_t kMaxMmapThreshold = int64_t{32} << 20;  // glibc's cap on 64-bit
+  mallopt(M_MMAP_THRESHOLD, static_cast<int>(std::min(retain_bytes, kMaxMmapThreshold)));
+  mallopt(M_TRIM_THRESHOLD, static_cast<int>(std::min<int64_t>(retain_bytes, INT_MAX)));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -214,6 +246,7 @@ int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   simserve::ServerConfig config = ConfigFromFlags();
   config.compute.omp_wait_policy = ApplyOpenMpWaitPolicy(&config, argv);
+  RetainFreedMemory(config.compute.malloc_retain_bytes);
   const absl::Status status = simserve::RunServer(config);
   if (!status.ok()) {
     std::cerr << "simserve: " << status << "\n";

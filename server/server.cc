@@ -73,10 +73,11 @@ absl::Status ValidateConfig(const ServerConfig& c) {
       (t.http2_max_frame_size < (16 << 10) || t.http2_max_frame_size > (16 << 20) - 1)) {
     return absl::InvalidArgumentError("--http2_max_frame_size must be 0 or in [16 KiB, 16 MiB)");
   }
-  if (t.http2_lookahead_bytes < 0 || t.http2_write_buffer_bytes < 0 || t.tcp_read_chunk_bytes < 0) {
+  if (t.http2_lookahead_bytes < 0 || t.http2_write_buffer_bytes < 0 || t.tcp_read_chunk_bytes < 0 ||
+      t.tcp_max_read_chunk_bytes < 0) {
     return absl::InvalidArgumentError(
-        "--http2_lookahead_bytes, --http2_write_buffer_bytes and --tcp_read_chunk_bytes must be "
-        ">= 0");
+        "--http2_lookahead_bytes, --http2_write_buffer_bytes, --tcp_read_chunk_bytes and "
+        "--tcp_max_read_chunk_bytes must be >= 0");
   }
   if (c.drain_grace < absl::ZeroDuration()) {
     return absl::InvalidArgumentError("--drain_grace must be >= 0");
@@ -183,7 +184,8 @@ absl::Status SimilarityServer::Init() {
            {GRPC_ARG_HTTP2_MAX_FRAME_SIZE, t.http2_max_frame_size},
            {GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, t.http2_lookahead_bytes},
            {GRPC_ARG_HTTP2_WRITE_BUFFER_SIZE, t.http2_write_buffer_bytes},
-           {GRPC_ARG_TCP_READ_CHUNK_SIZE, t.tcp_read_chunk_bytes}}) {
+           {GRPC_ARG_TCP_READ_CHUNK_SIZE, t.tcp_read_chunk_bytes},
+           {GRPC_ARG_TCP_MAX_READ_CHUNK_SIZE, t.tcp_max_read_chunk_bytes}}) {
     if (value > 0) builder.AddChannelArgument(name, value);
   }
   if (!t.http2_bdp_probe) builder.AddChannelArgument(GRPC_ARG_HTTP2_BDP_PROBE, 0);

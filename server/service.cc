@@ -134,7 +134,9 @@ TilePipeline::Deps PipelineDeps(const Env& env) {
           .stats = env.stats,
           .buffers = env.buffers,
           .window = env.config.compute.stream_window,
-          .max_pending_input_bytes = env.config.compute.upload_read_ahead_bytes};
+          .max_pending_input_bytes = env.config.compute.upload_read_ahead_bytes,
+          .inline_max_flops = env.config.compute.inline_max_flops,
+          .inline_max_input_bytes = env.config.compute.inline_max_input_bytes};
 }
 
 // A received Compute/ComputeStream request: the message's slices plus the decoded rest, kept

@@ -64,6 +64,7 @@ TilePipeline::~TilePipeline() {
 
 void TilePipeline::Start(const ProblemSpec& spec, Admission admission,
                          std::vector<InputPiece> pieces, bool input_complete) {
+  bool run_inline = false;
   {
     MutexLock lock(&mu_);
     spec_ = spec;
@@ -93,8 +94,15 @@ void TilePipeline::Start(const ProblemSpec& spec, Admission admission,
     }
     for (InputPiece& piece : pieces) AddInputLocked(std::move(piece));
     if (input_complete) CloseInputLocked();
+    run_inline = mode_ == Mode::kWholeResult && input_complete && spec.flops >= 0 &&
+                 spec.flops <= deps_.inline_max_flops &&
+                 spec.a_bytes + spec.b_bytes <= deps_.inline_max_input_bytes;
   }
-  Pump();
+  if (run_inline) {
+    RunInline();
+  } else {
+    Pump();
+  }
 }
 
 bool TilePipeline::AddInput(InputPiece piece) {
@@ -353,6 +361,53 @@ void TilePipeline::Pump() {
 
 void TilePipeline::RunIngest(std::deque<InputPiece> pieces, IngestCursor cursor,
                              absl::Duration wait) {
+  DoIngest(std::move(pieces), cursor, wait);
+  Pump();
+}
+
+void TilePipeline::RunTile(const Tile& tile, std::unique_ptr<kernels::SimilarityJob> job,
+                           absl::Duration wait) {
+  DoTile(tile, std::move(job), wait);
+  Pump();
+}
+
+void TilePipeline::RunInline() {
+  for (;;) {
+    std::optional<std::deque<InputPiece>> to_ingest;
+    IngestCursor cursor;
+    std::optional<Tile> tile;
+    std::unique_ptr<kernels::SimilarityJob> job;
+    {
+      MutexLock lock(&mu_);
+      if (!error_.ok()) break;
+      if (cancelled_.load() || absl::Now() >= deadline_) {
+        FailLocked(WhyGone());
+        break;
+      }
+      if (!pending_.empty()) {
+        ingesting_ = true;
+        to_ingest = std::move(pending_);
+        pending_.clear();
+        cursor = cursor_;
+      } else if (CanComputeLocked()) {
+        computing_ = true;
+        tile = NextTileLocked();
+        job = std::move(job_);
+      } else {
+        break;
+      }
+    }
+    if (to_ingest.has_value()) {
+      DoIngest(std::move(*to_ingest), cursor, absl::ZeroDuration());
+    } else {
+      DoTile(*tile, std::move(job), absl::ZeroDuration());
+    }
+  }
+  Pump();  // finishes the call
+}
+
+void TilePipeline::DoIngest(std::deque<InputPiece> pieces, IngestCursor cursor,
+                            absl::Duration wait) {
   const absl::Time begin = absl::Now();
   std::byte* a = nullptr;
   std::byte* b = nullptr;
@@ -391,11 +446,10 @@ void TilePipeline::RunIngest(std::deque<InputPiece> pieces, IngestCursor cursor,
     report_.timings.queue += wait;
     report_.timings.ingest += absl::Now() - begin;
   }
-  Pump();
 }
 
-void TilePipeline::RunTile(const Tile& tile, std::unique_ptr<kernels::SimilarityJob> job,
-                           absl::Duration wait) {
+void TilePipeline::DoTile(const Tile& tile, std::unique_ptr<kernels::SimilarityJob> job,
+                          absl::Duration wait) {
   const absl::Time begin = absl::Now();
   ProblemSpec spec;
   const std::byte* a = nullptr;
@@ -477,7 +531,6 @@ void TilePipeline::RunTile(const Tile& tile, std::unique_ptr<kernels::Similarity
     }
     TaskEndedLocked(TaskKind::kTile, std::move(status));
   }
-  Pump();
 }
 
 }  // namespace simserve

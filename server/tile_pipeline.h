@@ -109,6 +109,10 @@ class TilePipeline {
     // AddInput asks the caller to pause reading while this many received bytes wait to be
     // ingested.
     int64_t max_pending_input_bytes = int64_t{8} << 20;
+    // Whole-result calls with complete input, at most this many flops and input bytes, run
+    // on the thread that starts them instead of the pool (0 disables).
+    int64_t inline_max_flops = 0;
+    int64_t inline_max_input_bytes = 0;
   };
 
   // All pointers in `deps` and `sink` are borrowed and must outlive the pipeline.
@@ -173,11 +177,19 @@ class TilePipeline {
   // Clears the busy flag of `kind` and records `status` if it is an error.
   void TaskEndedLocked(TaskKind kind, absl::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  // Pool tasks.
+  // Pool tasks: the work, then Pump.
   void RunIngest(std::deque<InputPiece> pieces, IngestCursor cursor, absl::Duration wait)
       ABSL_LOCKS_EXCLUDED(mu_);
   void RunTile(const Tile& tile, std::unique_ptr<kernels::SimilarityJob> job, absl::Duration wait)
       ABSL_LOCKS_EXCLUDED(mu_);
+  // The work of one ingest / tile task; its result is recorded under mu_.
+  void DoIngest(std::deque<InputPiece> pieces, IngestCursor cursor, absl::Duration wait)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  void DoTile(const Tile& tile, std::unique_ptr<kernels::SimilarityJob> job, absl::Duration wait)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  // Small whole-result calls: ingest and every tile on the calling thread, in order, then
+  // Finish. A hop to the pool and back costs more than such a call's work.
+  void RunInline() ABSL_LOCKS_EXCLUDED(mu_);
 
   const Deps deps_;
   const Mode mode_;

@@ -241,6 +241,26 @@ TEST_F(TilePipelineTest, WholeResultIsComputedIntoOneBufferAndHandedToFinish) {
   EXPECT_EQ(sink.report().tiles, 2);  // whole batch entries
 }
 
+TEST_F(TilePipelineTest, SmallWholeResultRunsInlineAndFinishesWithinStart) {
+  const Problem p = MakeProblem(2, 5, 6, 4, 1);
+  FakeSink sink;
+  TilePipeline::Deps deps = Deps();
+  deps.inline_max_flops = p.spec.flops;
+  deps.inline_max_input_bytes = p.spec.a_bytes + p.spec.b_bytes;
+  TilePipeline pipeline(deps, TilePipeline::Mode::kWholeResult, &sink, absl::InfiniteFuture());
+  std::vector<InputPiece> pieces = Pieces(InputPiece::Tensor::kB, p.b, 7);
+  for (auto& piece : Pieces(InputPiece::Tensor::kA, p.a, 9)) pieces.push_back(std::move(piece));
+  pipeline.Start(p.spec, Admit(p.spec), std::move(pieces), true);
+  EXPECT_EQ(sink.finishes(), 1);  // no pool task: done on this thread before Start returned
+  EXPECT_EQ(sink.report().timings.queue, absl::ZeroDuration());
+  std::unique_ptr<TileOutput> whole = sink.TakeWhole();
+  ASSERT_NE(whole, nullptr);
+  const auto* v = reinterpret_cast<const float*>(whole->values.get());
+  for (int64_t r = 0; r < 10; ++r) {
+    for (int64_t j = 0; j < 6; ++j) ASSERT_NEAR(v[r * 6 + j], p.Expected(r / 5, r % 5, j), 5e-6);
+  }
+}
+
 TEST_F(TilePipelineTest, NonFiniteInputNamesTensorAndFlatIndexAcrossPieces) {
   Problem p = MakeProblem(1, 4, 4, 3, 4);
   p.a[7] = std::numeric_limits<float>::quiet_NaN();

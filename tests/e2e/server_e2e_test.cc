@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <limits>
 #include <map>
 #include <memory>
 #include <string>
@@ -33,6 +34,9 @@ ServerConfig TestConfig() {
   c.compute.workers = 1;
   c.compute.threads_per_worker = 1;  // the machine is shared; keep the tests light
   c.compute.warmup = false;
+  // Every call goes through the compute pool, so the queueing tests mean what they say;
+  // ServerE2EInline covers the inline path of small unary calls.
+  c.compute.inline_max_flops = 0;
   c.drain_grace = absl::Seconds(5);
   return c;
 }
@@ -564,6 +568,37 @@ TEST_F(ServerE2E, RequestWhoseDeadlineExpiresWhileQueuedIsNeverComputed) {
   WaitUntilQueueEmpty(server_);
   EXPECT_EQ(server_->stats().tiles_computed.load(), tiles_before);
   ExpectStillServes();
+}
+
+TEST(ServerE2EInline, SmallUnaryCallsRunInlineWhileTheWorkersAreBusy) {
+  ServerConfig config = TestConfig();
+  config.compute.inline_max_flops = ServerConfig().compute.inline_max_flops;  // the default
+  auto server = StartServer(config);
+  ASSERT_NE(server, nullptr);
+  auto stub = v1::Similarity::NewStub(Connect(server->port()));
+  WorkerBlocker blocker(server->pool());  // the only worker is busy
+  // 1x8x256x128 (0.5 MFLOP, 132 KB): computed on the gRPC thread, correct, not queued.
+  const Problem small = RandomProblem(1, 8, 256, 128, 31);
+  const v1::ComputeRequest req = MakeRequest(small, v1::COSINE);
+  v1::ComputeResponse resp;
+  grpc::Status status = Unary(stub.get(), req, &resp, absl::Seconds(10));
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  ExpectMatches(small, req, {resp.shape().begin(), resp.shape().end()}, resp.values_raw(), "",
+                resp.dtype());
+  // NaN checks and every other rule apply inline as well.
+  v1::ComputeRequest bad = req;
+  std::vector<float> a = small.a;
+  a[5] = std::numeric_limits<float>::quiet_NaN();
+  bad.mutable_a()->set_raw(Bytes(a));
+  status = Unary(stub.get(), bad, &resp, absl::Seconds(10));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), HasSubstr("tensor a contains NaN or Inf at flat index 5"));
+  // A bigger call waits for the pool: with the worker held it misses its deadline.
+  const Problem big = RandomProblem(1, 64, 512, 128, 32);  // 8 MFLOP
+  EXPECT_EQ(
+      Unary(stub.get(), MakeRequest(big, v1::COSINE), &resp, absl::Milliseconds(200)).error_code(),
+      grpc::StatusCode::DEADLINE_EXCEEDED);
+  blocker.Release();
 }
 
 TEST(ServerE2EQueue, FullQueueIsResourceExhaustedStatingTheLimit) {
