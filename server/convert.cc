@@ -227,6 +227,33 @@ absl::StatusOr<kernels::ConstTensorView> ViewData(absl::string_view name, const 
   return view;
 }
 
+// True if any of `count` elements has an all-ones exponent (`mask`): a branch-free pass
+// that the compiler vectorises, compiled for AVX-512 and the baseline and picked at load
+// time (the scan runs over every input byte, at memory speed on AVX-512).
+template <typename Bits>
+__attribute__((target_clones("arch=skylake-avx512", "default"))) bool AnyNonFinite(const std::byte* data,
+                                                                        int64_t count, Bits mask) {
+  Bits any = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    Bits bits = 0;
+    std::memcpy(&bits, data + i * static_cast<int64_t>(sizeof(Bits)), sizeof(Bits));
+    any |= static_cast<Bits>((bits & mask) == mask);
+  }
+  return any != 0;
+}
+
+// Index of the first non-finite element, or -1.
+template <typename Bits>
+int64_t FirstNonFinite(const std::byte* data, int64_t count, Bits mask) {
+  if (!AnyNonFinite<Bits>(data, count, mask)) return -1;
+  for (int64_t i = 0; i < count; ++i) {
+    Bits bits = 0;
+    std::memcpy(&bits, data + i * static_cast<int64_t>(sizeof(Bits)), sizeof(Bits));
+    if ((bits & mask) == mask) return i;
+  }
+  return -1;
+}
+
 }  // namespace
 
 std::vector<int64_t> ProblemSpec::OutputShape() const {
@@ -286,39 +313,12 @@ absl::StatusOr<ProblemSpec> ProblemFromUploadHeader(const v1::ComputeRequest& re
 
 absl::Status CheckFinite(absl::string_view tensor, const std::byte* data, int64_t count,
                          kernels::DataType dtype, int64_t index_offset) {
-  int64_t bad = -1;
-  if (dtype == kernels::DataType::kFloat32) {
-    // Branch-free pass first (vectorises); locate the index only when something is wrong.
-    uint32_t any = 0;
-    for (int64_t i = 0; i < count; ++i) {
-      uint32_t bits = 0;
-      std::memcpy(&bits, data + i * 4, 4);
-      any |= static_cast<uint32_t>((bits & 0x7f800000U) == 0x7f800000U);
-    }
-    if (any != 0) {
-      for (int64_t i = 0; i < count && bad < 0; ++i) {
-        uint32_t bits = 0;
-        std::memcpy(&bits, data + i * 4, 4);
-        if ((bits & 0x7f800000U) == 0x7f800000U) bad = i;
-      }
-    }
-  } else {
-    // bfloat16: exponent 0x7f80; float16: exponent 0x7c00.
-    const uint16_t mask = dtype == kernels::DataType::kBFloat16 ? 0x7f80U : 0x7c00U;
-    uint32_t any = 0;
-    for (int64_t i = 0; i < count; ++i) {
-      uint16_t bits = 0;
-      std::memcpy(&bits, data + i * 2, 2);
-      any |= static_cast<uint32_t>((bits & mask) == mask);
-    }
-    if (any != 0) {
-      for (int64_t i = 0; i < count && bad < 0; ++i) {
-        uint16_t bits = 0;
-        std::memcpy(&bits, data + i * 2, 2);
-        if ((bits & mask) == mask) bad = i;
-      }
-    }
-  }
+  // bfloat16: exponent 0x7f80; float16: exponent 0x7c00; float32: 0x7f800000.
+  const int64_t bad =
+      dtype == kernels::DataType::kFloat32
+          ? FirstNonFinite<uint32_t>(data, count, 0x7f800000U)
+          : FirstNonFinite<uint16_t>(data, count,
+                                     dtype == kernels::DataType::kBFloat16 ? 0x7f80U : 0x7c00U);
   if (bad < 0) return absl::OkStatus();
   return absl::InvalidArgumentError(
       absl::StrCat("tensor ", tensor, " contains NaN or Inf at flat index ", index_offset + bad));
