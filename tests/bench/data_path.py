@@ -8,13 +8,15 @@ Sections (--only picks a subset, comma-separated):
           TCP loopback and over a unix socket: call wall, process wall, server CPU from /proc
   python  simserve.Client(target).similarity(A, B) vs numpy (unit rows, then a float32 batched
           matmul, 2 BLAS threads), each in its own process, interleaved round by round
-  medium  unary Compute 1x64x4096x256 rps at concurrency 1 and 4 (ghz), server CPU per call
+  medium  unary Compute 1x64x4096x256 rps at concurrency 1 and 4, server CPU per call
   small   unary Compute 1x8x256x128 rps vs the same bytes rejected after parsing
           (top_k = M + 1 = 257, INVALID_ARGUMENT) vs grpc.health.v1.Health/Check
 Rounds are interleaved (current, baseline, then reversed) and every figure is a median.
 The medium/small servers run like tests/load/run_load.py: pinned to --server-cpu with
---workers=1 --threads_per_worker=1, ghz pinned to --ghz-cpu with --cpus=1. Seed servers run
-with their defaults. --server-arg/--env (and the --baseline-... forms) add server flags and
+--workers=1 --threads_per_worker=1, the load generator pinned to --load-cpu. The load
+generator is unary_load (this folder; pre-serialized requests, one thread) unless
+--load-tool ghz: ghz re-marshals the 4 MiB medium request on every call and saturates its core
+before the server does. Seed servers run with their defaults. --server-arg/--env (and the --baseline-... forms) add server flags and
 environment per side; later flags win, so they can override the defaults above.
 
     .venv/bin/python tests/bench/data_path.py --build build/release \\
@@ -184,6 +186,20 @@ class Server:
         self.stop()
 
 
+def load_tool(args):
+    """The load generator's executable: ghz, or unary_load from --load-bin or a build dir."""
+    if args.load_tool == "ghz":
+        return loadlib.find_ghz()
+    candidates = [args.load_bin] if args.load_bin else [
+        os.path.join(args.build, "tests", "bench", "unary_load"),
+        os.path.join(HERE, "..", "..", "build", "release", "tests", "bench", "unary_load")]
+    for path in candidates:
+        if os.access(path, os.X_OK):
+            return os.path.abspath(path)
+    raise SystemExit(f"unary_load not found in {candidates}: build the target unary_load "
+                     "or pass --load-bin (or use --load-tool ghz)")
+
+
 def settled_cpu_ms(pid):
     """The process's CPU ms (utime + stime) once it stops rising: compute threads may still
     spin for a moment after a call, and that spin belongs to the call."""
@@ -198,7 +214,7 @@ def settled_cpu_ms(pid):
 
 
 def children_cpu_ms():
-    """CPU ms of all waited-for child processes so far (here: the ghz runs)."""
+    """CPU ms of all waited-for child processes so far (here: the load generator runs)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return (usage.ru_utime + usage.ru_stime) * 1e3
 
@@ -221,7 +237,7 @@ class Bench:
         self.notes = []
         self.shape = SMOKE_SHAPE if args.smoke else SEED_SHAPE
         self.run_length = ({"total": 20} if args.smoke else {"duration": args.duration})
-        self.ghz_path = None
+        self.load_bin = self.protoset = None
         self.kernel_reps = 1 if args.smoke else 5
 
     def check(self, ok, message):
@@ -332,9 +348,9 @@ class Bench:
             for worker in workers.values():
                 worker.close()
 
-    # -- ghz (medium, small) -----------------------------------------------------------------
+    # -- load (medium, small) ----------------------------------------------------------------
     def requests(self):
-        """{kind: (call, ghz keyword arguments, expected status)} for the ghz sections."""
+        """{kind: (method, request file, expected status)} for the load sections."""
         pb2, _ = harness.load_stubs()
         m = gen_requests.PROFILES["small"][3]
         calls = {}
@@ -349,25 +365,48 @@ class Bench:
             path = os.path.join(self.tmp, f"{kind}.bin")
             with open(path, "wb") as f:
                 f.write(data)
-            calls[kind] = (f"{harness.SERVICE}/{method}", {"binary_file": path},
+            calls[kind] = (f"{harness.SERVICE}/{method}", path,
                            "InvalidArgument" if fields else "OK")
-        protoset = loadlib.health_protoset(os.path.join(self.tmp, "health.protoset"))
-        calls["health"] = (loadlib.HEALTH_CALL, {"data": {}, "protoset": protoset}, "OK")
+        empty = os.path.join(self.tmp, "health.bin")  # HealthCheckRequest{} is zero bytes
+        open(empty, "wb").close()
+        calls["health"] = (loadlib.HEALTH_CALL, empty, "OK")
         return calls
 
-    def ghz(self, server, call, conc, warm=False):
-        """One ghz run: rps, p50 ms, server and ghz CPU ms per call; checks status codes."""
-        method, kwargs, expected = call
+    def load_run(self, target, method, path, conc, length):
+        """One run of the load generator: {count, rps, p50 (ms), codes, errors}."""
+        if self.args.load_tool == "ghz":
+            kwargs = ({"data": {}, "protoset": self.protoset} if method == loadlib.HEALTH_CALL
+                      else {"binary_file": path})
+            if "duration" in length:
+                length = {"duration": f"{length['duration']}s"}
+            s = loadlib.summarise(loadlib.run_ghz(
+                self.load_bin, target, method, concurrency=conc, cpus=1,
+                pin=self.args.load_cpu or None, **length, **kwargs))
+            return {"count": s["count"], "rps": s["rps"], "p50": s["p50"], "codes": s["codes"],
+                    "errors": s["error_dist"]}
+        cmd = [self.load_bin, f"--target={target}", f"--method=/{method}", f"--request={path}",
+               f"--concurrency={conc}",
+               f"--total={length['total']}" if "total" in length
+               else f"--duration_s={length['duration']}"]
+        if self.args.load_cpu:
+            cmd = ["taskset", "-c", self.args.load_cpu, *cmd]
+        out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                        timeout=600).stdout)
+        return {"count": out["count"], "rps": out["rps"], "p50": out["p50_ms"],
+                "codes": out["codes"], "errors": out["first_error"]}
+
+    def load(self, server, call, conc, warm=False):
+        """One measurement: rps, p50 ms, server and load generator CPU ms per call; checks
+        that every call got the expected status."""
+        method, path, expected = call
         length = {"total": max(20, 4 * conc)} if warm else self.run_length
         cpu0, client0 = settled_cpu_ms(server.pid), children_cpu_ms()
-        report = loadlib.run_ghz(self.ghz_path, server.target, method, concurrency=conc,
-                                 cpus=1, pin=self.args.ghz_cpu or None, **length, **kwargs)
+        s = self.load_run(server.target, method, path, conc, length)
         client = children_cpu_ms() - client0
         cpu = settled_cpu_ms(server.pid) - cpu0
-        s = loadlib.summarise(report)
         self.check(s["codes"] == {expected: s["count"]} and s["count"] > 0,
                    f"{server.side.name} {method} c={conc}: codes {s['codes']}, expected "
-                   f"{expected} {s['error_dist']}")
+                   f"{expected} {s['errors']}")
         n = max(1, s["count"])
         return {"rps": s["rps"], "p50": s["p50"], "cpu": cpu / n, "client_cpu": client / n}
 
@@ -378,11 +417,11 @@ class Bench:
     def medium(self, servers, calls):
         for conc in CONCURRENCIES:
             for side in self.sides:
-                self.ghz(servers[side.name, "load"], calls["medium"], conc, warm=True)
+                self.load(servers[side.name, "load"], calls["medium"], conc, warm=True)
             for r in range(self.args.load_rounds):
                 rps = {}
                 for side in interleaved(self.sides, r):
-                    result = self.ghz(servers[side.name, "load"], calls["medium"], conc)
+                    result = self.load(servers[side.name, "load"], calls["medium"], conc)
                     self.record(("medium", conc), side, result)
                     rps[side.name] = result["rps"]
                     progress(f"medium c={conc} {side.name} round {r + 1}: "
@@ -395,12 +434,12 @@ class Bench:
         for conc in CONCURRENCIES:
             for side in self.sides:
                 for kind in SMALL_KINDS:
-                    self.ghz(servers[side.name, "load"], calls[kind], conc, warm=True)
+                    self.load(servers[side.name, "load"], calls[kind], conc, warm=True)
             for r in range(self.args.load_rounds):
                 for side in interleaved(self.sides, r):
                     rps = {}
                     for kind in interleaved(SMALL_KINDS, r):
-                        result = self.ghz(servers[side.name, "load"], calls[kind], conc)
+                        result = self.load(servers[side.name, "load"], calls[kind], conc)
                         self.record(("small", conc, kind), side, result)
                         rps[kind] = result["rps"]
                     for kind in ("rejected", "health"):
@@ -430,7 +469,10 @@ class Bench:
                 for key in list(servers):  # free the seed servers' memory and cores
                     servers.pop(key).stop()
             if only & {"medium", "small"}:
-                self.ghz_path = loadlib.find_ghz()
+                self.load_bin = load_tool(self.args)
+                if self.args.load_tool == "ghz":
+                    self.protoset = loadlib.health_protoset(
+                        os.path.join(self.tmp, "health.protoset"))
                 calls = self.requests()
                 flags = ["--workers=1", "--threads_per_worker=1"]
                 for side in self.sides:
@@ -535,18 +577,22 @@ class Report:
             self.figure(f"CLI seed whole process over {transport}, ms",
                         "cli", transport, "process")
         self.figure("Python seed client call, ms", "python")
-        numpy_ms = m("python", "numpy")
-        self.figures.append(("numpy in its own process, ms", fmt(numpy_ms), "-", "-"))
+        if m("python", "numpy") is not None:
+            self.figures.append(("numpy in its own process, ms", fmt(m("python", "numpy")),
+                                 "-", "-"))
         for conc in CONCURRENCIES:
             self.figure(f"medium unary c={conc}, rps", "medium", conc, "rps")
             self.figure(f"medium unary c={conc}, p50 ms", "medium", conc, "p50")
             self.figure(f"medium unary c={conc}, server CPU ms/call", "medium", conc, "cpu")
-            self.figure(f"medium unary c={conc}, ghz CPU ms/call", "medium", conc, "client_cpu")
+            self.figure(f"medium unary c={conc}, load generator CPU ms/call",
+                        "medium", conc, "client_cpu")
         for conc in CONCURRENCIES:
             for kind, label in zip(SMALL_KINDS, ("small unary", "small rejected after parsing",
                                                  "Health/Check")):
                 self.figure(f"{label} c={conc}, rps", "small", conc, kind, "rps")
                 self.figure(f"{label} c={conc}, server CPU ms/call", "small", conc, kind, "cpu")
+                self.figure(f"{label} c={conc}, load generator CPU ms/call",
+                            "small", conc, kind, "client_cpu")
 
         ratios = {side: self.ratios(side) for side in ("current", "baseline")}
         now, base = ratios["current"], ratios["baseline"]
@@ -564,7 +610,8 @@ class Report:
             if now["health", conc] is not None:
                 self.targets.append((f"small unary c={conc} / Health/Check (for reference)",
                                      "-", f"{now['health', conc]:.2f}",
-                                     fmt(base["health", conc]), "-"))
+                                     "-" if base["health", conc] is None
+                                     else f"{base['health', conc]:.2f}", "-"))
         self.target("kernel wall / baseline kernel wall", "<= 1.05",
                     ratio(m("kernel", "current"), m("kernel", "baseline")))
         return self
@@ -606,16 +653,17 @@ def header_lines(args, bench, load_start):
                       if line.startswith("model name")), "?")
     load_end = " ".join(f"{x:.1f}" for x in os.getloadavg())
     smoke = " (smoke: shapes too small for the targets)" if args.smoke else ""
-    ghz_run = "20 calls" if args.smoke else args.duration
+    run = "20 calls" if args.smoke else f"{args.duration:g} s"
     lines = [f"simserve data path benchmark{smoke}",
              f"host: {os.cpu_count()} x {cpu_model}; load average {load_start} at start, "
              f"{load_end} at end",
              f"seed {'x'.join(map(str, bench.shape))} (batch x N x M x D); CLI {args.rounds} "
              f"rounds, Python {2 * args.rounds}, kernel {args.kernel_rounds} x "
              f"{bench.kernel_reps} runs, "
-             f"ghz {args.load_rounds} x {ghz_run}; medians",
+             f"load {args.load_rounds} x {run}; medians",
              f"medium/small: server on CPU {args.server_cpu or 'any'} with --workers=1 "
-             f"--threads_per_worker=1, ghz on CPU {args.ghz_cpu or 'any'} with --cpus=1"]
+             f"--threads_per_worker=1, {args.load_tool} on CPU {args.load_cpu or 'any'}, "
+             "one connection"]
     for side in bench.sides:
         lines.append(f"{side.name}: {side.build} ({side.revision()})"
                      + "".join(f" {a}" for a in side.server_args)
@@ -643,8 +691,13 @@ def main():
                         help="rounds of the CLI section (the Python section runs twice as many)")
     parser.add_argument("--kernel-rounds", type=int, default=3,
                         help="similarity_benchmark runs per side, 5 repetitions each")
-    parser.add_argument("--load-rounds", type=int, default=3, help="ghz rounds per figure")
-    parser.add_argument("--duration", default="3s", help="ghz --duration of one measurement")
+    parser.add_argument("--load-rounds", type=int, default=3,
+                        help="load measurements per figure and side")
+    parser.add_argument("--duration", type=float, default=3.0,
+                        help="seconds of one load measurement")
+    parser.add_argument("--load-tool", choices=("unary_load", "ghz"), default="unary_load",
+                        help="load generator of the medium/small sections")
+    parser.add_argument("--load-bin", help="unary_load executable (default: in --build)")
     parser.add_argument("--only", default=",".join(SECTIONS), help="sections to run")
     parser.add_argument("--server-arg", action="append", default=[],
                         help="extra flag for the current build's servers, e.g. "
@@ -655,11 +708,11 @@ def main():
     parser.add_argument("--baseline-env", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--server-cpu", default="1" if os.cpu_count() >= 2 else "",
                         help="taskset CPUs of the medium/small servers ('' = unpinned)")
-    parser.add_argument("--ghz-cpu", default="0" if os.cpu_count() >= 2 else "",
-                        help="taskset CPUs of ghz ('' = unpinned)")
+    parser.add_argument("--load-cpu", default="0" if os.cpu_count() >= 2 else "",
+                        help="taskset CPUs of the load generator ('' = unpinned)")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny seed shapes, 1 round, 20 ghz calls, no baseline: checks that "
+                        help="tiny seed shapes, 1 round, 20 load calls, no baseline: checks that "
                              "the benchmark works and its results are correct")
     args = parser.parse_args()
     only = set(args.only.split(","))
