@@ -691,9 +691,9 @@ def main():
                         help="rounds of the CLI section (the Python section runs twice as many)")
     parser.add_argument("--kernel-rounds", type=int, default=3,
                         help="similarity_benchmark runs per side, 5 repetitions each")
-    parser.add_argument("--load-rounds", type=int, default=3,
+    parser.add_argument("--load-rounds", type=int, default=9,
                         help="load measurements per figure and side")
-    parser.add_argument("--duration", type=float, default=3.0,
+    parser.add_argument("--duration", type=float, default=1.0,
                         help="seconds of one load measurement")
     parser.add_argument("--load-tool", choices=("unary_load", "ghz"), default="unary_load",
                         help="load generator of the medium/small sections")
