@@ -15,9 +15,10 @@ Rounds are interleaved (current, baseline, then reversed) and every figure is a 
 The medium/small servers run like tests/load/run_load.py: pinned to --server-cpu with
 --workers=1 --threads_per_worker=1, the load generator pinned to --load-cpu. The load
 generator is unary_load (this folder; pre-serialized requests, one thread) unless
---load-tool ghz: ghz re-marshals the 4 MiB medium request on every call and saturates its core
-before the server does. Seed servers run with their defaults. --server-arg/--env (and the --baseline-... forms) add server flags and
-environment per side; later flags win, so they can override the defaults above.
+--load-tool ghz: ghz re-marshals the 4 MiB medium request on every call and saturates its
+core before the server does. Seed servers run with their defaults. --server-arg/--env (and
+the --baseline-... forms) add server flags and environment per side; later flags win, so
+they can override the defaults above.
 
     .venv/bin/python tests/bench/data_path.py --build build/release \\
         [--baseline-build /work/baseline/build/release] [--rounds 9] [--markdown] [--smoke]
@@ -248,6 +249,7 @@ class Bench:
 
     # -- kernel ------------------------------------------------------------------------------
     def kernel(self):
+        """similarity_benchmark's seed cosine, each side's binary in turn."""
         reps, min_time = self.kernel_reps, "0.01" if self.args.smoke else None
         for r in range(self.args.kernel_rounds):
             for side in interleaved(self.sides, r):
@@ -299,6 +301,7 @@ class Bench:
         return float(wall[1]), process_ms, cpu, mode[1] if mode else "?"
 
     def cli(self, servers, paths, reference):
+        """The seed through simserve-cli: a checked warm-up per server, then the rounds."""
         runs = [(side, transport) for side in self.sides for transport in ("tcp", "unix")]
         out = os.path.join(self.tmp, "s.npy")
         for side, transport in runs:  # warm-up call, checked against the reference
@@ -318,6 +321,7 @@ class Bench:
 
     # -- python ------------------------------------------------------------------------------
     def python(self, servers, paths, reference):
+        """The seed through each side's Python client and through numpy, call by call."""
         workers = {"numpy": Worker("numpy", paths)}
         sources = {"numpy": os.path.dirname(workers["numpy"].origin)}
         for side in self.sides:
@@ -411,10 +415,12 @@ class Bench:
         return {"rps": s["rps"], "p50": s["p50"], "cpu": cpu / n, "client_cpu": client / n}
 
     def record(self, key, side, result):
+        """Appends each figure of one load measurement to its samples."""
         for figure, value in result.items():
             self.samples[(*key, figure, side.name)].append(value)
 
     def medium(self, servers, calls):
+        """Medium unary at each concurrency, current and baseline alternating."""
         for conc in CONCURRENCIES:
             for side in self.sides:
                 self.load(servers[side.name, "load"], calls["medium"], conc, warm=True)
@@ -431,6 +437,7 @@ class Bench:
                         rps["current"] / rps["baseline"])
 
     def small(self, servers, calls):
+        """Small unary, its rejected twin and Health/Check back to back on each server."""
         for conc in CONCURRENCIES:
             for side in self.sides:
                 for kind in SMALL_KINDS:
@@ -450,6 +457,7 @@ class Bench:
 
     # -- driver ------------------------------------------------------------------------------
     def run(self, only):
+        """Runs the sections in `only`, starting and stopping the servers they need."""
         if "kernel" in only:
             self.kernel()
         with contextlib.ExitStack() as stack:
