@@ -201,6 +201,14 @@ def load_tool(args):
                      "or pass --load-bin (or use --load-tool ghz)")
 
 
+def host_cpu_seconds():
+    """(busy, steal) CPU seconds of the whole host since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, _, _, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
 def settled_cpu_ms(pid):
     """The process's CPU ms (utime + stime) once it stops rising: compute threads may still
     spin for a moment after a call, and that spin belongs to the call."""
@@ -239,6 +247,8 @@ class Bench:
         self.shape = SMOKE_SHAPE if args.smoke else SEED_SHAPE
         self.run_length = ({"total": 20} if args.smoke else {"duration": args.duration})
         self.load_bin = self.protoset = None
+        self.live = []        # servers whose CPU counts as this benchmark's own
+        self.contention = {}  # section -> (cores used by other processes, cores stolen)
         self.kernel_reps = 1 if args.smoke else 5
 
     def check(self, ok, message):
@@ -459,7 +469,8 @@ class Bench:
     def run(self, only):
         """Runs the sections in `only`, starting and stopping the servers they need."""
         if "kernel" in only:
-            self.kernel()
+            with self.section("kernel"):
+                self.kernel()
         with contextlib.ExitStack() as stack:
             servers = {}
             if only & {"cli", "python"}:
@@ -470,10 +481,13 @@ class Bench:
                         sock = os.path.join(self.tmp, f"{side.name}.sock")
                         servers[side.name, "unix"] = stack.enter_context(
                             Server(side, self.tmp, unix_path=sock))
+                self.live = list(servers.values())
                 if "cli" in only:
-                    self.cli(servers, paths, reference)
+                    with self.section("cli"):
+                        self.cli(servers, paths, reference)
                 if "python" in only:
-                    self.python(servers, paths, reference)
+                    with self.section("python"):
+                        self.python(servers, paths, reference)
                 for key in list(servers):  # free the seed servers' memory and cores
                     servers.pop(key).stop()
             if only & {"medium", "small"}:
@@ -486,10 +500,30 @@ class Bench:
                 for side in self.sides:
                     servers[side.name, "load"] = stack.enter_context(
                         Server(side, self.tmp, flags=flags, cpu=self.args.server_cpu or None))
+                self.live = list(servers.values())
                 if "medium" in only:
-                    self.medium(servers, calls)
+                    with self.section("medium"):
+                        self.medium(servers, calls)
                 if "small" in only:
-                    self.small(servers, calls)
+                    with self.section("small"):
+                        self.small(servers, calls)
+
+    def own_cpu_seconds(self):
+        """CPU seconds of this benchmark: itself, its reaped children, its running servers."""
+        t = os.times()
+        running = [s.pid for s in self.live if s.proc.poll() is None]
+        return (t.user + t.system + t.children_user + t.children_system
+                + sum(loadlib.cpu_seconds(pid) for pid in running))
+
+    @contextlib.contextmanager
+    def section(self, name):
+        """Measures how many cores other processes (and the hypervisor's steal) took from the
+        host while section `name` ran: /proc/stat's busy time minus this benchmark's own."""
+        busy0, steal0, own0, t0 = *host_cpu_seconds(), self.own_cpu_seconds(), time.monotonic()
+        yield
+        busy1, steal1, own1, t1 = *host_cpu_seconds(), self.own_cpu_seconds(), time.monotonic()
+        self.contention[name] = ((busy1 - busy0 - (own1 - own0)) / (t1 - t0),
+                                 (steal1 - steal0) / (t1 - t0))
 
 
 class Worker:
@@ -676,6 +710,10 @@ def header_lines(args, bench, load_start):
         lines.append(f"{side.name}: {side.build} ({side.revision()})"
                      + "".join(f" {a}" for a in side.server_args)
                      + "".join(f" {k}={v}" for k, v in side.env.items()))
+    if bench.contention:
+        lines.append("cores taken by other processes on the host (steal) during each section: "
+                     + ", ".join(f"{name} {other:.2f} ({steal:.2f})"
+                                 for name, (other, steal) in bench.contention.items()))
     return lines + bench.notes
 
 
