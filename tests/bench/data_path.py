@@ -29,6 +29,7 @@ check failed (targets missed do not fail the run).
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -207,6 +208,24 @@ def host_cpu_seconds():
         user, nice, system, _, _, irq, softirq, steal = map(int, f.readline().split()[1:9])
     tick = os.sysconf("SC_CLK_TCK")
     return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+def wait_for_quiet(limit_s, section, threshold=0.25):
+    """Waits up to limit_s seconds until the host was less than `threshold` cores busy for a
+    second (between sections this benchmark's own processes are idle)."""
+    deadline = time.monotonic() + limit_s
+    for attempt in itertools.count():
+        busy0 = host_cpu_seconds()[0]
+        time.sleep(1.0)
+        busy = host_cpu_seconds()[0] - busy0
+        if busy < threshold:
+            return
+        if time.monotonic() >= deadline:
+            progress(f"{section}: host still {busy:.2f} cores busy, starting anyway")
+            return
+        if attempt == 0:
+            progress(f"{section}: waiting up to {limit_s:g} s for a quiet host "
+                     f"({busy:.2f} cores busy)")
 
 
 def settled_cpu_ms(pid):
@@ -517,8 +536,10 @@ class Bench:
 
     @contextlib.contextmanager
     def section(self, name):
-        """Measures how many cores other processes (and the hypervisor's steal) took from the
-        host while section `name` ran: /proc/stat's busy time minus this benchmark's own."""
+        """Waits for a quiet host (--quiet-wait), then measures how many cores other processes
+        (and the hypervisor's steal) took while section `name` ran: /proc/stat's busy time
+        minus this benchmark's own."""
+        wait_for_quiet(self.args.quiet_wait, name)
         busy0, steal0, own0, t0 = *host_cpu_seconds(), self.own_cpu_seconds(), time.monotonic()
         yield
         busy1, steal1, own1, t1 = *host_cpu_seconds(), self.own_cpu_seconds(), time.monotonic()
@@ -756,6 +777,9 @@ def main():
                         help="taskset CPUs of the medium/small servers ('' = unpinned)")
     parser.add_argument("--load-cpu", default="0" if os.cpu_count() >= 2 else "",
                         help="taskset CPUs of the load generator ('' = unpinned)")
+    parser.add_argument("--quiet-wait", type=float, default=60,
+                        help="seconds to wait before each section for other processes to leave "
+                             "the host idle (0 = do not wait)")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny seed shapes, 1 round, 20 load calls, no baseline: checks that "
@@ -766,6 +790,7 @@ def main():
         parser.error(f"--only: unknown sections {sorted(only - set(SECTIONS))}")
     if args.smoke:
         args.rounds = args.kernel_rounds = args.load_rounds = 1
+        args.quiet_wait = 0
         args.baseline_build = None
 
     sides = [Side("current", os.path.abspath(args.build), args.server_arg, parse_env(args.env))]
