@@ -625,8 +625,8 @@ class Report:
         op, bound = limit.split()
         met = None if now is None else (now <= float(bound) if op == "<=" else now >= float(bound))
         self.targets.append((label, limit.replace("<=", "≤").replace(">=", "≥"),
-                             "-" if now is None else f"{now:.2f}",
-                             "-" if base is None else f"{base:.2f}",
+                             "-" if now is None else f"{now:.3g}",
+                             "-" if base is None else f"{base:.3g}",
                              "n/a" if met is None else "met" if met else "MISSED"))
 
     def build(self):
@@ -672,9 +672,9 @@ class Report:
                         now["small", conc], base["small", conc])
             if now["health", conc] is not None:
                 self.targets.append((f"small unary c={conc} / Health/Check (for reference)",
-                                     "-", f"{now['health', conc]:.2f}",
+                                     "-", f"{now['health', conc]:.3g}",
                                      "-" if base["health", conc] is None
-                                     else f"{base['health', conc]:.2f}", "-"))
+                                     else f"{base['health', conc]:.3g}", "-"))
         self.target("kernel wall / baseline kernel wall", "<= 1.05",
                     ratio(m("kernel", "current"), m("kernel", "baseline")))
         return self
@@ -756,7 +756,7 @@ def main():
     parser.add_argument("--baseline-build", help="build dir of the baseline (omit: no baseline)")
     parser.add_argument("--rounds", type=int, default=9,
                         help="rounds of the CLI section (the Python section runs twice as many)")
-    parser.add_argument("--kernel-rounds", type=int, default=3,
+    parser.add_argument("--kernel-rounds", type=int, default=5,
                         help="similarity_benchmark runs per side, 5 repetitions each")
     parser.add_argument("--load-rounds", type=int, default=9,
                         help="load measurements per figure and side")
