@@ -60,6 +60,7 @@ SEED_SHAPE = (100, 400, 500, 200)   # batch, N, M, D
 SMOKE_SHAPE = (3, 17, 23, 8)
 KERNEL_FILTER = "^BM_Seed_Cosine_Fp32(/|$)"
 TOLERANCE = 1e-5                    # max |result - float64 reference|
+DISTURBED_CORES = 0.3               # other processes' load above which a section is flagged
 CONCURRENCIES = (1, 4)
 SMALL_KINDS = ("real", "rejected", "health")
 CLI_WALL = re.compile(r"client wall ([\d.]+) ms")
@@ -809,6 +810,11 @@ def main():
     else:
         print("\n".join(header) + "\n")
     print(Report(bench).build().render(args.markdown))
+    disturbed = [name for name, (other, steal) in bench.contention.items()
+                 if other + steal > DISTURBED_CORES]
+    if disturbed:
+        print(f"\nDISTURBED: other processes took more than {DISTURBED_CORES} cores during "
+              f"{', '.join(disturbed)}; those figures say more about the host than the build")
     for failure in bench.failures:
         print(f"CHECK FAILED: {failure}")
     print(f"\ntotal {int(elapsed) // 60} min {int(elapsed) % 60} s")
