@@ -212,13 +212,13 @@ def host_cpu_seconds():
 
 
 def wait_for_quiet(limit_s, section, threshold=0.25):
-    """Waits up to limit_s seconds until the host was less than `threshold` cores busy for a
-    second (between sections this benchmark's own processes are idle)."""
+    """Waits up to limit_s seconds until the host was less than `threshold` cores busy for
+    half a second (between sections this benchmark's own processes are idle)."""
     deadline = time.monotonic() + limit_s
     for attempt in itertools.count():
         busy0 = host_cpu_seconds()[0]
-        time.sleep(1.0)
-        busy = host_cpu_seconds()[0] - busy0
+        time.sleep(0.5)
+        busy = (host_cpu_seconds()[0] - busy0) / 0.5
         if busy < threshold:
             return
         if time.monotonic() >= deadline:
@@ -283,6 +283,8 @@ class Bench:
         reps, min_time = self.kernel_reps, "0.01" if self.args.smoke else None
         for r in range(self.args.kernel_rounds):
             for side in interleaved(self.sides, r):
+                if r or side is not self.sides[0]:  # a barrier-heavy kernel: wait every run
+                    wait_for_quiet(self.args.quiet_wait, "kernel")
                 cmd = [side.binary("kernels", "similarity_benchmark"),
                        f"--benchmark_filter={KERNEL_FILTER}", f"--benchmark_repetitions={reps}",
                        "--benchmark_format=json"]
