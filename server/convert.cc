@@ -231,8 +231,8 @@ absl::StatusOr<kernels::ConstTensorView> ViewData(absl::string_view name, const 
 // that the compiler vectorises, compiled for AVX-512 and the baseline and picked at load
 // time (the scan runs over every input byte, at memory speed on AVX-512).
 template <typename Bits>
-__attribute__((target_clones("arch=skylake-avx512", "default"))) bool AnyNonFinite(const std::byte* data,
-                                                                        int64_t count, Bits mask) {
+__attribute__((target_clones("arch=skylake-avx512", "default"))) bool AnyNonFinite(
+    const std::byte* data, int64_t count, Bits mask) {
   Bits any = 0;
   for (int64_t i = 0; i < count; ++i) {
     Bits bits = 0;

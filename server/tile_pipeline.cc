@@ -126,12 +126,6 @@ bool TilePipeline::AddInputLocked(InputPiece piece) {
   const int64_t expected = is_b ? spec_.b_bytes : spec_.a_bytes;
   int64_t& received = is_b ? b_received_ : a_received_;
   const int64_t size = piece.size();
-  if (!is_b && b_received_ < spec_.b_bytes) {
-    FailLocked(absl::InvalidArgumentError(
-        absl::StrCat("a_data before all of b: received ", b_received_, " of ", spec_.b_bytes,
-                     " bytes of b (send b_data first, then a_data)")));
-    return false;
-  }
   if (received == expected) {
     FailLocked(absl::InvalidArgumentError(absl::StrCat("too much data for tensor ", name, ": all ",
                                                        expected, " bytes already received")));
@@ -206,18 +200,24 @@ void TilePipeline::FailLocked(absl::Status status) {
   if (error_.ok()) error_ = std::move(status);
 }
 
+void TilePipeline::NextTileNeedsLocked(int64_t* a_bytes, int64_t* b_bytes) const {
+  // The next tile reads its rows of a and all of b's batch entry.
+  const int64_t rows = std::min(tile_rows_, spec_.shape.n - next_row_);
+  *a_bytes =
+      (next_batch_ * spec_.shape.n + next_row_ + rows) * spec_.shape.d * ElementSize(spec_.a_dtype);
+  *b_bytes = (next_batch_ + 1) * spec_.shape.m * spec_.shape.d * ElementSize(spec_.b_dtype);
+}
+
 bool TilePipeline::CanComputeLocked() const {
-  if (computing_ || !have_problem_ || tiles_scheduled_ >= total_tiles_ ||
-      b_ingested_ < spec_.b_bytes) {
-    return false;
-  }
+  if (computing_ || !have_problem_ || tiles_scheduled_ >= total_tiles_) return false;
   if (mode_ == Mode::kStreamTiles) {
     const int64_t outstanding = static_cast<int64_t>(ready_.size()) + (writing_ ? 1 : 0);
     if (outstanding + 1 > deps_.window) return false;
   }
-  const int64_t rows = std::min(tile_rows_, spec_.shape.n - next_row_);
-  const int64_t a_row_bytes = spec_.shape.d * ElementSize(spec_.a_dtype);
-  return (next_batch_ * spec_.shape.n + next_row_ + rows) * a_row_bytes <= a_ingested_;
+  int64_t need_a = 0;
+  int64_t need_b = 0;
+  NextTileNeedsLocked(&need_a, &need_b);
+  return need_a <= a_ingested_ && need_b <= b_ingested_;
 }
 
 TilePipeline::Tile TilePipeline::NextTileLocked() {
@@ -234,10 +234,14 @@ TilePipeline::Tile TilePipeline::NextTileLocked() {
 
 bool TilePipeline::IngestDueLocked() const {
   // Small pieces are gathered into fewer ingest tasks (each one is a wake-up of a worker)
-  // unless something waits for them: reading is paused, the input is complete, or all of b
-  // is in and no tile is running (the next tile may need these bytes now).
-  return pending_bytes_ >= kIngestBatchBytes || reading_paused_ || input_closed_ ||
-         (b_received_ == spec_.b_bytes && !computing_);
+  // unless something waits for them: reading is paused, the input is complete, or no tile
+  // is running and the received bytes complete the next tile's input.
+  if (pending_bytes_ >= kIngestBatchBytes || reading_paused_ || input_closed_) return true;
+  if (computing_ || tiles_scheduled_ >= total_tiles_) return false;
+  int64_t need_a = 0;
+  int64_t need_b = 0;
+  NextTileNeedsLocked(&need_a, &need_b);
+  return need_a <= a_received_ && need_b <= b_received_;
 }
 
 bool TilePipeline::DoneLocked() const {

@@ -127,8 +127,10 @@ class TilePipeline {
   void Start(const ProblemSpec& spec, Admission admission, std::vector<InputPiece> pieces,
              bool input_complete) ABSL_LOCKS_EXCLUDED(mu_);
 
-  // Adds received bytes: all of b first, then a, in order, in pieces of any size. Data past
-  // a tensor's size, or a before all of b, fails the call with INVALID_ARGUMENT. Returns true
+  // Adds received bytes of a or b, each tensor's in order, in pieces of any size and in any
+  // interleaving: a tile starts as soon as its rows of a and its batch entry of b are in, so
+  // a client that sends b[0], a[0], b[1], a[1], ... overlaps its upload with the compute.
+  // Data past a tensor's size fails the call with INVALID_ARGUMENT. Returns true
   // if the caller may read more input now; false means wait for Sink::ResumeReading (or the
   // end of the call).
   bool AddInput(InputPiece piece) ABSL_LOCKS_EXCLUDED(mu_);
@@ -164,6 +166,9 @@ class TilePipeline {
   bool AddInputLocked(InputPiece piece) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void CloseInputLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FailLocked(absl::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Bytes of a and of b (counted from each tensor's start) the next tile needs.
+  void NextTileNeedsLocked(int64_t* a_bytes, int64_t* b_bytes) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool CanComputeLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   Tile NextTileLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool DoneLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
