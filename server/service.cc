@@ -134,6 +134,7 @@ TilePipeline::Deps PipelineDeps(const Env& env) {
           .stats = env.stats,
           .buffers = env.buffers,
           .window = env.config.compute.stream_window,
+          .parallel_tiles = env.pool->workers(),
           .max_pending_input_bytes = env.config.compute.upload_read_ahead_bytes,
           .inline_max_flops = env.config.compute.inline_max_flops,
           .inline_max_input_bytes = env.config.compute.inline_max_input_bytes};

@@ -1,6 +1,7 @@
-// Invariants, all under mu_: at most one ingest task and one tile task of a call run at a
-// time (the cursor and the kernel job travel with them and come back under the lock); in
-// stream mode computing + ready + writing tiles <= window; Finish happens exactly once,
+// Invariants, all under mu_: at most one ingest task and `parallel_tiles` tile tasks of a
+// call run at a time (the cursor and a kernel job travel with each and come back under the
+// lock); in stream mode computing + ready + writing tiles <= window and tiles are written
+// in output order; Finish happens exactly once,
 // when no task and no write is outstanding, so the pipeline outlives every task. Sink calls
 // and pool submissions are made after releasing mu_ (a gRPC reaction may run inline).
 #include "server/tile_pipeline.h"
@@ -209,9 +210,13 @@ void TilePipeline::NextTileNeedsLocked(int64_t* a_bytes, int64_t* b_bytes) const
 }
 
 bool TilePipeline::CanComputeLocked() const {
-  if (computing_ || !have_problem_ || tiles_scheduled_ >= total_tiles_) return false;
+  if (tiles_running_ >= deps_.parallel_tiles || !have_problem_ ||
+      tiles_scheduled_ >= total_tiles_) {
+    return false;
+  }
   if (mode_ == Mode::kStreamTiles) {
-    const int64_t outstanding = static_cast<int64_t>(ready_.size()) + (writing_ ? 1 : 0);
+    const int64_t outstanding =
+        tiles_running_ + static_cast<int64_t>(ready_.size()) + (writing_ ? 1 : 0);
     if (outstanding + 1 > deps_.window) return false;
   }
   int64_t need_a = 0;
@@ -221,8 +226,8 @@ bool TilePipeline::CanComputeLocked() const {
 }
 
 TilePipeline::Tile TilePipeline::NextTileLocked() {
-  Tile tile{next_batch_, next_row_, std::min(tile_rows_, spec_.shape.n - next_row_),
-            tiles_scheduled_ == 0};
+  Tile tile{tiles_scheduled_, next_batch_, next_row_,
+            std::min(tile_rows_, spec_.shape.n - next_row_), tiles_scheduled_ == 0};
   next_row_ += tile.rows;
   if (next_row_ == spec_.shape.n) {
     next_row_ = 0;
@@ -237,7 +242,7 @@ bool TilePipeline::IngestDueLocked() const {
   // unless something waits for them: reading is paused, the input is complete, or no tile
   // is running and the received bytes complete the next tile's input.
   if (pending_bytes_ >= kIngestBatchBytes || reading_paused_ || input_closed_) return true;
-  if (computing_ || tiles_scheduled_ >= total_tiles_) return false;
+  if (tiles_running_ >= deps_.parallel_tiles || tiles_scheduled_ >= total_tiles_) return false;
   int64_t need_a = 0;
   int64_t need_b = 0;
   NextTileNeedsLocked(&need_a, &need_b);
@@ -245,13 +250,19 @@ bool TilePipeline::IngestDueLocked() const {
 }
 
 bool TilePipeline::DoneLocked() const {
-  if (!have_problem_ || !input_closed_ || computing_ || ingesting_ || writing_) return false;
+  if (!have_problem_ || !input_closed_ || tiles_running_ > 0 || ingesting_ || writing_) {
+    return false;
+  }
   return mode_ == Mode::kWholeResult ? tiles_computed_ == total_tiles_
                                      : tiles_written_ == total_tiles_;
 }
 
 void TilePipeline::TaskEndedLocked(TaskKind kind, absl::Status status) {
-  (kind == TaskKind::kIngest ? ingesting_ : computing_) = false;
+  if (kind == TaskKind::kIngest) {
+    ingesting_ = false;
+  } else {
+    --tiles_running_;
+  }
   if (!status.ok()) FailLocked(std::move(status));
 }
 
@@ -287,8 +298,7 @@ void TilePipeline::Pump() {
   std::unique_ptr<TileOutput> to_write;
   std::optional<std::deque<InputPiece>> to_ingest;
   IngestCursor cursor;
-  std::optional<Tile> to_compute;
-  std::unique_ptr<kernels::SimilarityJob> job;
+  std::vector<std::pair<Tile, std::unique_ptr<kernels::SimilarityJob>>> to_compute;
   bool resume_reading = false;
   std::optional<absl::Status> to_finish;
   std::unique_ptr<TileOutput> whole;
@@ -297,14 +307,16 @@ void TilePipeline::Pump() {
     MutexLock lock(&mu_);
     if (finished_) return;
     if (!error_.ok()) {
-      if (!computing_ && !ingesting_ && !writing_) {
+      if (tiles_running_ == 0 && !ingesting_ && !writing_) {
         finished_ = true;
         to_finish = error_;
       }
     } else {
-      if (mode_ == Mode::kStreamTiles && !writing_ && !ready_.empty()) {
-        to_write = std::move(ready_.front());
-        ready_.pop_front();
+      if (mode_ == Mode::kStreamTiles && !writing_ && !ready_.empty() &&
+          ready_.begin()->first == next_write_) {
+        to_write = std::move(ready_.begin()->second);
+        ready_.erase(ready_.begin());
+        ++next_write_;
         writing_ = true;
         writing_bytes_ = to_write->values_bytes + to_write->indices_bytes;
         ready_bytes_ -= writing_bytes_;
@@ -320,10 +332,14 @@ void TilePipeline::Pump() {
         reading_paused_ = false;
         resume_reading = true;
       }
-      if (CanComputeLocked()) {
-        computing_ = true;
-        to_compute = NextTileLocked();
-        job = std::move(job_);
+      while (CanComputeLocked()) {
+        ++tiles_running_;
+        std::unique_ptr<kernels::SimilarityJob> job;  // null: the task prepares a new one
+        if (!idle_jobs_.empty()) {
+          job = std::move(idle_jobs_.back());
+          idle_jobs_.pop_back();
+        }
+        to_compute.emplace_back(NextTileLocked(), std::move(job));
       }
       if (DoneLocked()) {
         finished_ = true;
@@ -334,7 +350,7 @@ void TilePipeline::Pump() {
     if (to_finish.has_value()) {
       // Nothing runs any more: release the kernel job (it borrows b), the buffers and the
       // reservation before the transport finishes.
-      job_.reset();
+      idle_jobs_.clear();
       deps_.stats->stream_buffered_bytes.fetch_sub(ready_bytes_);
       ready_bytes_ = 0;
       ready_.clear();
@@ -350,11 +366,10 @@ void TilePipeline::Pump() {
              RunIngest(std::move(pieces), cursor, wait);
            });
   }
-  if (to_compute.has_value()) {
-    Submit(TaskKind::kTile,
-           [this, tile = *to_compute, job = std::move(job)](absl::Duration wait) mutable {
-             RunTile(tile, std::move(job), wait);
-           });
+  for (auto& [tile, job] : to_compute) {
+    Submit(TaskKind::kTile, [this, tile = tile, job = std::move(job)](absl::Duration wait) mutable {
+      RunTile(tile, std::move(job), wait);
+    });
   }
   if (to_write != nullptr) sink_->WriteTile(std::move(to_write));
   if (resume_reading) sink_->ResumeReading();
@@ -394,9 +409,12 @@ void TilePipeline::RunInline() {
         pending_.clear();
         cursor = cursor_;
       } else if (CanComputeLocked()) {
-        computing_ = true;
+        ++tiles_running_;
         tile = NextTileLocked();
-        job = std::move(job_);
+        if (!idle_jobs_.empty()) {
+          job = std::move(idle_jobs_.back());
+          idle_jobs_.pop_back();
+        }
       } else {
         break;
       }
@@ -516,7 +534,7 @@ void TilePipeline::DoTile(const Tile& tile, std::unique_ptr<kernels::SimilarityJ
   const absl::Duration took = absl::Now() - begin;
   {
     MutexLock lock(&mu_);
-    job_ = std::move(job);
+    if (job != nullptr) idle_jobs_.push_back(std::move(job));
     report_.timings.queue += wait;
     report_.timings.compute += took;
     if (status.ok()) {
@@ -530,7 +548,7 @@ void TilePipeline::DoTile(const Tile& tile, std::unique_ptr<kernels::SimilarityJ
         ready_bytes_ += bytes;
         RaisePeak(deps_.stats->stream_buffered_bytes_peak,
                   deps_.stats->stream_buffered_bytes.fetch_add(bytes) + bytes);
-        ready_.push_back(std::move(out));
+        ready_.emplace(tile.seq, std::move(out));
       }
     }
     TaskEndedLocked(TaskKind::kTile, std::move(status));

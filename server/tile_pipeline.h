@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <map>
 #include <memory>
 #include <span>
 #include <vector>
@@ -106,6 +107,10 @@ class TilePipeline {
     BufferPool* buffers = nullptr;  // input, tile and result buffers
     // Stream mode: tiles computed ahead of the writer (computing + ready + writing).
     int window = 3;
+    // Tiles of one call computed at the same time, each by its own kernel job on its own
+    // pool worker (the pool's workers; with one OpenMP thread per worker this replaces
+    // OpenMP's fork/join by whole tiles in parallel).
+    int parallel_tiles = 1;
     // AddInput asks the caller to pause reading while this many received bytes wait to be
     // ingested.
     int64_t max_pending_input_bytes = int64_t{8} << 20;
@@ -151,6 +156,7 @@ class TilePipeline {
 
  private:
   struct Tile {
+    int64_t seq = 0;  // position in the output order
     int64_t batch = 0;
     int64_t row = 0;
     int64_t rows = 0;
@@ -223,16 +229,18 @@ class TilePipeline {
   bool input_closed_ ABSL_GUARDED_BY(mu_) = false;
   bool ingesting_ ABSL_GUARDED_BY(mu_) = false;
   IngestCursor cursor_ ABSL_GUARDED_BY(mu_);  // away while ingesting_
-  // Tiles.
-  std::unique_ptr<kernels::SimilarityJob> job_ ABSL_GUARDED_BY(mu_);  // away while computing_
-  bool computing_ ABSL_GUARDED_BY(mu_) = false;
+  // Tiles. A running tile task holds one kernel job; idle ones wait here for the next.
+  std::vector<std::unique_ptr<kernels::SimilarityJob>> idle_jobs_ ABSL_GUARDED_BY(mu_);
+  int tiles_running_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t next_batch_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t next_row_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t tiles_scheduled_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t tiles_computed_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t tiles_written_ ABSL_GUARDED_BY(mu_) = 0;
-  std::unique_ptr<TileOutput> whole_ ABSL_GUARDED_BY(mu_);              // whole mode
-  std::deque<std::unique_ptr<TileOutput>> ready_ ABSL_GUARDED_BY(mu_);  // stream mode
+  std::unique_ptr<TileOutput> whole_ ABSL_GUARDED_BY(mu_);  // whole mode
+  // Stream mode: computed tiles by output position; written in order from next_write_.
+  std::map<int64_t, std::unique_ptr<TileOutput>> ready_ ABSL_GUARDED_BY(mu_);
+  int64_t next_write_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t ready_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   int64_t writing_bytes_ ABSL_GUARDED_BY(mu_) = 0;

@@ -150,12 +150,14 @@ class TilePipelineTest : public ::testing::Test {
     ASSERT_TRUE(engine.ok()) << engine.status();
     engine_ = std::move(*engine);
   }
-  TilePipeline::Deps Deps(int window = 2, int64_t read_ahead = int64_t{8} << 20) {
+  TilePipeline::Deps Deps(int window = 2, int64_t read_ahead = int64_t{8} << 20,
+                          int parallel_tiles = 1) {
     return {.engine = engine_.get(),
             .pool = &pool_,
             .stats = &stats_,
             .buffers = buffers_.get(),
             .window = window,
+            .parallel_tiles = parallel_tiles,
             .max_pending_input_bytes = read_ahead};
   }
   Admission Admit(const ProblemSpec& spec) {
@@ -217,6 +219,30 @@ TEST_F(TilePipelineTest, StreamTilesCoverTheOutputOnceInOrderWithinTheWindow) {
   EXPECT_EQ(sink.finishes(), 1);
   EXPECT_EQ(stats_.stream_buffered_bytes.load(), 0);
   EXPECT_EQ(pool_.inflight_bytes(), 0);  // the reservation is released before Finish
+}
+
+TEST_F(TilePipelineTest, ParallelTilesAreWrittenInOutputOrder) {
+  const Problem p = MakeProblem(4, 9, 6, 3, /*tile_rows=*/2);  // 5 tiles per batch entry
+  for (int parallel : {1, 2}) {
+    FakeSink sink;
+    TilePipeline pipeline(Deps(/*window=*/4, int64_t{8} << 20, parallel),
+                          TilePipeline::Mode::kStreamTiles, &sink, absl::InfiniteFuture());
+    std::vector<InputPiece> pieces = Pieces(InputPiece::Tensor::kB, p.b, 1 << 20);
+    for (auto& piece : Pieces(InputPiece::Tensor::kA, p.a, 1 << 20))
+      pieces.push_back(std::move(piece));
+    pipeline.Start(p.spec, Admit(p.spec), std::move(pieces), true);
+    int64_t flat_row = 0;
+    while (auto tile = sink.NextWrite()) {
+      EXPECT_EQ(tile->batch * 9 + tile->row_offset, flat_row) << "parallel " << parallel;
+      ExpectTileMatches(p, *tile);
+      flat_row += tile->rows;
+      pipeline.WriteDone(true);
+    }
+    EXPECT_TRUE(sink.WaitFinished().ok());
+    EXPECT_EQ(flat_row, 36);
+    EXPECT_EQ(sink.report().tiles, 20);
+  }
+  EXPECT_EQ(stats_.stream_buffered_bytes.load(), 0);
 }
 
 TEST_F(TilePipelineTest, WholeResultIsComputedIntoOneBufferAndHandedToFinish) {
