@@ -23,6 +23,7 @@
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
 #include "gtest/gtest.h"
+#include "kernels/dtype.h"
 #include "server/config.h"
 #include "server/server.h"
 
@@ -354,12 +355,12 @@ TEST_F(ClientTest, HalfPrecisionInputsAreAccepted) {
   std::vector<uint16_t> a16(p.a.size());
   std::vector<uint16_t> b16(p.b.size());
   for (size_t i = 0; i < p.a.size(); ++i) {
-    a16[i] = FloatToHalf(p.a[i]);
-    p.a[i] = HalfToFloat(a16[i]);
+    a16[i] = kernels::FloatToF16(p.a[i]);
+    p.a[i] = kernels::F16ToFloat(a16[i]);
   }
   for (size_t i = 0; i < p.b.size(); ++i) {
-    b16[i] = FloatToHalf(p.b[i]);
-    p.b[i] = HalfToFloat(b16[i]);
+    b16[i] = kernels::FloatToF16(p.b[i]);
+    p.b[i] = kernels::F16ToFloat(b16[i]);
   }
   const TensorRef a{p.AShape(), v1::FLOAT16, std::as_bytes(std::span(a16))};
   const TensorRef b{p.BShape(), v1::FLOAT16, std::as_bytes(std::span(b16))};

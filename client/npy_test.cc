@@ -17,6 +17,7 @@
 #include "client/dtype.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "kernels/dtype.h"
 
 namespace simserve::npy {
 namespace {
@@ -156,7 +157,7 @@ TEST_F(NpyTest, FloatToHalfRoundsLikeNumpy) {
   const auto expected = Elements<uint16_t>(*h);
   ASSERT_EQ(inputs.size(), expected.size());
   for (size_t i = 0; i < inputs.size(); ++i) {
-    ASSERT_EQ(FloatToHalf(inputs[i]), expected[i]) << "value " << inputs[i];
+    ASSERT_EQ(kernels::FloatToF16(inputs[i]), expected[i]) << "value " << inputs[i];
   }
 }
 
@@ -175,8 +176,8 @@ TEST_F(NpyTest, BFloat16MatchesTruncationReference) {
   const auto inputs = Elements<float>(*x);
   const auto expected = Elements<uint16_t>(*r);
   for (size_t i = 0; i < inputs.size(); ++i) {
-    ASSERT_EQ(FloatToBFloat16(inputs[i]), expected[i]) << inputs[i];
-    const float back = BFloat16ToFloat(expected[i]);
+    ASSERT_EQ(kernels::FloatToBf16(inputs[i]), expected[i]) << inputs[i];
+    const float back = kernels::Bf16ToFloat(expected[i]);
     uint32_t back_bits = 0;
     std::memcpy(&back_bits, &back, 4);
     ASSERT_EQ(back_bits, static_cast<uint32_t>(expected[i]) << 16);
@@ -228,7 +229,8 @@ TEST_F(NpyTest, WrittenFilesLoadInNumpy) {
   const std::vector<int64_t> shape = {3, 2, 5};
   ASSERT_TRUE(
       WriteFile(Path("f.npy"), shape, DType::kFloat32, std::as_bytes(std::span(values))).ok());
-  std::vector<uint16_t> halves = {FloatToHalf(1.0F), FloatToHalf(-0.5F), FloatToHalf(1024.0F)};
+  std::vector<uint16_t> halves = {kernels::FloatToF16(1.0F), kernels::FloatToF16(-0.5F),
+                                  kernels::FloatToF16(1024.0F)};
   const std::vector<int64_t> vshape = {3};
   ASSERT_TRUE(
       WriteFile(Path("h.npy"), vshape, DType::kFloat16, std::as_bytes(std::span(halves))).ok());
