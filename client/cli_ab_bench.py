@@ -15,6 +15,7 @@ call, "srv cpu" = the server's CPU per call (from /proc/<pid>/stat).
 Usage: client/cli_ab_bench.py --server build/release/server/simserve \\
            --cli before=/path/old/simserve-cli --cli after=build/release/client/simserve-cli \\
            [--rounds 7] [--repeat 3] [--modes upload,stream,unary] [--output_dtype float32]
+           [--env after:GRPC_TRACE=...]   # extra environment of one variant
 """
 import argparse
 import os
@@ -43,12 +44,12 @@ def proc_cpu_ms(pid):
     return (int(fields[11]) + int(fields[12])) * 1e3 / CLK_TCK  # utime + stime
 
 
-def run_cli(cli, flags, server_pid):
+def run_cli(cli, flags, server_pid, env=None):
     srv0 = proc_cpu_ms(server_pid)
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen([cli] + flags, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env=env)
     out, err = proc.communicate(timeout=600)
     process_ms = (time.perf_counter() - start) * 1e3
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the CLI, reaped by communicate()
@@ -67,6 +68,8 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--server", required=True)
     ap.add_argument("--cli", action="append", required=True, help="name=path, repeatable")
+    ap.add_argument("--env", action="append", default=[],
+                    help="name:KEY=VALUE, an environment variable of variant `name`")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--repeat", type=int, default=3, help="calls per CLI run (1 + warm)")
     ap.add_argument("--modes", default="upload,stream,unary")
@@ -75,6 +78,11 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     clis = [tuple(c.split("=", 1)) for c in args.cli]
+    envs = {name: dict(os.environ) for name, _ in clis}
+    for item in args.env:
+        name, assignment = item.split(":", 1)
+        key, value = assignment.split("=", 1)
+        envs[name][key] = value
 
     with tempfile.TemporaryDirectory(prefix="simserve_ab_") as tmp:
         rng = np.random.default_rng(0)
@@ -100,7 +108,7 @@ def main():
             ref = None
             for name, cli in clis:
                 run_cli(cli, [f"--target={target}", f"--a={fa}", f"--b={fb}", f"--out={fo}",
-                              f"--output_dtype={args.output_dtype}"], server.pid)
+                              f"--output_dtype={args.output_dtype}"], server.pid, envs[name])
                 s = np.load(fo)
                 ref = s if ref is None else ref
                 assert np.array_equal(s, ref), f"{name} differs"
@@ -117,7 +125,7 @@ def main():
                                  f"--repeat={args.repeat}", "--timeout_ms=120000"]
                         if not args.no_out:
                             flags.append(f"--out={fo}")
-                        res = run_cli(cli, flags, server.pid)
+                        res = run_cli(cli, flags, server.pid, envs[name])
                         results.setdefault((mode, name), []).append(res)
             print(f"load average after: {os.getloadavg()[0]:.2f}")
         finally:
