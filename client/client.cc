@@ -7,6 +7,7 @@
 #include "client/client.h"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstring>
 #include <limits>
@@ -226,8 +227,8 @@ class ResultWriter {
 // client CPU per seed call than this, at the same wall time; see client/README.md).
 class CallQueue {
  public:
-  // The operations a call can have in flight; their tags.
-  enum class Op : intptr_t { kStart = 1, kWrite, kRead, kFinish };
+  // The operations a call can have in flight.
+  enum class Op : uint8_t { kStart, kWrite, kRead, kFinish };
 
   CallQueue() = default;
   CallQueue(const CallQueue&) = delete;
@@ -241,17 +242,19 @@ class CallQueue {
   }
 
   grpc::CompletionQueue* get() { return &queue_; }
-  static void* Tag(Op op) { return reinterpret_cast<void*>(static_cast<intptr_t>(op)); }
+  // The tag of `op`: the address of its byte in tags_.
+  void* Tag(Op op) { return &tags_[static_cast<size_t>(op)]; }
   // Waits for the next completed operation; false only after Shutdown.
   bool Next(Op* op, bool* ok) {
     void* tag = nullptr;
     if (!queue_.Next(&tag, ok)) return false;
-    *op = static_cast<Op>(reinterpret_cast<intptr_t>(tag));
+    *op = static_cast<Op>(static_cast<char*>(tag) - tags_.data());
     return true;
   }
 
  private:
   grpc::CompletionQueue queue_;
+  std::array<char, 4> tags_{};
 };
 
 // Runs one ComputeStream or ComputeUpload call (any server-streaming method is a bidi stream
@@ -266,7 +269,7 @@ absl::Status RunStream(grpc::GenericStub& stub, const std::string& method,
   using Op = CallQueue::Op;
   CallQueue queue;
   const auto call = stub.PrepareCall(context, method, queue.get());
-  call->StartCall(CallQueue::Tag(Op::kStart));
+  call->StartCall(queue.Tag(Op::kStart));
   Op op{};
   bool ok = false;
   if (!queue.Next(&op, &ok)) return absl::InternalError("completion queue shut down");
@@ -277,9 +280,9 @@ absl::Status RunStream(grpc::GenericStub& stub, const std::string& method,
     if (next_request == requests.size()) return;
     const grpc::ByteBuffer& request = requests[next_request++];
     if (next_request == requests.size()) {
-      call->WriteLast(request, grpc::WriteOptions(), CallQueue::Tag(Op::kWrite));
+      call->WriteLast(request, grpc::WriteOptions(), queue.Tag(Op::kWrite));
     } else {
-      call->Write(request, CallQueue::Tag(Op::kWrite));
+      call->Write(request, queue.Tag(Op::kWrite));
     }
     writing = true;
   };
@@ -289,7 +292,7 @@ absl::Status RunStream(grpc::GenericStub& stub, const std::string& method,
   absl::Status assembly_status;
   if (ok) {  // else the call never started: Finish says why
     write_next();
-    call->Read(&response, CallQueue::Tag(Op::kRead));
+    call->Read(&response, queue.Tag(Op::kRead));
     reading = true;
   }
   while ((writing || reading) && queue.Next(&op, &ok)) {
@@ -304,12 +307,12 @@ absl::Status RunStream(grpc::GenericStub& stub, const std::string& method,
         if (assembly_status.ok()) assembly_status = writer->AddChunk(view, decoder);
         if (!assembly_status.ok()) context->TryCancel();
       }
-      call->Read(&response, CallQueue::Tag(Op::kRead));  // drain after a cancel too
+      call->Read(&response, queue.Tag(Op::kRead));  // drain after a cancel too
       reading = true;
     }
   }
   grpc::Status status;
-  call->Finish(&status, CallQueue::Tag(Op::kFinish));
+  call->Finish(&status, queue.Tag(Op::kFinish));
   while (queue.Next(&op, &ok) && op != Op::kFinish) {
   }
   if (!assembly_status.ok()) return assembly_status;
@@ -486,7 +489,7 @@ absl::StatusOr<CallInfo> Client::Unary(const TensorRef& a, const TensorRef& b,
     const auto call =
         generic_stub_.PrepareUnaryCall(&context, MethodName("Compute"), request, queue.get());
     call->StartCall();
-    call->Finish(&response, &status, CallQueue::Tag(CallQueue::Op::kFinish));
+    call->Finish(&response, &status, queue.Tag(CallQueue::Op::kFinish));
     CallQueue::Op op{};
     bool ok = false;
     while (queue.Next(&op, &ok) && op != CallQueue::Op::kFinish) {

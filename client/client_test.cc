@@ -347,8 +347,10 @@ TEST_F(ClientTest, OutputRefIsFilledInPlaceInEveryModeLikeTheResultApi) {
 
 TEST_F(ClientTest, WronglySizedOutputRefIsInvalidArgumentBeforeAnyCall) {
   const Problem p = MakeProblem(2, 6, 5, 8, 4);
-  ByteVector values(2 * 6 * 5 * 4);
-  std::vector<int32_t> indices(2 * 6 * 3);
+  constexpr size_t kDenseBytes = size_t{2} * 6 * 5 * 4;
+  constexpr size_t kTop3Elements = size_t{2} * 6 * 3;
+  ByteVector values(kDenseBytes);
+  std::vector<int32_t> indices(kTop3Elements);
   ComputeOptions dense;
   ComputeOptions top3;
   top3.top_k = 3;
@@ -364,10 +366,12 @@ TEST_F(ClientTest, WronglySizedOutputRefIsInvalidArgumentBeforeAnyCall) {
     auto stray_indices = client_->Similarity(p.A(), p.B(), dense, {all, indices}, mode);
     EXPECT_EQ(stray_indices.status().code(), absl::StatusCode::kInvalidArgument);
     EXPECT_THAT(stray_indices.status().message(), HasSubstr("dense results have no indices"));
-    auto no_indices = client_->Similarity(p.A(), p.B(), top3, {all.first(2 * 6 * 3 * 4), {}}, mode);
+    auto no_indices =
+        client_->Similarity(p.A(), p.B(), top3, {all.first(kTop3Elements * 4), {}}, mode);
     EXPECT_EQ(no_indices.status().code(), absl::StatusCode::kInvalidArgument);
     EXPECT_THAT(no_indices.status().message(), HasSubstr("OutputRef.indices has 0 elements"));
-    auto ok = client_->Similarity(p.A(), p.B(), top3, {all.first(2 * 6 * 3 * 4), indices}, mode);
+    auto ok =
+        client_->Similarity(p.A(), p.B(), top3, {all.first(kTop3Elements * 4), indices}, mode);
     EXPECT_TRUE(ok.ok()) << ok.status();
   }
   const TensorRef rank1 = TensorRef::Float32({static_cast<int64_t>(p.a.size())}, p.a);

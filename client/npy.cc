@@ -539,10 +539,13 @@ std::span<std::byte> MappedOutputFile::data() const {
 
 absl::Status MappedOutputFile::Close() {
   absl::Status status;
-  if (base_ != nullptr && ::munmap(base_, size_) != 0)
+  if (base_ != nullptr && ::munmap(base_, size_) != 0) {
     status = IoError("cannot unmap", path_, errno);
+  }
   base_ = nullptr;
-  if (fd_ >= 0 && ::close(fd_) != 0 && status.ok()) status = IoError("cannot close", path_, errno);
+  if (fd_ >= 0 && ::close(fd_) != 0 && status.ok()) {
+    status = IoError("cannot close", path_, errno);
+  }
   fd_ = -1;
   return status;
 }
