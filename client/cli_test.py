@@ -85,6 +85,7 @@ class CliTest(unittest.TestCase):
     def test_info_prints_server_facts(self):
         self.assertIn("onednn_version", self.info)
         self.assertIn("max_receive_message_bytes", self.info)
+        self.assertRegex(self.info, r"message_overhead_bytes +4096")
         self.assertIn("COSINE", self.info)
 
     def test_cosine_3d_matches_sklearn_in_every_mode(self):
@@ -189,10 +190,15 @@ class CliTest(unittest.TestCase):
         rng = np.random.default_rng(7)
         fa = self.save("a.npy", rng.standard_normal((2, 4, 8), dtype=np.float32))
         fb = self.save("b9.npy", rng.standard_normal((2, 5, 9), dtype=np.float32))
+        out = self.path("never.npy")
         for mode in ("unary", "stream", "upload"):
-            proc = self.cli(f"--a={fa}", f"--b={fb}", f"--mode={mode}", expect=1)
+            proc = self.cli(f"--a={fa}", f"--b={fb}", f"--mode={mode}", f"--out={out}",
+                            "--top_k=2", expect=1)
             self.assertIn("INVALID_ARGUMENT", proc.stderr)
             self.assertIn("D mismatch", proc.stderr)
+            # The result files, created before the call, are removed again.
+            self.assertFalse(os.path.exists(out))
+            self.assertFalse(os.path.exists(self.path("never.indices.npy")))
         nan = rng.standard_normal((2, 4, 8), dtype=np.float32)
         nan[1, 2, 3] = np.nan
         proc = self.cli(f"--a={self.save('nan.npy', nan)}", f"--b={fa}", expect=1)

@@ -1,6 +1,7 @@
 // simserve::Client — the C++ client library of the simserve.v1.Similarity service: unary,
-// streamed (reassembled into one preallocated result) and full-duplex upload calls, an
-// automatic mode that picks one of them by size, top-k, deadlines and server timings.
+// streamed and full-duplex upload calls that write the result straight into one buffer
+// (the caller's, or one they allocate), an automatic mode that picks the RPC by size,
+// top-k, deadlines and server timings. Public gRPC API only (grpc::GenericStub).
 #ifndef SIMSERVE_CLIENT_CLIENT_H_
 #define SIMSERVE_CLIENT_CLIENT_H_
 
@@ -19,7 +20,7 @@
 #include "absl/time/time.h"
 #include "client/dtype.h"
 #include "grpcpp/channel.h"
-#include "grpcpp/impl/rpc_method.h"
+#include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/security/credentials.h"
 #include "simserve/v1/similarity.grpc.pb.h"
 
@@ -86,6 +87,43 @@ struct ComputeOptions {
   std::optional<absl::Duration> timeout;
 };
 
+// The shape, element type and byte size of the result of a request: the one definition of
+// the client's output-size arithmetic (checked against client/testdata/output_sizes.json,
+// which the Python client's tests check too).
+struct OutputSpec {
+  // [batch, N, M] dense, [batch, N, k] top-k; 2D inputs give [N, M] / [N, k].
+  std::vector<int64_t> shape;
+  v1::DataType dtype = v1::FLOAT32;
+  int64_t elements = 0;       // prod(shape)
+  int64_t values_bytes = 0;   // elements * ElementBytes(dtype)
+  int64_t indices_bytes = 0;  // top-k: elements * 4; dense: 0
+
+  int64_t total_bytes() const { return values_bytes + indices_bytes; }
+};
+
+// Bytes per element of `dtype`: 4 for FLOAT32, 2 for BFLOAT16 and FLOAT16.
+int64_t ElementBytes(v1::DataType dtype);
+
+// The result `a` x `b` with `options` will have (options.output_dtype, options.top_k).
+// Only what sizing needs is checked: INVALID_ARGUMENT unless both shapes have rank 2 or
+// both rank 3 with no negative dimension; RESOURCE_EXHAUSTED if the sizes overflow int64.
+// Everything else (batch or D mismatch, top_k > M, zero dimensions, ...) is the server's
+// to reject, with its own message.
+absl::StatusOr<OutputSpec> OutputSize(std::span<const int64_t> a_shape,
+                                      std::span<const int64_t> b_shape,
+                                      const ComputeOptions& options);
+
+// Where a call writes its result: caller-owned memory that the received messages are
+// copied into directly (one copy per byte, no intermediate buffer). The sizes must match
+// OutputSize() exactly, else the call fails with INVALID_ARGUMENT before anything is sent:
+// `values` = values_bytes (C-order little-endian elements of options.output_dtype);
+// `indices` = `elements` int32 column indices for top-k, empty for a dense result.
+// The memory must stay valid for the call; after a failed call its contents are undefined.
+struct OutputRef {
+  std::span<std::byte> values;
+  std::span<int32_t> indices;
+};
+
 // Server-side timings from the trailing metadata (simserve-queue-ms, simserve-compute-ms,
 // simserve-total-ms), in milliseconds; nullopt when the server did not send one.
 struct ServerTimings {
@@ -94,16 +132,12 @@ struct ServerTimings {
   std::optional<double> total_ms;
 };
 
-// The result of one computation.
-struct Result {
+// What a call reports besides the result data.
+struct CallInfo {
   // [batch, N, M] dense, [batch, N, k] top-k; 2D inputs give [N, M] / [N, k].
   std::vector<int64_t> shape;
-  // Element type of `values`.
+  // Element type of the values.
   v1::DataType dtype = v1::FLOAT32;
-  // C-order little-endian values of `dtype` (prod(shape) elements).
-  ByteVector values;
-  // Top-k only: int32 column indices, same shape as the values; empty for dense results.
-  std::vector<int32_t> indices;
   ServerTimings server;
   // Client wall time of the call, from before the request is built to the last byte placed.
   double client_wall_ms = 0.0;
@@ -111,6 +145,14 @@ struct Result {
   CallMode mode = CallMode::kUnary;
   // Number of result messages received (1 for unary).
   int64_t chunks = 0;
+};
+
+// The result of one computation, in buffers the client allocated.
+struct Result : CallInfo {
+  // C-order little-endian values of `dtype` (prod(shape) elements).
+  ByteVector values;
+  // Top-k only: int32 column indices, same shape as the values; empty for dense results.
+  std::vector<int32_t> indices;
 
   // prod(shape).
   int64_t element_count() const;
@@ -134,38 +176,62 @@ class Client {
   // The server's version, ISA, limits and capabilities. Errors carry the gRPC code/message.
   absl::StatusOr<v1::GetInfoResponse> GetInfo(std::optional<absl::Duration> timeout = {});
 
-  // Unary Compute. Fails with the server's status, e.g. INVALID_ARGUMENT for bad input,
-  // RESOURCE_EXHAUSTED when the result exceeds one message (use ComputeStream),
-  // DEADLINE_EXCEEDED when the deadline passes.
+  // Every call comes in two forms: one returns a Result in buffers it allocates, the other
+  // writes into the caller's OutputRef (sizes: see OutputRef) and returns the CallInfo.
+  // Both send the tensors without copying them and copy every received byte exactly
+  // once, straight into place. Errors: the server's status (INVALID_ARGUMENT for bad
+  // input, RESOURCE_EXHAUSTED over a limit, DEADLINE_EXCEEDED, ...); INVALID_ARGUMENT
+  // from OutputSize() or for a wrongly sized OutputRef; INTERNAL for a malformed result
+  // (shape or dtype not the requested one, wrong sizes, gaps or overlaps of tiles).
+
+  // Unary Compute: the whole result in one response message, decoded from the received
+  // slices. RESOURCE_EXHAUSTED when the result exceeds one message (use ComputeStream).
   absl::StatusOr<Result> Compute(const TensorRef& a, const TensorRef& b,
                                  const ComputeOptions& options = {});
+  absl::StatusOr<CallInfo> Compute(const TensorRef& a, const TensorRef& b,
+                                   const ComputeOptions& options, OutputRef out);
 
-  // ComputeStream: the result arrives in row tiles that are written into place in one
-  // preallocated buffer. A malformed stream (bad shape, gaps, overlaps, wrong sizes) is
-  // INTERNAL; server errors as for Compute.
+  // ComputeStream: the result arrives in row tiles, each written into place as it arrives.
   absl::StatusOr<Result> ComputeStream(const TensorRef& a, const TensorRef& b,
                                        const ComputeOptions& options = {});
+  absl::StatusOr<CallInfo> ComputeStream(const TensorRef& a, const TensorRef& b,
+                                         const ComputeOptions& options, OutputRef out);
 
   // ComputeUpload: sends the header, then B, then A in pieces of
-  // ClientOptions::upload_piece_bytes from a writer thread while this thread reads and
-  // places result tiles (full duplex). No input size limit beyond the server's own.
+  // ClientOptions::upload_piece_bytes (clamped to the server's receive limit) while result
+  // tiles are placed as they arrive (full duplex). No input size limit beyond the server's.
   absl::StatusOr<Result> ComputeUpload(const TensorRef& a, const TensorRef& b,
                                        const ComputeOptions& options = {});
+  absl::StatusOr<CallInfo> ComputeUpload(const TensorRef& a, const TensorRef& b,
+                                         const ComputeOptions& options, OutputRef out);
 
   // Picks the RPC with ChooseMode (kAuto; the server's limits come from one cached GetInfo
   // call) or uses `mode` as given, then calls it.
   absl::StatusOr<Result> Similarity(const TensorRef& a, const TensorRef& b,
                                     const ComputeOptions& options = {},
                                     CallMode mode = CallMode::kAuto);
+  absl::StatusOr<CallInfo> Similarity(const TensorRef& a, const TensorRef& b,
+                                      const ComputeOptions& options, OutputRef out,
+                                      CallMode mode = CallMode::kAuto);
 
   // The rule kAuto applies, exposed for tests and tools. `input_bytes` = A + B payload,
-  // `output_bytes` = values + indices of the result, `limits` = the server's (GetInfo).
-  // 1. inputs do not fit one message (max_receive_message_bytes minus 64 KiB) -> kUpload;
-  // 2. inputs + output <= auto_unary_max_bytes and the output fits the server's max send
-  //    message size -> kUnary;
+  // `output_bytes` = OutputSpec::total_bytes(), `limits` = the server's (GetInfo; a limit
+  // of 0 means gRPC's default 4 MiB, negative means unlimited), with
+  // overhead = MessageOverheadBytes(limits):
+  // 1. inputs + overhead exceed max_receive_message_bytes -> kUpload;
+  // 2. inputs + output <= auto_unary_max_bytes and output + overhead fits
+  //    max_send_message_bytes -> kUnary;
   // 3. inputs >= auto_upload_min_input_bytes -> kUpload;  4. otherwise kStream.
   static CallMode ChooseMode(int64_t input_bytes, int64_t output_bytes, const v1::Limits& limits,
                              const ClientOptions& options);
+
+  // The framing slack of one message: the server's Limits.message_overhead_bytes, or 4096
+  // when it reports 0 (an older server).
+  static int64_t MessageOverheadBytes(const v1::Limits& limits);
+
+  // ComputeUpload's piece size: `wanted`, clamped to max_receive_message_bytes minus the
+  // overhead when the server reports a positive receive limit larger than the overhead.
+  static int64_t UploadPieceBytes(int64_t wanted, const v1::Limits& limits);
 
   // The channel, e.g. for health checks or reflection.
   std::shared_ptr<grpc::Channel> channel() const { return channel_; }
@@ -182,13 +248,22 @@ class Client {
 
  private:
   absl::StatusOr<v1::Limits> CachedLimits(absl::Duration timeout);
+  // The calls behind both forms of Compute / ComputeStream / ComputeUpload, after
+  // `spec` = OutputSize() and `out` were checked against each other.
+  absl::StatusOr<CallInfo> Unary(const TensorRef& a, const TensorRef& b,
+                                 const ComputeOptions& options, const OutputSpec& spec,
+                                 OutputRef out);
+  absl::StatusOr<CallInfo> Streamed(CallMode mode, const TensorRef& a, const TensorRef& b,
+                                    const ComputeOptions& options, const OutputSpec& spec,
+                                    OutputRef out);
+  absl::StatusOr<CallInfo> Run(CallMode mode, const TensorRef& a, const TensorRef& b,
+                               const ComputeOptions& options, OutputRef out);
 
   ClientOptions options_;
   std::shared_ptr<grpc::Channel> channel_;
-  std::unique_ptr<v1::Similarity::Stub> stub_;
-  // Streaming calls go through grpc::ByteBuffer (zero-copy requests, direct tile placement).
-  std::unique_ptr<grpc::internal::RpcMethod> compute_stream_method_;
-  std::unique_ptr<grpc::internal::RpcMethod> compute_upload_method_;
+  std::unique_ptr<v1::Similarity::Stub> stub_;  // GetInfo (protobuf messages)
+  // Compute calls go through grpc::ByteBuffer: zero-copy requests, direct placement.
+  grpc::GenericStub generic_stub_;
   absl::Mutex mu_;
   std::optional<v1::Limits> limits_ ABSL_GUARDED_BY(mu_);
 };

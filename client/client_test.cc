@@ -10,8 +10,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <fstream>
 #include <numeric>
 #include <random>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -20,9 +22,12 @@
 #include "absl/strings/str_cat.h"
 #include "client/dtype.h"
 #include "gmock/gmock.h"
+#include "google/protobuf/struct.pb.h"
+#include "google/protobuf/util/json_util.h"
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
 #include "gtest/gtest.h"
+#include "kernels/dtype.h"
 #include "server/config.h"
 #include "server/server.h"
 
@@ -289,6 +294,92 @@ TEST_F(ClientTest, UnaryStreamAndUploadAreBitIdentical) {
   }
 }
 
+TEST_F(ClientTest, OutputRefIsFilledInPlaceInEveryModeLikeTheResultApi) {
+  const Problem p = MakeProblem(2, 30, 20, 16, 9);
+  for (const uint32_t top_k : {0U, 5U}) {
+    for (const v1::DataType dtype : {v1::FLOAT32, v1::BFLOAT16}) {
+      ComputeOptions options;
+      options.top_k = top_k;
+      options.output_dtype = dtype;
+      options.max_chunk_bytes = 500;
+      auto spec = OutputSize(p.AShape(), p.BShape(), options);
+      ASSERT_TRUE(spec.ok()) << spec.status();
+      const int64_t cols = top_k > 0 ? top_k : 20;
+      EXPECT_EQ(spec->shape, (std::vector<int64_t>{2, 30, cols}));
+      const auto reference = Call(*client_, CallMode::kUnary, p, options);
+      ASSERT_TRUE(reference.ok()) << reference.status();
+      for (const CallMode mode :
+           {CallMode::kAuto, CallMode::kUnary, CallMode::kStream, CallMode::kUpload}) {
+        SCOPED_TRACE(absl::StrCat(Name(mode), " top_k ", top_k, " ", v1::DataType_Name(dtype)));
+        // Guard bytes around the caller's buffers must stay untouched.
+        std::vector<std::byte> values(static_cast<size_t>(spec->values_bytes) + 16,
+                                      std::byte{0x5A});
+        std::vector<int32_t> indices(static_cast<size_t>(spec->indices_bytes / 4) + 4, -7);
+        const OutputRef out{std::span(values).subspan(8, static_cast<size_t>(spec->values_bytes)),
+                            std::span(indices).subspan(2, indices.size() - 4)};
+        auto info = client_->Similarity(p.A(), p.B(), options, out, mode);
+        ASSERT_TRUE(info.ok()) << info.status();
+        EXPECT_EQ(info->shape, spec->shape);
+        EXPECT_EQ(info->dtype, dtype);
+        if (mode != CallMode::kAuto) {
+          EXPECT_EQ(info->mode, mode);
+        }
+        EXPECT_EQ(std::memcmp(out.values.data(), reference->values.data(), out.values.size()), 0);
+        EXPECT_TRUE(std::equal(out.indices.begin(), out.indices.end(), reference->indices.begin(),
+                               reference->indices.end()));
+        for (size_t i = 0; i < 8; ++i) {
+          EXPECT_EQ(values[i], std::byte{0x5A});
+          EXPECT_EQ(values[values.size() - 1 - i], std::byte{0x5A});
+        }
+        EXPECT_EQ(indices.front(), -7);
+        EXPECT_EQ(indices.back(), -7);
+      }
+    }
+  }
+  // The per-mode entry points take an OutputRef too.
+  auto spec = OutputSize(p.AShape(), p.BShape(), {});
+  ASSERT_TRUE(spec.ok());
+  ByteVector values(static_cast<size_t>(spec->values_bytes));
+  EXPECT_TRUE(client_->Compute(p.A(), p.B(), {}, OutputRef{values, {}}).ok());
+  EXPECT_TRUE(client_->ComputeStream(p.A(), p.B(), {}, OutputRef{values, {}}).ok());
+  EXPECT_TRUE(client_->ComputeUpload(p.A(), p.B(), {}, OutputRef{values, {}}).ok());
+}
+
+TEST_F(ClientTest, WronglySizedOutputRefIsInvalidArgumentBeforeAnyCall) {
+  const Problem p = MakeProblem(2, 6, 5, 8, 4);
+  constexpr size_t kDenseBytes = size_t{2} * 6 * 5 * 4;
+  constexpr size_t kTop3Elements = size_t{2} * 6 * 3;
+  ByteVector values(kDenseBytes);
+  std::vector<int32_t> indices(kTop3Elements);
+  ComputeOptions dense;
+  ComputeOptions top3;
+  top3.top_k = 3;
+  const std::span<std::byte> all(values);
+  for (const CallMode mode :
+       {CallMode::kAuto, CallMode::kUnary, CallMode::kStream, CallMode::kUpload}) {
+    SCOPED_TRACE(Name(mode));
+    auto short_values =
+        client_->Similarity(p.A(), p.B(), dense, {all.first(all.size() - 4), {}}, mode);
+    EXPECT_EQ(short_values.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(short_values.status().message(), HasSubstr("OutputRef.values has 236 bytes"));
+    EXPECT_THAT(short_values.status().message(), HasSubstr("needs 240"));
+    auto stray_indices = client_->Similarity(p.A(), p.B(), dense, {all, indices}, mode);
+    EXPECT_EQ(stray_indices.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(stray_indices.status().message(), HasSubstr("dense results have no indices"));
+    auto no_indices =
+        client_->Similarity(p.A(), p.B(), top3, {all.first(kTop3Elements * 4), {}}, mode);
+    EXPECT_EQ(no_indices.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(no_indices.status().message(), HasSubstr("OutputRef.indices has 0 elements"));
+    auto ok =
+        client_->Similarity(p.A(), p.B(), top3, {all.first(kTop3Elements * 4), indices}, mode);
+    EXPECT_TRUE(ok.ok()) << ok.status();
+  }
+  const TensorRef rank1 = TensorRef::Float32({static_cast<int64_t>(p.a.size())}, p.a);
+  auto rank = client_->Similarity(rank1, p.B(), dense, {all, {}});
+  EXPECT_EQ(rank.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(rank.status().message(), HasSubstr("must both be 2D"));
+}
+
 TEST_F(ClientTest, TwoDimensionalInputsGiveTwoDimensionalOutput) {
   const Problem p = MakeProblem(1, 9, 5, 16, 2, /*two_d=*/true);
   for (const CallMode mode : {CallMode::kUnary, CallMode::kStream, CallMode::kUpload}) {
@@ -354,12 +445,12 @@ TEST_F(ClientTest, HalfPrecisionInputsAreAccepted) {
   std::vector<uint16_t> a16(p.a.size());
   std::vector<uint16_t> b16(p.b.size());
   for (size_t i = 0; i < p.a.size(); ++i) {
-    a16[i] = FloatToHalf(p.a[i]);
-    p.a[i] = HalfToFloat(a16[i]);
+    a16[i] = kernels::FloatToF16(p.a[i]);
+    p.a[i] = kernels::F16ToFloat(a16[i]);
   }
   for (size_t i = 0; i < p.b.size(); ++i) {
-    b16[i] = FloatToHalf(p.b[i]);
-    p.b[i] = HalfToFloat(b16[i]);
+    b16[i] = kernels::FloatToF16(p.b[i]);
+    p.b[i] = kernels::F16ToFloat(b16[i]);
   }
   const TensorRef a{p.AShape(), v1::FLOAT16, std::as_bytes(std::span(a16))};
   const TensorRef b{p.BShape(), v1::FLOAT16, std::as_bytes(std::span(b16))};
@@ -546,9 +637,139 @@ TEST(ChooseModeTest, FollowsTheDocumentedRule) {
   EXPECT_EQ(Client::ChooseMode(5 * kMiB, 10, v1::Limits(), options), CallMode::kUpload);
 }
 
+// client/testdata/output_sizes.json, the test vectors the Python client's tests check too,
+// parsed into a protobuf Struct (numbers are doubles: every value in the file is exact).
+class SharedVectorsTest : public ::testing::Test {
+ protected:
+  using Struct = google::protobuf::Struct;
+  using Value = google::protobuf::Value;
+
+  static void SetUpTestSuite() {
+    std::ifstream file(SIMSERVE_CLIENT_TESTDATA "/output_sizes.json");
+    ASSERT_TRUE(file.good()) << "cannot read " SIMSERVE_CLIENT_TESTDATA "/output_sizes.json";
+    std::stringstream text;
+    text << file.rdbuf();
+    vectors_ = new Struct;
+    ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(text.str(), vectors_).ok());
+  }
+  static void TearDownTestSuite() {
+    delete vectors_;
+    vectors_ = nullptr;
+  }
+  void SetUp() override { ASSERT_NE(vectors_, nullptr); }
+
+  static const google::protobuf::RepeatedPtrField<Value>& List(const char* key) {
+    return vectors_->fields().at(key).list_value().values();
+  }
+  static bool Has(const Struct& s, const char* key) { return s.fields().contains(key); }
+  static int64_t Int(const Struct& s, const char* key) {
+    return static_cast<int64_t>(s.fields().at(key).number_value());
+  }
+  static std::vector<int64_t> Ints(const Struct& s, const char* key) {
+    std::vector<int64_t> out;
+    for (const Value& v : s.fields().at(key).list_value().values()) {
+      out.push_back(static_cast<int64_t>(v.number_value()));
+    }
+    return out;
+  }
+  static ComputeOptions Options(const Struct& s) {
+    ComputeOptions options;
+    EXPECT_TRUE(
+        v1::DataType_Parse(s.fields().at("output_dtype").string_value(), &options.output_dtype));
+    options.top_k = static_cast<uint32_t>(Int(s, "top_k"));
+    return options;
+  }
+  // Limits from a JSON object whose keys are Limits field names (descriptor-driven).
+  static v1::Limits LimitsOf(const Struct& s) {
+    v1::Limits limits;
+    for (const auto& [name, value] : s.fields().at("limits").struct_value().fields()) {
+      const auto* field = v1::Limits::descriptor()->FindFieldByName(name);
+      EXPECT_NE(field, nullptr) << name;
+      if (field != nullptr) {
+        limits.GetReflection()->SetInt64(&limits, field,
+                                         static_cast<int64_t>(value.number_value()));
+      }
+    }
+    return limits;
+  }
+  static ClientOptions ThresholdsOf(const Struct& s) {
+    const Struct& defaults = vectors_->fields().at("defaults").struct_value();
+    ClientOptions options;
+    options.auto_unary_max_bytes = Int(Has(s, "unary_max_bytes") ? s : defaults, "unary_max_bytes");
+    options.auto_upload_min_input_bytes =
+        Int(Has(s, "upload_min_bytes") ? s : defaults, "upload_min_bytes");
+    return options;
+  }
+  static int64_t Elements(const std::vector<int64_t>& shape) {
+    return std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<>());
+  }
+
+  static Struct* vectors_;
+};
+
+SharedVectorsTest::Struct* SharedVectorsTest::vectors_ = nullptr;
+
+TEST_F(SharedVectorsTest, OutputSizes) {
+  ASSERT_GT(List("output_sizes").size(), 10);
+  for (const Value& entry : List("output_sizes")) {
+    const Struct& c = entry.struct_value();
+    SCOPED_TRACE(c.fields().at("name").string_value());
+    auto spec = OutputSize(Ints(c, "a_shape"), Ints(c, "b_shape"), Options(c));
+    if (Has(c, "error")) {
+      EXPECT_EQ(absl::StatusCodeToString(spec.status().code()),
+                c.fields().at("error").string_value())
+          << spec.status();
+      continue;
+    }
+    ASSERT_TRUE(spec.ok()) << spec.status();
+    EXPECT_EQ(spec->shape, Ints(c, "out_shape"));
+    EXPECT_EQ(spec->values_bytes, Int(c, "values_bytes"));
+    EXPECT_EQ(spec->indices_bytes, Int(c, "indices_bytes"));
+    EXPECT_EQ(spec->elements, Elements(spec->shape));
+  }
+}
+
+TEST_F(SharedVectorsTest, AutoModes) {
+  ASSERT_GT(List("modes").size(), 10);
+  for (const Value& entry : List("modes")) {
+    const Struct& c = entry.struct_value();
+    SCOPED_TRACE(c.fields().at("name").string_value());
+    auto spec = OutputSize(Ints(c, "a_shape"), Ints(c, "b_shape"), Options(c));
+    ASSERT_TRUE(spec.ok()) << spec.status();
+    const int64_t input_bytes = 4 * (Elements(Ints(c, "a_shape")) + Elements(Ints(c, "b_shape")));
+    const CallMode mode =
+        Client::ChooseMode(input_bytes, spec->total_bytes(), LimitsOf(c), ThresholdsOf(c));
+    EXPECT_EQ(Name(mode), c.fields().at("mode").string_value());
+  }
+}
+
+TEST_F(SharedVectorsTest, UploadPieceBytes) {
+  ASSERT_GT(List("upload_piece_bytes").size(), 4);
+  for (const Value& entry : List("upload_piece_bytes")) {
+    const Struct& c = entry.struct_value();
+    SCOPED_TRACE(c.fields().at("name").string_value());
+    EXPECT_EQ(Client::UploadPieceBytes(Int(c, "wanted"), LimitsOf(c)), Int(c, "piece_bytes"));
+  }
+}
+
 // A deliberately broken server: streams chunks that do not tile the output correctly.
 class BrokenStreamService final : public v1::Similarity::Service {
  public:
+  // A unary result [1, 4, 3] float32 with one defect, chosen by request.epsilon.
+  grpc::Status Compute(grpc::ServerContext* /*context*/, const v1::ComputeRequest* request,
+                       v1::ComputeResponse* response) override {
+    for (const int64_t dim : {1, 4, 3}) response->add_shape(dim);
+    response->set_values_raw(std::string(size_t{4} * 3 * 4, '\0'));
+    if (request->epsilon() > 2) {
+      response->set_values_raw(std::string(7, '\0'));  // wrong payload size
+    } else if (request->epsilon() > 1) {
+      response->set_dtype(v1::FLOAT16);  // not the requested dtype
+    } else {
+      response->set_shape(1, 5);  // not the shape the inputs give
+    }
+    return grpc::Status::OK;
+  }
+
   grpc::Status ComputeStream(grpc::ServerContext* /*context*/, const v1::ComputeRequest* request,
                              grpc::ServerWriter<v1::ComputeChunk>* writer) override {
     // Output [1, 4, 3] float32; request.top_k selects the defect.
@@ -580,7 +801,7 @@ class BrokenStreamService final : public v1::Similarity::Service {
   }
 };
 
-TEST(MalformedStreamTest, GapsShortStreamsAndBadSizesAreInternalErrors) {
+TEST(MalformedResultTest, GapsShortStreamsWrongShapesAndBadSizesAreInternalErrors) {
   BrokenStreamService service;
   grpc::ServerBuilder builder;
   int port = 0;
@@ -597,6 +818,17 @@ TEST(MalformedStreamTest, GapsShortStreamsAndBadSizesAreInternalErrors) {
     ComputeOptions options;
     options.epsilon = selector;
     auto result = (*client)->ComputeStream(p.A(), p.B(), options);
+    EXPECT_EQ(result.status().code(), absl::StatusCode::kInternal) << result.status();
+    EXPECT_THAT(result.status().message(), HasSubstr(message));
+  }
+  const std::vector<std::pair<float, std::string>> unary_cases = {
+      {0.5F, "shape [1,5,3], expected [1,4,3]"},
+      {1.5F, "dtype 2, expected FLOAT32"},
+      {2.5F, "7 value bytes, expected 48"}};
+  for (const auto& [selector, message] : unary_cases) {
+    ComputeOptions options;
+    options.epsilon = selector;
+    auto result = (*client)->Compute(p.A(), p.B(), options);
     EXPECT_EQ(result.status().code(), absl::StatusCode::kInternal) << result.status();
     EXPECT_THAT(result.status().message(), HasSubstr(message));
   }

@@ -1,17 +1,22 @@
-// Element-type helpers shared by the C++ client, the .npy reader/writer and simserve-cli:
-// IEEE binary16 and bfloat16 <-> float32 conversions and a byte buffer that does not
-// zero-fill (large results are written exactly once, so zeroing would be wasted work).
+// Element-type helpers shared by the C++ client, the .npy reader/writer and simserve-cli: a
+// byte buffer that does not zero-fill (large results are written exactly once, so zeroing
+// would be wasted work) and bulk float16 / bfloat16 -> float32 widening. The element
+// conversions themselves have one definition, kernels/dtype.h (header-only target
+// simserve_dtype), which the kernel, the server and the client all use.
 #ifndef SIMSERVE_CLIENT_DTYPE_H_
 #define SIMSERVE_CLIENT_DTYPE_H_
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <new>
 #include <span>
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include "kernels/dtype.h"
 
 namespace simserve {
 
@@ -41,19 +46,23 @@ class DefaultInitAllocator : public std::allocator<T> {
 // Raw bytes whose resize() leaves new elements uninitialised.
 using ByteVector = std::vector<std::byte, DefaultInitAllocator<std::byte>>;
 
-// IEEE 754 binary16 bits -> float32 (exact; handles subnormals, Inf and NaN).
-float HalfToFloat(uint16_t bits);
-// float32 -> IEEE 754 binary16 bits, round to nearest even; overflow gives +-Inf.
-uint16_t FloatToHalf(float value);
-// bfloat16 bits (upper half of a float32) -> float32 (exact).
-float BFloat16ToFloat(uint16_t bits);
-// float32 -> bfloat16 bits, round to nearest even; NaN stays NaN.
-uint16_t FloatToBFloat16(float value);
-
-// Converts `count` little-endian binary16 / bfloat16 elements at `src` to float32 in `dst`.
-// `src` needs 2*count bytes and `dst` count floats; no alignment is required of `src`.
-void HalfToFloat(const std::byte* src, size_t count, float* dst);
-void BFloat16ToFloat(const std::byte* src, size_t count, float* dst);
+// Converts `count` little-endian binary16 / bfloat16 elements at `src` to float32 in `dst`
+// (exactly, with kernels/dtype.h's conversions). `src` needs 2*count bytes and `dst` count
+// floats; no alignment is required of `src`.
+inline void HalfToFloat(const std::byte* src, size_t count, float* dst) {
+  for (size_t i = 0; i < count; ++i) {
+    uint16_t bits = 0;
+    std::memcpy(&bits, src + 2 * i, sizeof(bits));
+    dst[i] = kernels::F16ToFloat(bits);
+  }
+}
+inline void BFloat16ToFloat(const std::byte* src, size_t count, float* dst) {
+  for (size_t i = 0; i < count; ++i) {
+    uint16_t bits = 0;
+    std::memcpy(&bits, src + 2 * i, sizeof(bits));
+    dst[i] = kernels::Bf16ToFloat(bits);
+  }
+}
 
 }  // namespace simserve
 

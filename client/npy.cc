@@ -488,4 +488,66 @@ std::span<const std::byte> MappedFile::data() const {
   return bytes().subspan(layout_.data_offset, layout_.data_size);
 }
 
+absl::StatusOr<MappedOutputFile> MappedOutputFile::Create(const std::string& path,
+                                                          std::span<const int64_t> shape,
+                                                          DType dtype) {
+  auto data_size = ByteCount(shape, dtype);
+  if (!data_size.ok()) return data_size.status();
+  const std::string header = BuildHeader(shape, dtype);
+  MappedOutputFile file;
+  file.path_ = path;
+  file.data_offset_ = header.size();
+  file.size_ = header.size() + static_cast<size_t>(*data_size);
+  file.fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (file.fd_ < 0) return IoError("cannot create", path, errno);
+  // Reserve the blocks now: a full disk is an error here, not a SIGBUS while writing.
+  if (const int err = ::posix_fallocate(file.fd_, 0, static_cast<off_t>(file.size_)); err != 0) {
+    return IoError("cannot allocate space for", path, err);
+  }
+  void* base = ::mmap(nullptr, file.size_, PROT_READ | PROT_WRITE, MAP_SHARED, file.fd_, 0);
+  if (base == MAP_FAILED) return IoError("cannot map", path, errno);
+  file.base_ = base;
+  std::memcpy(file.base_, header.data(), header.size());
+  return file;
+}
+
+MappedOutputFile::MappedOutputFile(MappedOutputFile&& other) noexcept
+    : path_(std::move(other.path_)),
+      fd_(std::exchange(other.fd_, -1)),
+      base_(std::exchange(other.base_, nullptr)),
+      size_(std::exchange(other.size_, 0)),
+      data_offset_(std::exchange(other.data_offset_, 0)) {}
+
+MappedOutputFile& MappedOutputFile::operator=(MappedOutputFile&& other) noexcept {
+  if (this != &other) {
+    (void)Close();
+    path_ = std::move(other.path_);
+    fd_ = std::exchange(other.fd_, -1);
+    base_ = std::exchange(other.base_, nullptr);
+    size_ = std::exchange(other.size_, 0);
+    data_offset_ = std::exchange(other.data_offset_, 0);
+  }
+  return *this;
+}
+
+MappedOutputFile::~MappedOutputFile() { (void)Close(); }
+
+std::span<std::byte> MappedOutputFile::data() const {
+  if (base_ == nullptr) return {};
+  return {static_cast<std::byte*>(base_) + data_offset_, size_ - data_offset_};
+}
+
+absl::Status MappedOutputFile::Close() {
+  absl::Status status;
+  if (base_ != nullptr && ::munmap(base_, size_) != 0) {
+    status = IoError("cannot unmap", path_, errno);
+  }
+  base_ = nullptr;
+  if (fd_ >= 0 && ::close(fd_) != 0 && status.ok()) {
+    status = IoError("cannot close", path_, errno);
+  }
+  fd_ = -1;
+  return status;
+}
+
 }  // namespace simserve::npy

@@ -81,6 +81,39 @@ class MappedFile {
   Layout layout_;
 };
 
+// A new .npy file (version 1.0, or 2.0 for a huge header) of a given shape and dtype,
+// memory-mapped for writing: Create() writes the header and reserves the payload on disk,
+// the caller fills data() in place — e.g. as the destination of a simserve::OutputRef, so
+// that received results go straight into the page cache with no extra buffer or write()
+// copy — and Close() unmaps and closes it. Move-only; the destructor closes too (errors
+// ignored). The file is complete only after data() is fully written.
+class MappedOutputFile {
+ public:
+  // Creates (or truncates) `path`. INVALID_ARGUMENT for a bad shape, UNKNOWN / NOT_FOUND /
+  // PERMISSION_DENIED naming the file for I/O errors, including no space for the payload.
+  static absl::StatusOr<MappedOutputFile> Create(const std::string& path,
+                                                 std::span<const int64_t> shape, DType dtype);
+  MappedOutputFile(MappedOutputFile&& other) noexcept;
+  MappedOutputFile& operator=(MappedOutputFile&& other) noexcept;
+  MappedOutputFile(const MappedOutputFile&) = delete;
+  MappedOutputFile& operator=(const MappedOutputFile&) = delete;
+  ~MappedOutputFile();
+
+  // The array's element bytes (prod(shape) * SizeOf(dtype)), writable until Close().
+  std::span<std::byte> data() const;
+  // Unmaps and closes the file. UNKNOWN naming the file on failure.
+  absl::Status Close();
+
+ private:
+  MappedOutputFile() = default;
+
+  std::string path_;
+  int fd_ = -1;
+  void* base_ = nullptr;
+  size_t size_ = 0;
+  size_t data_offset_ = 0;
+};
+
 // Converts a floating-point array to float32 values (float16/float64 are converted,
 // float32 is copied). INVALID_ARGUMENT for int32.
 absl::StatusOr<std::vector<float>> ToFloat32(const Array& array);

@@ -3,6 +3,7 @@
 #include "client/npy.h"
 
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -17,6 +18,7 @@
 #include "client/dtype.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "kernels/dtype.h"
 
 namespace simserve::npy {
 namespace {
@@ -156,7 +158,7 @@ TEST_F(NpyTest, FloatToHalfRoundsLikeNumpy) {
   const auto expected = Elements<uint16_t>(*h);
   ASSERT_EQ(inputs.size(), expected.size());
   for (size_t i = 0; i < inputs.size(); ++i) {
-    ASSERT_EQ(FloatToHalf(inputs[i]), expected[i]) << "value " << inputs[i];
+    ASSERT_EQ(kernels::FloatToF16(inputs[i]), expected[i]) << "value " << inputs[i];
   }
 }
 
@@ -175,8 +177,8 @@ TEST_F(NpyTest, BFloat16MatchesTruncationReference) {
   const auto inputs = Elements<float>(*x);
   const auto expected = Elements<uint16_t>(*r);
   for (size_t i = 0; i < inputs.size(); ++i) {
-    ASSERT_EQ(FloatToBFloat16(inputs[i]), expected[i]) << inputs[i];
-    const float back = BFloat16ToFloat(expected[i]);
+    ASSERT_EQ(kernels::FloatToBf16(inputs[i]), expected[i]) << inputs[i];
+    const float back = kernels::Bf16ToFloat(expected[i]);
     uint32_t back_bits = 0;
     std::memcpy(&back_bits, &back, 4);
     ASSERT_EQ(back_bits, static_cast<uint32_t>(expected[i]) << 16);
@@ -228,7 +230,8 @@ TEST_F(NpyTest, WrittenFilesLoadInNumpy) {
   const std::vector<int64_t> shape = {3, 2, 5};
   ASSERT_TRUE(
       WriteFile(Path("f.npy"), shape, DType::kFloat32, std::as_bytes(std::span(values))).ok());
-  std::vector<uint16_t> halves = {FloatToHalf(1.0F), FloatToHalf(-0.5F), FloatToHalf(1024.0F)};
+  std::vector<uint16_t> halves = {kernels::FloatToF16(1.0F), kernels::FloatToF16(-0.5F),
+                                  kernels::FloatToF16(1024.0F)};
   const std::vector<int64_t> vshape = {3};
   ASSERT_TRUE(
       WriteFile(Path("h.npy"), vshape, DType::kFloat16, std::as_bytes(std::span(halves))).ok());
@@ -247,6 +250,49 @@ TEST_F(NpyTest, WrittenFilesLoadInNumpy) {
   auto image = Serialize(shape, DType::kFloat32, std::as_bytes(std::span(values)));
   ASSERT_TRUE(image.ok());
   EXPECT_EQ((image->size() - values.size() * 4) % 64, 0U);
+}
+
+TEST_F(NpyTest, MappedOutputFilesAreWrittenInPlaceAndLoadInNumpy) {
+  const std::vector<int64_t> shape = {2, 3, 4};
+  {
+    auto file = MappedOutputFile::Create(Path("m.npy"), shape, DType::kFloat32);
+    ASSERT_TRUE(file.ok()) << file.status();
+    ASSERT_EQ(file->data().size(), 2U * 3 * 4 * 4);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(file->data().data()) % 64, 0U) << "64-byte header";
+    for (size_t i = 0; i < 24; ++i) {
+      const float value = static_cast<float>(i) - 3.5F;
+      std::memcpy(file->data().data() + 4 * i, &value, 4);
+    }
+    // The same bytes as WriteFile() would give.
+    std::vector<float> values(24);
+    std::memcpy(values.data(), file->data().data(), 96);
+    auto image = Serialize(shape, DType::kFloat32, std::as_bytes(std::span(values)));
+    ASSERT_TRUE(image.ok());
+    MappedOutputFile moved = *std::move(file);
+    ASSERT_TRUE(moved.Close().ok());
+    EXPECT_EQ(ReadText("m.npy"), *image);
+    EXPECT_TRUE(moved.data().empty());
+    EXPECT_TRUE(moved.Close().ok()) << "closing twice is harmless";
+  }
+  {
+    const std::vector<int64_t> empty_shape = {0, 5};
+    auto empty = MappedOutputFile::Create(Path("e.npy"), empty_shape, DType::kInt32);
+    ASSERT_TRUE(empty.ok()) << empty.status();
+    EXPECT_TRUE(empty->data().empty());
+  }  // the destructor closes
+  RunPython(
+      "m = np.load(d + '/m.npy'); e = np.load(d + '/e.npy')\n"
+      "ok = (m.dtype == np.float32 and m.shape == (2, 3, 4) and\n"
+      "      np.array_equal(m.ravel(), np.arange(24, dtype=np.float32) - 3.5) and\n"
+      "      e.dtype == np.int32 and e.shape == (0, 5))\n"
+      "open(d + '/verdict.txt', 'w').write('ok' if ok else repr((m, e)))");
+  EXPECT_EQ(ReadText("verdict.txt"), "ok");
+  const std::vector<int64_t> bad = {-1, 2};
+  EXPECT_EQ(MappedOutputFile::Create(Path("bad.npy"), bad, DType::kFloat32).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  const auto missing = MappedOutputFile::Create(Path("no/such/dir.npy"), shape, DType::kFloat32);
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(missing.status().message(), HasSubstr("dir.npy"));
 }
 
 TEST_F(NpyTest, RejectsFortranOrderAndUnsupportedTypes) {

@@ -4,6 +4,8 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -19,7 +21,9 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "client/client.h"
+#include "client/dtype.h"
 #include "client/npy.h"
+#include "kernels/dtype.h"
 
 ABSL_FLAG(std::string, target, "localhost:50051", "Server address, host:port.");
 ABSL_FLAG(std::string, a, "",
@@ -155,43 +159,96 @@ absl::StatusOr<Input> MakeInput(simserve::npy::MappedFile file, const std::strin
   return input;
 }
 
-absl::Status WriteResult(const simserve::Result& result, const std::string& out,
-                         std::string indices_out) {
-  if (result.dtype == v1::BFLOAT16) {
-    std::fprintf(stderr,
-                 "note: .npy has no bfloat16; the bfloat16 result is written widened to "
-                 "float32 (exactly)\n");
+// Where the result goes: straight into memory-mapped .npy files (--out, and for top-k the
+// indices file), or into buffers allocated once (no --out). Every call of --repeat writes
+// into the same memory. .npy has no bfloat16: a bfloat16 result is received into the first
+// half of the float32 file's payload and widened in place by Finish().
+class Output {
+ public:
+  static absl::StatusOr<Output> Create(const simserve::OutputSpec& spec, const std::string& out,
+                                       std::string indices_out) {
+    Output output;
+    output.spec_ = spec;
+    output.bf16_in_f32_ = spec.dtype == v1::BFLOAT16;
+    if (out.empty()) {
+      output.values_buffer_.resize(static_cast<size_t>(spec.values_bytes));
+      output.indices_buffer_.resize(static_cast<size_t>(spec.indices_bytes) / sizeof(int32_t));
+      output.ref_ = {output.values_buffer_, output.indices_buffer_};
+      return output;
+    }
+    output.paths_.push_back(out);
+    auto values = simserve::npy::MappedOutputFile::Create(out, spec.shape,
+                                                          spec.dtype == v1::FLOAT16
+                                                              ? simserve::npy::DType::kFloat16
+                                                              : simserve::npy::DType::kFloat32);
+    if (!values.ok()) return values.status();
+    output.values_file_ = *std::move(values);
+    output.ref_.values = output.values_file_->data().first(static_cast<size_t>(spec.values_bytes));
+    if (spec.indices_bytes > 0) {
+      if (indices_out.empty()) {
+        indices_out = absl::EndsWith(out, ".npy") ? out.substr(0, out.size() - 4) : out;
+        indices_out += ".indices.npy";
+      }
+      output.paths_.push_back(indices_out);
+      auto indices = simserve::npy::MappedOutputFile::Create(indices_out, spec.shape,
+                                                             simserve::npy::DType::kInt32);
+      if (!indices.ok()) return indices.status();
+      output.indices_file_ = *std::move(indices);
+      const std::span<std::byte> bytes = output.indices_file_->data();
+      // The payload starts 64-byte aligned (numpy pads the header to a multiple of 64).
+      output.ref_.indices = {reinterpret_cast<int32_t*>(bytes.data()),
+                             bytes.size() / sizeof(int32_t)};
+    }
+    return output;
   }
-  if (result.dtype == v1::FLOAT32 || result.dtype == v1::FLOAT16) {
-    const auto dtype = result.dtype == v1::FLOAT32 ? simserve::npy::DType::kFloat32
-                                                   : simserve::npy::DType::kFloat16;
-    if (absl::Status s = simserve::npy::WriteFile(out, result.shape, dtype, result.values);
-        !s.ok()) {
-      return s;
+
+  simserve::OutputRef ref() const { return ref_; }
+
+  // Completes the files after the last call: widens a bfloat16 result to float32 and
+  // closes (unmaps) them.
+  absl::Status Finish() {
+    if (!values_file_.has_value()) return absl::OkStatus();
+    if (bf16_in_f32_) {
+      std::fprintf(stderr,
+                   "note: .npy has no bfloat16; the bfloat16 result is written widened to "
+                   "float32 (exactly)\n");
+      // Back to front, so that no bfloat16 element is overwritten before it is read.
+      std::byte* data = values_file_->data().data();
+      for (auto i = static_cast<size_t>(spec_.elements); i-- > 0;) {
+        uint16_t bits = 0;
+        std::memcpy(&bits, data + 2 * i, sizeof(bits));
+        const float value = simserve::kernels::Bf16ToFloat(bits);
+        std::memcpy(data + 4 * i, &value, sizeof(value));
+      }
     }
-  } else {
-    const std::vector<float> widened = result.ValuesAsFloat();
-    if (absl::Status s = simserve::npy::WriteFile(out, result.shape, simserve::npy::DType::kFloat32,
-                                                  std::as_bytes(std::span(widened)));
-        !s.ok()) {
-      return s;
+    absl::Status status = values_file_->Close();
+    if (indices_file_.has_value()) {
+      if (absl::Status s = indices_file_->Close(); status.ok()) status = s;
+      absl::PrintF("indices written to %s\n", paths_.back());
     }
+    return status;
   }
-  if (!result.indices.empty()) {
-    if (indices_out.empty()) {
-      indices_out = absl::EndsWith(out, ".npy") ? out.substr(0, out.size() - 4) : out;
-      indices_out += ".indices.npy";
-    }
-    if (absl::Status s =
-            simserve::npy::WriteFile(indices_out, result.shape, simserve::npy::DType::kInt32,
-                                     std::as_bytes(std::span(result.indices)));
-        !s.ok()) {
-      return s;
-    }
-    absl::PrintF("indices written to %s\n", indices_out);
+
+  // Removes the files of a failed run (they would hold no or partial results).
+  void Discard() {
+    values_file_.reset();
+    indices_file_.reset();
+    for (const std::string& path : paths_) std::remove(path.c_str());
   }
-  return absl::OkStatus();
-}
+
+  // Bytes of the result in wire format (values + indices).
+  int64_t wire_bytes() const { return spec_.total_bytes(); }
+
+ private:
+  simserve::OutputSpec spec_;
+  bool bf16_in_f32_ = false;
+  std::vector<std::string> paths_;
+  std::optional<simserve::npy::MappedOutputFile> values_file_;
+  std::optional<simserve::npy::MappedOutputFile> indices_file_;
+  simserve::ByteVector values_buffer_;
+  std::vector<int32_t> indices_buffer_;
+  simserve::OutputRef ref_;
+};
 
 std::string Ms(const std::optional<double>& ms) {
   return ms.has_value() ? absl::StrFormat("%.2f ms", *ms) : std::string("n/a");
@@ -233,10 +290,11 @@ void PrintInfo(const v1::GetInfoResponse& info) {
       "  max_chunk_bytes            %d\n"
       "  default_chunk_bytes        %d\n"
       "  max_queued_requests        %d\n"
-      "  max_inflight_bytes         %d\n",
+      "  max_inflight_bytes         %d\n"
+      "  message_overhead_bytes     %d\n",
       l.max_receive_message_bytes(), l.max_send_message_bytes(), l.max_input_elements(),
       l.max_output_bytes(), l.max_flops(), l.max_chunk_bytes(), l.default_chunk_bytes(),
-      l.max_queued_requests(), l.max_inflight_bytes());
+      l.max_queued_requests(), l.max_inflight_bytes(), l.message_overhead_bytes());
 }
 
 int Fail(const absl::Status& status, const char* what) {
@@ -317,31 +375,37 @@ int Run() {
   if (!b.ok()) return Fail(b.status(), "reading --b");
   const double load_ms = MillisSince(load_start);
 
+  const std::string out = absl::GetFlag(FLAGS_out);
+  auto spec = simserve::OutputSize(a->Ref().shape, b->Ref().shape, options);
+  if (!spec.ok()) return Fail(spec.status(), "Similarity");
+  const auto create_start = std::chrono::steady_clock::now();
+  auto output = Output::Create(*spec, out, absl::GetFlag(FLAGS_indices_out));
+  if (!output.ok()) return Fail(output.status(), "writing the result");
+  double save_ms = MillisSince(create_start);
+
   std::vector<double> walls;
-  absl::StatusOr<simserve::Result> result;
+  absl::StatusOr<simserve::CallInfo> result;
   for (int i = 0; i < repeat; ++i) {
-    result = (*client)->Similarity(a->Ref(), b->Ref(), options, *mode);
-    if (!result.ok()) return Fail(result.status(), "Similarity");
+    result = (*client)->Similarity(a->Ref(), b->Ref(), options, output->ref(), *mode);
+    if (!result.ok()) {
+      output->Discard();
+      return Fail(result.status(), "Similarity");
+    }
     walls.push_back(result->client_wall_ms);
     if (repeat > 1) {
       absl::PrintF("run %d: client wall %.2f ms, server total %s\n", i + 1, result->client_wall_ms,
                    Ms(result->server.total_ms));
     }
   }
-
-  double save_ms = 0;
-  const std::string out = absl::GetFlag(FLAGS_out);
-  if (!out.empty()) {
-    const auto save_start = std::chrono::steady_clock::now();
-    if (absl::Status s = WriteResult(*result, out, absl::GetFlag(FLAGS_indices_out)); !s.ok()) {
-      return Fail(s, "writing the result");
-    }
-    save_ms = MillisSince(save_start);
+  const auto finish_start = std::chrono::steady_clock::now();
+  if (absl::Status s = output->Finish(); !s.ok()) {
+    output->Discard();
+    return Fail(s, "writing the result");
   }
+  save_ms += MillisSince(finish_start);
 
   const double in_mb = static_cast<double>(a->Ref().data.size() + b->Ref().data.size()) / 1e6;
-  const double out_mb =
-      static_cast<double>(result->values.size() + result->indices.size() * sizeof(int32_t)) / 1e6;
+  const double out_mb = static_cast<double>(output->wire_bytes()) / 1e6;
   std::sort(walls.begin(), walls.end());
   const double median = walls[walls.size() / 2];
   absl::PrintF("result: shape [%s] %s via %s (%d message%s)%s%s\n",

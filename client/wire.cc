@@ -94,8 +94,8 @@ class SliceReader {
   size_t consumed_ = 0;
 };
 
-absl::Status Malformed(const char* what) {
-  return absl::InternalError(absl::StrCat("malformed ComputeChunk on the wire: ", what));
+absl::Status Malformed(const char* message, const char* what) {
+  return absl::InternalError(absl::StrCat("malformed ", message, " on the wire: ", what));
 }
 
 }  // namespace
@@ -103,13 +103,14 @@ absl::Status Malformed(const char* what) {
 grpc::ByteBuffer EncodeComputeRequest(const v1::ComputeRequest& request,
                                       std::span<const std::byte> a_data,
                                       std::span<const std::byte> b_data) {
-  // ComputeRequest = [field 1: Tensor a][field 2: Tensor b][options...]. Each tensor is
-  // its serialized header (shape, dtype) followed by field 3 (raw) = the data slice.
+  // ComputeRequest = [Tensor a][Tensor b][options...] (protobuf accepts fields in any
+  // order). Each tensor is its serialized header (shape, dtype) followed by its `raw`
+  // field = the data slice.
   std::vector<grpc::Slice> slices;
   const auto add_tensor = [&slices](int field, const v1::Tensor& header,
                                     std::span<const std::byte> data) {
     std::string tensor_prefix = header.SerializeAsString();
-    AppendTag(3, kLengthDelimited, &tensor_prefix);
+    AppendTag(v1::Tensor::kRawFieldNumber, kLengthDelimited, &tensor_prefix);
     AppendVarint(data.size(), &tensor_prefix);
     std::string prefix;
     AppendTag(field, kLengthDelimited, &prefix);
@@ -118,8 +119,8 @@ grpc::ByteBuffer EncodeComputeRequest(const v1::ComputeRequest& request,
     slices.push_back(CopySlice(prefix));
     if (!data.empty()) slices.push_back(StaticSlice(data));
   };
-  add_tensor(1, request.a(), a_data);
-  add_tensor(2, request.b(), b_data);
+  add_tensor(v1::ComputeRequest::kAFieldNumber, request.a(), a_data);
+  add_tensor(v1::ComputeRequest::kBFieldNumber, request.b(), b_data);
   v1::ComputeRequest options = request;
   options.clear_a();
   options.clear_b();
@@ -142,68 +143,95 @@ grpc::ByteBuffer EncodeMessage(const google::protobuf::MessageLite& message) {
   return grpc::ByteBuffer(&slice, 1);
 }
 
-absl::Status ChunkDecoder::Decode(grpc::ByteBuffer& buffer, ChunkView* view) {
+struct ResultDecoder::Fields {
+  const char* message;
+  int shape;
+  int dtype;
+  int batch_index;  // 0: the message has no such field
+  int row_offset;
+  int row_count;
+  int values;
+  int indices;
+};
+
+absl::Status ResultDecoder::DecodeChunk(grpc::ByteBuffer& buffer, ResultView* view) {
+  using C = v1::ComputeChunk;
+  static constexpr Fields kChunk = {"ComputeChunk",           C::kShapeFieldNumber,
+                                    C::kDtypeFieldNumber,     C::kBatchIndexFieldNumber,
+                                    C::kRowOffsetFieldNumber, C::kRowCountFieldNumber,
+                                    C::kValuesRawFieldNumber, C::kIndicesRawFieldNumber};
+  return Decode(buffer, kChunk, view);
+}
+
+absl::Status ResultDecoder::DecodeResponse(grpc::ByteBuffer& buffer, ResultView* view) {
+  using R = v1::ComputeResponse;
+  static constexpr Fields kResponse = {
+      "ComputeResponse",        R::kShapeFieldNumber,     R::kDtypeFieldNumber, 0, 0, 0,
+      R::kValuesRawFieldNumber, R::kIndicesRawFieldNumber};
+  return Decode(buffer, kResponse, view);
+}
+
+absl::Status ResultDecoder::Decode(grpc::ByteBuffer& buffer, const Fields& fields,
+                                   ResultView* view) {
+  const char* const message = fields.message;
   slices_.clear();
-  if (!buffer.Dump(&slices_).ok()) return Malformed("cannot read the message buffer");
-  *view = ChunkView();
+  if (!buffer.Dump(&slices_).ok()) return Malformed(message, "cannot read the message buffer");
+  *view = ResultView();
   SliceReader reader(slices_);
   while (!reader.AtEnd()) {
     uint64_t tag = 0;
-    if (!reader.ReadVarint(&tag)) return Malformed("truncated tag");
+    if (!reader.ReadVarint(&tag)) return Malformed(message, "truncated tag");
     const auto field = static_cast<int>(tag >> 3);
     const auto wire_type = static_cast<int>(tag & 7);
+    if (field == 0) return Malformed(message, "field number 0");
     uint64_t value = 0;
     if (wire_type == kVarint) {
-      if (!reader.ReadVarint(&value)) return Malformed("truncated varint");
-      switch (field) {
-        case 1:  // unpacked repeated shape
-          view->shape.push_back(static_cast<int64_t>(value));
-          break;
-        case 2:
-          view->dtype = static_cast<int>(value);
-          break;
-        case 3:
-          view->batch_index = static_cast<int64_t>(value);
-          break;
-        case 4:
-          view->row_offset = static_cast<int64_t>(value);
-          break;
-        case 5:
-          view->row_count = static_cast<int64_t>(value);
-          break;
-        default:
-          break;  // unknown field: ignore
-      }
+      if (!reader.ReadVarint(&value)) return Malformed(message, "truncated varint");
+      const auto signed_value = static_cast<int64_t>(value);
+      if (field == fields.shape) {  // unpacked repeated shape
+        view->shape.push_back(signed_value);
+      } else if (field == fields.dtype) {
+        view->dtype = static_cast<int>(value);
+      } else if (field == fields.batch_index) {
+        view->batch_index = signed_value;
+      } else if (field == fields.row_offset) {
+        view->row_offset = signed_value;
+      } else if (field == fields.row_count) {
+        view->row_count = signed_value;
+      }  // else an unknown field: ignore
     } else if (wire_type == kLengthDelimited) {
       uint64_t length = 0;
-      if (!reader.ReadVarint(&length)) return Malformed("truncated length");
-      if (field == 1) {  // packed shape
+      if (!reader.ReadVarint(&length)) return Malformed(message, "truncated length");
+      if (field == fields.shape) {  // packed shape
         const size_t end = reader.consumed() + static_cast<size_t>(length);
         while (reader.consumed() < end) {
           uint64_t dim = 0;
-          if (!reader.ReadVarint(&dim)) return Malformed("truncated shape");
+          if (!reader.ReadVarint(&dim)) return Malformed(message, "truncated shape");
           view->shape.push_back(static_cast<int64_t>(dim));
         }
-        if (reader.consumed() != end) return Malformed("shape overruns its length");
-      } else if (field == 6 || field == 7) {
-        (field == 6 ? view->values_at : view->indices_at) = reader.position();
-        (field == 6 ? view->values_size : view->indices_size) = static_cast<size_t>(length);
-        if (!reader.Skip(static_cast<size_t>(length))) return Malformed("truncated payload");
+        if (reader.consumed() != end) return Malformed(message, "shape overruns its length");
+      } else if (field == fields.values || field == fields.indices) {
+        (field == fields.values ? view->values_at : view->indices_at) = reader.position();
+        (field == fields.values ? view->values_size : view->indices_size) =
+            static_cast<size_t>(length);
+        if (!reader.Skip(static_cast<size_t>(length))) {
+          return Malformed(message, "truncated payload");
+        }
       } else if (!reader.Skip(static_cast<size_t>(length))) {
-        return Malformed("truncated field");
+        return Malformed(message, "truncated field");
       }
     } else if (wire_type == kFixed64) {
-      if (!reader.Skip(8)) return Malformed("truncated fixed64");
+      if (!reader.Skip(8)) return Malformed(message, "truncated fixed64");
     } else if (wire_type == kFixed32) {
-      if (!reader.Skip(4)) return Malformed("truncated fixed32");
+      if (!reader.Skip(4)) return Malformed(message, "truncated fixed32");
     } else {
-      return Malformed("unsupported wire type");
+      return Malformed(message, "unsupported wire type");
     }
   }
   return absl::OkStatus();
 }
 
-void ChunkDecoder::Copy(SlicePosition at, size_t size, std::byte* dst) const {
+void ResultDecoder::Copy(SlicePosition at, size_t size, std::byte* dst) const {
   while (size > 0) {
     const grpc::Slice& slice = slices_[at.slice];
     const size_t step = std::min(size, slice.size() - at.offset);
@@ -215,11 +243,11 @@ void ChunkDecoder::Copy(SlicePosition at, size_t size, std::byte* dst) const {
   }
 }
 
-void ChunkDecoder::CopyValues(const ChunkView& view, std::byte* dst) const {
+void ResultDecoder::CopyValues(const ResultView& view, std::byte* dst) const {
   Copy(view.values_at, view.values_size, dst);
 }
 
-void ChunkDecoder::CopyIndices(const ChunkView& view, std::byte* dst) const {
+void ResultDecoder::CopyIndices(const ResultView& view, std::byte* dst) const {
   Copy(view.indices_at, view.indices_size, dst);
 }
 

@@ -1,7 +1,9 @@
-// Zero-copy wire encoding for the client's streaming calls: requests whose tensor bytes
-// are referenced (not copied) by the outgoing grpc::ByteBuffer, and a ComputeChunk decoder
-// that copies tile payloads straight from the received slices into their final place.
-// The encodings are plain protobuf wire format of the messages in similarity.proto.
+// Zero-copy wire encoding for all of the client's calls: requests whose tensor bytes are
+// referenced (not copied) by the outgoing grpc::ByteBuffer, and a decoder of the result
+// messages (ComputeChunk and ComputeResponse) that copies their payloads straight from the
+// received slices into their final place. The encodings are plain protobuf wire format of
+// the messages in similarity.proto; field numbers come from the generated code
+// (k...FieldNumber), so a renumbering in the proto cannot silently break them.
 #ifndef SIMSERVE_CLIENT_WIRE_H_
 #define SIMSERVE_CLIENT_WIRE_H_
 
@@ -26,7 +28,10 @@ grpc::ByteBuffer EncodeComputeRequest(const v1::ComputeRequest& request,
 
 // A serialized UploadRequest whose `a_data` (field 2) or `b_data` (field 3) holds `piece`,
 // referenced, not copied (same lifetime rule as above).
-enum class UploadField { kAData = 2, kBData = 3 };
+enum class UploadField {
+  kAData = v1::UploadRequest::kADataFieldNumber,
+  kBData = v1::UploadRequest::kBDataFieldNumber,
+};
 grpc::ByteBuffer EncodeUploadPiece(UploadField field, std::span<const std::byte> piece);
 
 // Serializes any message into a buffer (copying; for small messages such as headers).
@@ -38,8 +43,10 @@ struct SlicePosition {
   size_t offset = 0;
 };
 
-// One ComputeChunk as decoded from the wire, its payloads still in the received slices.
-struct ChunkView {
+// One result message as decoded from the wire, its payloads still in the received slices.
+// A ComputeChunk fills every field; a ComputeResponse (the whole result) has no
+// batch_index / row_offset / row_count, which stay 0.
+struct ResultView {
   std::vector<int64_t> shape;
   int dtype = 0;
   int64_t batch_index = 0;
@@ -51,18 +58,23 @@ struct ChunkView {
   SlicePosition indices_at;
 };
 
-// Decodes a ComputeChunk. Keeps the buffer's slices so that CopyValues/CopyIndices can
-// copy the payloads afterwards. Not thread-safe; reusable for the next message.
-class ChunkDecoder {
+// Decodes ComputeChunk / ComputeResponse messages. Keeps the buffer's slices so that
+// CopyValues/CopyIndices can copy the payloads afterwards. Not thread-safe; reusable for
+// the next message.
+class ResultDecoder {
  public:
-  // Parses `buffer` (taking its slices). INTERNAL for malformed protobuf wire data.
-  absl::Status Decode(grpc::ByteBuffer& buffer, ChunkView* view);
-  // Copies the values_raw / indices_raw payload of the last decoded chunk to `dst`, which
-  // must have room for view.values_size / view.indices_size bytes.
-  void CopyValues(const ChunkView& view, std::byte* dst) const;
-  void CopyIndices(const ChunkView& view, std::byte* dst) const;
+  // Parses `buffer` (taking its slices) as a ComputeChunk / ComputeResponse. Unknown fields
+  // are skipped. INTERNAL for malformed protobuf wire data.
+  absl::Status DecodeChunk(grpc::ByteBuffer& buffer, ResultView* view);
+  absl::Status DecodeResponse(grpc::ByteBuffer& buffer, ResultView* view);
+  // Copies the values_raw / indices_raw payload of the last decoded message to `dst`,
+  // which must have room for view.values_size / view.indices_size bytes.
+  void CopyValues(const ResultView& view, std::byte* dst) const;
+  void CopyIndices(const ResultView& view, std::byte* dst) const;
 
  private:
+  struct Fields;  // the field numbers of one message type
+  absl::Status Decode(grpc::ByteBuffer& buffer, const Fields& fields, ResultView* view);
   void Copy(SlicePosition at, size_t size, std::byte* dst) const;
   std::vector<grpc::Slice> slices_;
 };

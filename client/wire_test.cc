@@ -105,9 +105,9 @@ TEST(WireTest, DecodesChunksSerializedByProtobufAcrossSliceBoundaries) {
   for (const std::vector<size_t>& cuts :
        std::vector<std::vector<size_t>>{{}, {1}, {3, 3, 4}, {7, 20, 500, 1001}, {bytes.size()}}) {
     grpc::ByteBuffer buffer = Split(bytes, cuts);
-    ChunkDecoder decoder;
-    ChunkView view;
-    ASSERT_TRUE(decoder.Decode(buffer, &view).ok());
+    ResultDecoder decoder;
+    ResultView view;
+    ASSERT_TRUE(decoder.DecodeChunk(buffer, &view).ok());
     EXPECT_THAT(view.shape, ::testing::ElementsAre(100, 400, 500));
     EXPECT_EQ(view.dtype, v1::BFLOAT16);
     EXPECT_EQ(view.batch_index, 99);
@@ -124,6 +124,49 @@ TEST(WireTest, DecodesChunksSerializedByProtobufAcrossSliceBoundaries) {
   }
 }
 
+TEST(WireTest, DecodesResponsesSerializedByProtobufAcrossSliceBoundaries) {
+  v1::ComputeResponse response;
+  response.add_shape(2);
+  response.add_shape(3);
+  response.add_shape(4);
+  response.set_dtype(v1::FLOAT16);
+  std::string values(48, '\0');
+  for (size_t i = 0; i < values.size(); ++i) values[i] = static_cast<char>(i * 5 + 3);
+  response.set_values_raw(values);
+  response.set_indices_raw(std::string(96, 'i'));
+  // An unknown varint field 9 and bytes field 12, which a newer server might send.
+  const std::string bytes = response.SerializeAsString() +
+                            std::string{static_cast<char>(0x48), 0x07} +
+                            std::string{static_cast<char>(0x62), 0x02, 'z', 'z'};
+  for (const std::vector<size_t>& cuts :
+       std::vector<std::vector<size_t>>{{}, {2}, {5, 9, 30}, {bytes.size() - 1}}) {
+    grpc::ByteBuffer buffer = Split(bytes, cuts);
+    ResultDecoder decoder;
+    ResultView view;
+    ASSERT_TRUE(decoder.DecodeResponse(buffer, &view).ok());
+    EXPECT_THAT(view.shape, ::testing::ElementsAre(2, 3, 4));
+    EXPECT_EQ(view.dtype, v1::FLOAT16);
+    EXPECT_EQ(view.batch_index, 0);
+    EXPECT_EQ(view.row_count, 0);
+    ASSERT_EQ(view.values_size, values.size());
+    std::string got(values.size(), '\0');
+    decoder.CopyValues(view, reinterpret_cast<std::byte*>(got.data()));
+    EXPECT_EQ(got, values);
+    ASSERT_EQ(view.indices_size, 96U);
+    std::string indices(96, '\0');
+    decoder.CopyIndices(view, reinterpret_cast<std::byte*>(indices.data()));
+    EXPECT_EQ(indices, std::string(96, 'i'));
+  }
+  // The field numbers differ (values_raw is field 3 of a response, 6 of a chunk): read as
+  // a chunk, the response's payloads are unknown fields.
+  grpc::ByteBuffer as_chunk = Split(response.SerializeAsString(), {});
+  ResultDecoder decoder;
+  ResultView view;
+  ASSERT_TRUE(decoder.DecodeChunk(as_chunk, &view).ok());
+  EXPECT_EQ(view.values_size, 0U);
+  EXPECT_EQ(view.indices_size, 0U);
+}
+
 TEST(WireTest, DecodesUnpackedShapesAndSkipsUnknownFields) {
   // shape as unpacked varints (field 1, wire type 0), then unknown fields of every type.
   std::string bytes = {0x08, 0x03, 0x08, 0x04, 0x18, 0x01, 0x28, 0x02};
@@ -134,9 +177,9 @@ TEST(WireTest, DecodesUnpackedShapesAndSkipsUnknownFields) {
   v1::ComputeChunk reference;
   ASSERT_TRUE(reference.ParseFromString(bytes));  // protobuf agrees it is well-formed
   grpc::ByteBuffer buffer = Split(bytes, {5});
-  ChunkDecoder decoder;
-  ChunkView view;
-  ASSERT_TRUE(decoder.Decode(buffer, &view).ok());
+  ResultDecoder decoder;
+  ResultView view;
+  ASSERT_TRUE(decoder.DecodeChunk(buffer, &view).ok());
   EXPECT_THAT(view.shape, ::testing::ElementsAre(3, 4));
   EXPECT_EQ(view.batch_index, reference.batch_index());
   EXPECT_EQ(view.row_count, reference.row_count());
@@ -150,15 +193,15 @@ TEST(WireTest, RejectsTruncatedMessages) {
   const std::string bytes = chunk.SerializeAsString();
   for (const size_t keep : {bytes.size() - 1, size_t{1}, size_t{2}, size_t{4}}) {
     grpc::ByteBuffer buffer = Split(bytes.substr(0, keep), {});
-    ChunkDecoder decoder;
-    ChunkView view;
-    const absl::Status status = decoder.Decode(buffer, &view);
+    ResultDecoder decoder;
+    ResultView view;
+    const absl::Status status = decoder.DecodeChunk(buffer, &view);
     EXPECT_EQ(status.code(), absl::StatusCode::kInternal) << keep;
   }
   grpc::ByteBuffer group = Split(std::string{0x0B}, {});  // wire type 3 (group): unsupported
-  ChunkDecoder decoder;
-  ChunkView view;
-  EXPECT_EQ(decoder.Decode(group, &view).code(), absl::StatusCode::kInternal);
+  ResultDecoder decoder;
+  ResultView view;
+  EXPECT_EQ(decoder.DecodeChunk(group, &view).code(), absl::StatusCode::kInternal);
 }
 
 }  // namespace

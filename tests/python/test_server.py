@@ -156,6 +156,39 @@ def test_progress_and_out(server, rng):
     assert all(x[0] < y[0] for x, y in zip(calls, calls[1:]))
 
 
+@pytest.mark.parametrize("output_dtype", ["float32", "bfloat16"])
+def test_out_is_filled_in_place_in_every_mode_sync_and_asyncio(server, rng, output_dtype):
+    """Every path (unary, stream, upload; blocking and asyncio) writes the result straight
+    into the caller's `out=` array and returns that very array (3D and 2D)."""
+    a, b = rng.standard_normal((3, 40, 16)), rng.standard_normal((3, 30, 16))
+    want = ref.sklearn_cosine(a, b)
+    tol = 1e-5 if output_dtype == "float32" else 1e-2
+
+    def check(s, out, want):
+        assert s is not None and np.shares_memory(s, out) and s.shape == out.shape
+        assert np.allclose(out, want, atol=tol)
+
+    with simserve.Client(server.address, timeout=60, chunk_bytes=2048) as c:
+        for mode in MODES:
+            out = np.full((3, 40, 30), np.nan, dtype=np.float32)
+            check(c.similarity(a, b, mode=mode, output_dtype=output_dtype, out=out), out, want)
+            out2 = np.full((40, 30), np.nan, dtype=np.float32)
+            check(c.similarity(a[1], b[1], mode=mode, output_dtype=output_dtype, out=out2),
+                  out2, want[1])
+
+    async def main():
+        async with simserve.aio.Client(server.address, timeout=60, chunk_bytes=2048) as c:
+            for mode in MODES:
+                out = np.full((3, 40, 30), np.nan, dtype=np.float32)
+                check(await c.similarity(a, b, mode=mode, output_dtype=output_dtype, out=out),
+                      out, want)
+    asyncio.run(main())
+
+
+def test_server_reports_its_message_overhead(client):
+    assert client.info().limits["message_overhead_bytes"] == 4096
+
+
 def test_server_timings(client, rng):
     a, b = rng.standard_normal((2, 20, 8)), rng.standard_normal((2, 30, 8))
     for mode in ("unary", "stream", "upload"):

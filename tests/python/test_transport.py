@@ -5,6 +5,9 @@ the zero-copy wire codec against protobuf's own serialisation."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import grpc
 import numpy as np
 import pytest
@@ -128,6 +131,7 @@ def test_wire_codec_matches_protobuf():
     assert (c.shape, c.dtype, c.batch_index, c.row_offset, c.row_count) == (
         [3, 1 << 40, 5], pb.BFLOAT16, 2, 300, 7)
     assert bytes(c.values_raw) == vals and bytes(c.indices_raw) == idx
+    assert c.values_raw.obj is data and c.indices_raw.obj is data  # views, not copies
     empty = _wire.parse_chunk(pb.ComputeChunk().SerializeToString())
     assert empty.shape == [] and len(empty.values_raw) == 0
     with pytest.raises(ValueError):
@@ -140,29 +144,111 @@ def test_wire_codec_matches_protobuf():
         _wire.upload_piece(_wire.F_B_DATA, memoryview(b"xy"))).b_data == b"xy"
 
 
-def test_auto_mode_rule():
+def test_response_codec_matches_protobuf():
+    rng = np.random.default_rng(4)
+    vals = rng.standard_normal(60).astype("<f2").tobytes()
+    idx = np.arange(60, dtype="<i4").tobytes()
+    msg = pb.ComputeResponse(shape=[3, 4, 5], dtype=pb.FLOAT16, values_raw=vals,
+                             indices_raw=idx)
+    data = msg.SerializeToString() + bytes([15 << 3 | 0, 0x96, 0x01, 15 << 3 | 2, 2, 9, 9])
+    r = _wire.parse_response(data)
+    assert (r.shape, r.dtype, r.batch_index, r.row_offset, r.row_count) == (
+        [3, 4, 5], pb.FLOAT16, 0, 0, 0)
+    assert bytes(r.values_raw) == vals and bytes(r.indices_raw) == idx
+    assert r.values_raw.obj is data  # a view into the received bytes
+    # values_raw is field 3 of a response but batch_index of a chunk: the parsers differ.
+    assert len(_wire.parse_chunk(msg.SerializeToString()).values_raw) == 0
+    ser = msg.SerializeToString()
+    for cut in (1, 3, len(ser) - 1, len(ser) - 300):  # tag, packed shape, payloads
+        with pytest.raises(ValueError):
+            _wire.parse_response(ser[:cut])
+
+
+def test_compute_request_codec_matches_protobuf():
+    a = np.arange(24, dtype="<f4").reshape(2, 3, 4)
+    b = -np.arange(8, dtype="<f4").reshape(2, 1, 4)
+    for top_k, squeeze in ((0, False), (3, False), (0, True)):
+        prep = common.prepare(a[0] if squeeze else a, b[0] if squeeze else b, metric="dot",
+                              output_dtype="bfloat16", precision="bf16", epsilon=0.25,
+                              top_k=top_k, chunk_bytes=4096)
+        got = pb.ComputeRequest.FromString(prep.request_bytes())
+        want = prep.request(with_data=True)
+        assert got == want
+        assert got.a.raw == prep.a.tobytes() and list(got.a.shape) == list(want.a.shape)
+
+
+VECTORS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__)))), "client", "testdata", "output_sizes.json")
+
+
+@pytest.fixture(scope="module")
+def vectors():
+    """client/testdata/output_sizes.json: the C++ client_test checks the same vectors."""
+    with open(VECTORS) as f:
+        return json.load(f)
+
+
+def _elements(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def test_shared_output_size_vectors(vectors):
+    assert len(vectors["output_sizes"]) > 10
+    for c in vectors["output_sizes"]:
+        dtype = pb.DataType.Value(c["output_dtype"])
+        if "error" in c:
+            want = {"INVALID_ARGUMENT": simserve.InvalidArgumentError,
+                    "RESOURCE_EXHAUSTED": simserve.ResourceExhaustedError}[c["error"]]
+            with pytest.raises(want):
+                common.output_size(c["a_shape"], c["b_shape"], dtype, c["top_k"])
+            continue
+        spec = common.output_size(c["a_shape"], c["b_shape"], dtype, c["top_k"])
+        assert (list(spec.shape), spec.values_bytes, spec.indices_bytes) == (
+            c["out_shape"], c["values_bytes"], c["indices_bytes"]), c["name"]
+
+
+def test_shared_mode_vectors(vectors):
+    assert len(vectors["modes"]) > 10
+    defaults = vectors["defaults"]
+    for c in vectors["modes"]:
+        spec = common.output_size(c["a_shape"], c["b_shape"],
+                                  pb.DataType.Value(c["output_dtype"]), c["top_k"])
+        inputs = 4 * (_elements(c["a_shape"]) + _elements(c["b_shape"]))
+        got = common.choose_mode(inputs, spec.total_bytes, c["limits"],
+                                 c.get("unary_max_bytes", defaults["unary_max_bytes"]),
+                                 c.get("upload_min_bytes", defaults["upload_min_bytes"]))
+        assert got == c["mode"], c["name"]
+
+
+def test_shared_upload_piece_vectors(vectors):
+    assert len(vectors["upload_piece_bytes"]) > 4
+    for c in vectors["upload_piece_bytes"]:
+        assert common.piece_bytes(c["wanted"], c["limits"]) == c["piece_bytes"], c["name"]
+
+
+def test_prepared_requests_use_the_shared_rule():
     def mode(a_shape, b_shape, limits, top_k=0):
         prep = common.prepare(np.zeros(a_shape, np.float32), np.zeros(b_shape, np.float32),
                               metric="cosine", output_dtype="float32", precision="fp32",
                               epsilon=0.0, top_k=top_k, chunk_bytes=0)
-        return common.choose_mode(prep, "auto", limits, unary_max_bytes=1 << 20,
-                                  upload_min_bytes=8 << 20)
+        return common.resolve_mode(prep, "auto", limits, unary_max_bytes=1 << 20,
+                                   upload_min_bytes=8 << 20)
     big = {"max_receive_message_bytes": 64 << 20, "max_send_message_bytes": 64 << 20}
     assert mode((10, 40, 20), (10, 50, 20), big) == "unary"         # 72 KB in, 80 KB out
     assert mode((300, 64), (700, 64), big) == "stream"              # 0.26 MB in, 0.8 MB out
     assert mode((300, 64), (700, 64), big, top_k=5) == "unary"      # top-k: small output
     assert mode((2, 600, 1024), (2, 700, 1024), big) == "upload"    # 10.6 MB in
-    small = {"max_receive_message_bytes": 1 << 20, "max_send_message_bytes": 1 << 20}
-    assert mode((1000, 256), (10, 256), small) == "upload"          # 1.03 MB > receive limit
+    small = {"max_receive_message_bytes": 1 << 20, "max_send_message_bytes": 1 << 20,
+             "message_overhead_bytes": 4096}
+    assert mode((1001, 256), (20, 256), small) == "upload"          # 1 row over the limit
     assert mode((100, 8), (3000, 8), small) == "stream"             # 1.2 MB out > unary max
     for explicit in ("unary", "stream", "upload"):
         prep = common.prepare(np.ones((2, 3)), np.ones((2, 3)), metric="dot",
                               output_dtype="float32", precision="fp32", epsilon=0.0,
                               top_k=0, chunk_bytes=0)
-        assert common.choose_mode(prep, explicit, small, 1, 1) == explicit
-
-
-def test_upload_pieces_fit_the_server_receive_limit():
-    assert common.piece_bytes(4 << 20, {"max_receive_message_bytes": 64 << 20}) == 4 << 20
-    assert common.piece_bytes(4 << 20, {"max_receive_message_bytes": 1 << 20}) == (1 << 20) - 65536
-    assert common.piece_bytes(4 << 20, None) == 4 << 20
+        assert common.resolve_mode(prep, explicit, small, 1, 1) == explicit
+    with pytest.raises(simserve.InvalidArgumentError):
+        common.resolve_mode(prep, "carrier-pigeon", small, 1, 1)

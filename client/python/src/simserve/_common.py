@@ -37,6 +37,11 @@ PRECISIONS: Mapping[str, int] = {"fp32": pb.FP32, "float32": pb.FP32,
                                  "bf16": pb.BF16, "bfloat16": pb.BF16}
 _WIRE_ITEMSIZE = {pb.FLOAT32: 4, pb.BFLOAT16: 2, pb.FLOAT16: 2}
 MODES = ("auto", "unary", "stream", "upload")
+DEFAULT_MESSAGE_OVERHEAD = 4096
+"""Framing slack per message assumed when the server reports no message_overhead_bytes."""
+GRPC_DEFAULT_MESSAGE_BYTES = 4 * MiB
+"""gRPC's default message size limit, assumed when the server reports a limit of 0."""
+_INT64_MAX = (1 << 63) - 1
 
 SERVICE = "/simserve.v1.Similarity/"
 TIMING_KEYS = {"simserve-queue-ms": "queue_ms", "simserve-compute-ms": "compute_ms",
@@ -121,6 +126,48 @@ class Info:
             raw=msg)
 
 
+@dataclasses.dataclass(frozen=True)
+class OutputSpec:
+    """The result of a request: its shape as the server sends it ([batch, N, M] dense,
+    [batch, N, k] top-k; 2D inputs give [N, M] / [N, k]) and its wire bytes."""
+
+    shape: Tuple[int, ...]
+    values_bytes: int   # prod(shape) * itemsize(output_dtype)
+    indices_bytes: int  # top-k: prod(shape) * 4; dense: 0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.values_bytes + self.indices_bytes
+
+
+def output_size(a_shape: Sequence[int], b_shape: Sequence[int], output_dtype: int,
+                top_k: int) -> OutputSpec:
+    """The one definition of the output-size arithmetic (the C++ client's OutputSize; both
+    are checked against client/testdata/output_sizes.json).
+
+    Only what sizing needs is checked: InvalidArgumentError unless both shapes are 2D or both
+    3D without negative dimensions, ResourceExhaustedError if the result would exceed 2^63
+    bytes. Batch/D mismatches, k > M, zero dimensions etc. are the server's to reject.
+    """
+    a_shape, b_shape = tuple(int(d) for d in a_shape), tuple(int(d) for d in b_shape)
+    if len(a_shape) not in (2, 3) or len(b_shape) != len(a_shape):
+        raise errors.InvalidArgumentError(
+            f"a and b must both be 2D [rows, dim] or both 3D [batch, rows, dim], got shapes "
+            f"{a_shape} and {b_shape}")
+    if min(a_shape + b_shape) < 0:
+        raise errors.InvalidArgumentError(f"negative dimension in {a_shape} or {b_shape}")
+    cols = int(top_k) if top_k else b_shape[-2]
+    shape = a_shape[:-1] + (cols,)
+    elements = 1
+    for dim in shape:
+        elements *= dim
+    per_element = _WIRE_ITEMSIZE[output_dtype] + (4 if top_k else 0)
+    if elements * per_element > _INT64_MAX:
+        raise errors.ResourceExhaustedError(f"the result {list(shape)} would exceed 2^63 bytes")
+    return OutputSpec(shape=shape, values_bytes=elements * _WIRE_ITEMSIZE[output_dtype],
+                      indices_bytes=elements * 4 if top_k else 0)
+
+
 def _enum(name: str, value: Union[str, int], table: Mapping[str, int]) -> int:
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         if int(value) in table.values():
@@ -152,6 +199,7 @@ class Prepared:
     top_k: int
     options: pb.ComputeRequest  # metric, output_dtype, precision, top_k, epsilon, chunk
     out_shape: Tuple[int, int, int]  # [batch, N, M or k]
+    spec: OutputSpec  # what the server sends: its shape (2D for 2D inputs) and bytes
 
     @property
     def input_bytes(self) -> int:
@@ -159,8 +207,12 @@ class Prepared:
 
     @property
     def output_wire_bytes(self) -> int:
-        per = _WIRE_ITEMSIZE[self.options.output_dtype] + (4 if self.top_k else 0)
-        return int(np.prod(self.out_shape)) * per
+        return self.spec.total_bytes
+
+    def request_bytes(self) -> bytes:
+        """The serialised ComputeRequest (Compute / ComputeStream), one copy of the inputs."""
+        return _wire.compute_request(self.request(with_data=False),
+                                     memoryview(self.a).cast("B"), memoryview(self.b).cast("B"))
 
     def tensor(self, which: str, with_data: bool) -> pb.Tensor:
         """The proto Tensor for `a` or `b`; its user-facing (2D/3D) shape, data if asked."""
@@ -188,54 +240,78 @@ def prepare(a: ArrayLike, b: ArrayLike, *, metric: Union[str, int], output_dtype
     Batch/D mismatches, NaN/Inf, k > M etc. are left to the server (one source of truth).
     """
     a32, b32 = _as_float32("a", a), _as_float32("b", b)
-    if a32.ndim != b32.ndim:
-        raise errors.InvalidArgumentError(
-            f"a and b must both be 2D or both 3D, got shapes {a32.shape} and {b32.shape}")
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
         raise errors.InvalidArgumentError(f"k must be a non-negative int, got {top_k!r}")
+    output = _enum("output_dtype", output_dtype, OUTPUT_DTYPES)
+    spec = output_size(a32.shape, b32.shape, output, int(top_k))
     squeeze = a32.ndim == 2
     if squeeze:
         a32, b32 = a32[np.newaxis], b32[np.newaxis]
     opts = pb.ComputeRequest(
         metric=_enum("metric", metric, METRICS),
-        output_dtype=_enum("output_dtype", output_dtype, OUTPUT_DTYPES),
+        output_dtype=output,
         precision=_enum("precision", precision, PRECISIONS),
         top_k=int(top_k), epsilon=float(epsilon), max_chunk_bytes=int(chunk_bytes))
     cols = int(top_k) if top_k else b32.shape[1]
     return Prepared(a=a32, b=b32, squeeze=squeeze, top_k=int(top_k), options=opts,
-                    out_shape=(a32.shape[0], a32.shape[1], cols))
+                    out_shape=(a32.shape[0], a32.shape[1], cols), spec=spec)
 
 
-def choose_mode(prep: Prepared, mode: str, limits: Optional[Mapping[str, int]],
+def message_overhead_bytes(limits: Optional[Mapping[str, int]]) -> int:
+    """The framing slack of one message: the server's Limits.message_overhead_bytes, or
+    DEFAULT_MESSAGE_OVERHEAD when it reports none (0)."""
+    reported = (limits or {}).get("message_overhead_bytes") or 0
+    return reported if reported > 0 else DEFAULT_MESSAGE_OVERHEAD
+
+
+def choose_mode(input_bytes: int, output_bytes: int, limits: Optional[Mapping[str, int]],
                 unary_max_bytes: int, upload_min_bytes: int) -> str:
-    """Picks the RPC (the same rule as the C++ client's ChooseMode):
-    1. inputs do not fit one message (server's max receive minus 64 KiB) -> "upload";
-    2. inputs + output <= unary_max_bytes and the output fits one message -> "unary";
-    3. inputs >= upload_min_bytes -> "upload" (overlaps upload, compute and download);
+    """The RPC the automatic mode picks (the same rule as the C++ client's ChooseMode; both
+    are checked against client/testdata/output_sizes.json). `output_bytes` is
+    OutputSpec.total_bytes; a limit of 0 means gRPC's default 4 MiB, a negative one
+    unlimited; overhead = message_overhead_bytes(limits):
+    1. input_bytes + overhead exceed max_receive_message_bytes -> "upload";
+    2. input_bytes + output_bytes <= unary_max_bytes and output_bytes + overhead fit
+       max_send_message_bytes -> "unary";
+    3. input_bytes >= upload_min_bytes -> "upload" (overlaps upload, compute and download);
     4. otherwise "stream"."""
-    if mode not in MODES:
-        raise errors.InvalidArgumentError(f"mode={mode!r} is not one of {MODES}")
-    if mode != "auto":
-        return mode
     limits = limits or {}
-    max_recv = limits.get("max_receive_message_bytes") or 4 * MiB
-    max_send = limits.get("max_send_message_bytes") or 4 * MiB
-    inputs, output = prep.input_bytes, prep.output_wire_bytes
-    if inputs > max_recv - 64 * 1024:
+
+    def effective(name: str) -> float:
+        limit = limits.get(name) or 0
+        if limit == 0:
+            return GRPC_DEFAULT_MESSAGE_BYTES
+        return float("inf") if limit < 0 else limit
+
+    overhead = message_overhead_bytes(limits)
+    if input_bytes > effective("max_receive_message_bytes") - overhead:
         return "upload"
-    if inputs + output <= unary_max_bytes and output + 4096 <= max_send:
+    if (input_bytes + output_bytes <= unary_max_bytes and
+            output_bytes <= effective("max_send_message_bytes") - overhead):
         return "unary"
-    if inputs >= upload_min_bytes:
+    if input_bytes >= upload_min_bytes:
         return "upload"
     return "stream"
 
 
+def resolve_mode(prep: Prepared, mode: str, limits: Optional[Mapping[str, int]],
+                 unary_max_bytes: int, upload_min_bytes: int) -> str:
+    """`mode` itself if explicit, else choose_mode() for the prepared request."""
+    if mode not in MODES:
+        raise errors.InvalidArgumentError(f"mode={mode!r} is not one of {MODES}")
+    if mode != "auto":
+        return mode
+    return choose_mode(prep.input_bytes, prep.output_wire_bytes, limits, unary_max_bytes,
+                       upload_min_bytes)
+
+
 def piece_bytes(wanted: int, limits: Optional[Mapping[str, int]]) -> int:
-    """Upload piece size: `wanted`, but below the server's receive limit when it is known."""
-    max_recv = (limits or {}).get("max_receive_message_bytes") or 0
-    if max_recv > 0:
-        wanted = min(wanted, max_recv - 64 * 1024)
-    return max(wanted, 64 * 1024)
+    """Upload piece size: `wanted`, clamped to max_receive_message_bytes minus the message
+    overhead when the server reports a positive receive limit larger than the overhead (the
+    C++ client's UploadPieceBytes)."""
+    receive = (limits or {}).get("max_receive_message_bytes") or 0
+    overhead = message_overhead_bytes(limits)
+    return min(wanted, receive - overhead) if receive > overhead else wanted
 
 
 def upload_requests(prep: Prepared, piece_bytes: int) -> Iterator[bytes]:
@@ -249,16 +325,18 @@ def upload_requests(prep: Prepared, piece_bytes: int) -> Iterator[bytes]:
             yield _wire.upload_piece(field, view[off:off + piece_bytes])
 
 
-def bulk_methods(channel) -> Tuple[Any, Any]:
-    """(ComputeStream, ComputeUpload) callables on `channel` (sync or aio) that use the
-    zero-copy codec of _wire: responses arrive as ChunkView, upload requests are bytes."""
-    stream = channel.unary_stream(SERVICE + "ComputeStream",
-                                  request_serializer=pb.ComputeRequest.SerializeToString,
+def bulk_methods(channel) -> Tuple[Any, Any, Any]:
+    """(Compute, ComputeStream, ComputeUpload) callables on `channel` (sync or aio) that use
+    the zero-copy codec of _wire: requests are already serialised bytes
+    (Prepared.request_bytes, upload_requests), responses arrive as ChunkView."""
+    unary = channel.unary_unary(SERVICE + "Compute", request_serializer=_wire.identity,
+                                response_deserializer=_wire.parse_response)
+    stream = channel.unary_stream(SERVICE + "ComputeStream", request_serializer=_wire.identity,
                                   response_deserializer=_wire.parse_chunk)
     upload = channel.stream_stream(SERVICE + "ComputeUpload",
                                    request_serializer=_wire.identity,
                                    response_deserializer=_wire.parse_chunk)
-    return stream, upload
+    return unary, stream, upload
 
 
 class Assembler:
@@ -301,7 +379,7 @@ class Assembler:
         self._batch, self._row, self._done = 0, 0, 0
 
     def _check_shape(self, shape: Sequence[int]) -> None:
-        want = self._prep.out_shape[1:] if self._prep.squeeze else self._prep.out_shape
+        want = self._prep.spec.shape
         if tuple(shape) != tuple(want):
             raise errors.ProtocolError(f"server result shape {list(shape)}, expected {list(want)}")
 
@@ -352,8 +430,8 @@ class Assembler:
         self._write(chunk.batch_index, chunk.row_offset, chunk.row_count, chunk.dtype,
                     chunk.values_raw, chunk.indices_raw)
 
-    def set_response(self, resp: pb.ComputeResponse) -> None:
-        """Writes a whole unary response into place."""
+    def set_response(self, resp: Union[pb.ComputeResponse, _wire.ChunkView]) -> None:
+        """Writes a whole unary response into place (batch by batch, one copy)."""
         self._check_shape(resp.shape)
         b_total, n, _ = self._prep.out_shape
         itemsize = _WIRE_ITEMSIZE.get(resp.dtype, 4)

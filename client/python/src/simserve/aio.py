@@ -40,7 +40,8 @@ class Client:
         self._channel = (grpc.aio.secure_channel(target, credentials, options=opts)
                          if credentials else grpc.aio.insecure_channel(target, options=opts))
         self._stub = pb_grpc.SimilarityStub(self._channel)
-        self._compute_stream, self._compute_upload = common.bulk_methods(self._channel)
+        self._compute, self._compute_stream, self._compute_upload = common.bulk_methods(
+            self._channel)
         self.timeout = timeout
         self.retry = retry
         self.chunk_bytes = chunk_bytes
@@ -130,19 +131,21 @@ class Client:
         deadline = self._deadline(timeout)
         limits = ((await self.info(timeout=timeout)).limits if mode in ("auto", "upload")
                   else None)
-        mode = common.choose_mode(prep, mode, limits, self.unary_max_bytes,
-                                  self.upload_min_bytes)
+        mode = common.resolve_mode(prep, mode, limits, self.unary_max_bytes,
+                                   self.upload_min_bytes)
         asm = common.Assembler(prep, progress, out)
         piece = common.piece_bytes(self.upload_piece_bytes, limits)
+        # As in simserve.Client: one copy of the inputs out, one of the result in.
+        request = prep.request_bytes() if mode in ("unary", "stream") else b""
 
         async def attempt(t: Optional[float]):
             asm.reset()
             if mode == "unary":
-                call = self._stub.Compute(prep.request(), timeout=t)
+                call = self._compute(request, timeout=t)
                 asm.set_response(await call)
                 return None, call
             if mode == "stream":
-                call = self._compute_stream(prep.request(), timeout=t)
+                call = self._compute_stream(request, timeout=t)
             else:
                 call = self._compute_upload(
                     common.upload_requests(prep, piece), timeout=t)

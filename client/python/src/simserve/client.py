@@ -62,7 +62,7 @@ class Client:
                        else grpc.insecure_channel(target, options=opts))
         self._channel = channel
         self._stub = pb_grpc.SimilarityStub(channel)
-        self._compute_stream, self._compute_upload = common.bulk_methods(channel)
+        self._compute, self._compute_stream, self._compute_upload = common.bulk_methods(channel)
         self.timeout = timeout
         self.retry = retry
         self.chunk_bytes = chunk_bytes
@@ -194,21 +194,24 @@ class Client:
         start = time.perf_counter()
         deadline = self._deadline(timeout)
         limits = self.info(timeout=timeout).limits if mode in ("auto", "upload") else None
-        mode = common.choose_mode(prep, mode, limits, self.unary_max_bytes,
-                                  self.upload_min_bytes)
+        mode = common.resolve_mode(prep, mode, limits, self.unary_max_bytes,
+                                   self.upload_min_bytes)
         asm = common.Assembler(prep, progress, out)
         piece = common.piece_bytes(self.upload_piece_bytes, limits)
+        # Serialised once for all attempts (one copy of the inputs); responses are parsed
+        # into memoryviews of the received bytes and copied once, straight into place.
+        request = prep.request_bytes() if mode in ("unary", "stream") else b""
 
         def unary(t: Optional[float]):
             asm.reset()
-            resp, call = self._stub.Compute.with_call(prep.request(), timeout=t)
+            resp, call = self._compute.with_call(request, timeout=t)
             asm.set_response(resp)
             return None, call
 
         def streamed(t: Optional[float]):
             asm.reset()
             if mode == "stream":
-                call = self._compute_stream(prep.request(), timeout=t)
+                call = self._compute_stream(request, timeout=t)
             else:
                 call = self._compute_upload(
                     common.upload_requests(prep, piece), timeout=t)
