@@ -502,17 +502,30 @@ TEST_F(ClientTest, UnaryResultOverTheSendLimitSaysUseComputeStream) {
 }
 
 TEST_F(ClientTest, ExpiredDeadlineSurfacesAsDeadlineExceeded) {
+  // A deadline that has passed when the call starts. (A few microseconds are not enough:
+  // the calls start within them now that requests are not copied, and whether the client's
+  // deadline timer or the response comes first is then up to the scheduler.)
   const Problem p = MakeProblem(4, 200, 200, 64, 7);
   for (const CallMode mode : {CallMode::kUnary, CallMode::kStream, CallMode::kUpload}) {
     ComputeOptions options;
-    options.timeout = absl::Microseconds(50);
+    options.timeout = absl::Nanoseconds(1);
     auto result = client_->Similarity(p.A(), p.B(), options, mode);
+    EXPECT_EQ(result.status().code(), absl::StatusCode::kDeadlineExceeded)
+        << Name(mode) << ": " << result.status();
+  }
+  // A deadline that passes while the 10 MB result streams (the server checks it per tile);
+  // 0.8 MB of inputs fit one request message.
+  const Problem big = MakeProblem(16, 400, 400, 16, 8);
+  for (const CallMode mode : {CallMode::kStream, CallMode::kUpload}) {
+    ComputeOptions options;
+    options.timeout = absl::Milliseconds(2);
+    auto result = client_->Similarity(big.A(), big.B(), options, mode);
     EXPECT_EQ(result.status().code(), absl::StatusCode::kDeadlineExceeded)
         << Name(mode) << ": " << result.status();
   }
   // A client whose default deadline is tiny: the default applies too.
   ClientOptions hasty;
-  hasty.default_timeout = absl::Microseconds(50);
+  hasty.default_timeout = absl::Nanoseconds(1);
   auto client = Client::Connect(target_, hasty);
   ASSERT_TRUE(client.ok());
   auto result = (*client)->ComputeStream(p.A(), p.B());
