@@ -319,20 +319,32 @@ absl::Status RunStream(grpc::GenericStub& stub, const std::string& method,
   return ToAbsl(status);
 }
 
-// The requests of a ComputeUpload call: the header, then B, then A in pieces of at most
-// `piece` bytes, each referencing the caller's memory.
+// The requests of a ComputeUpload call: the header, then each batch entry's B and then its
+// A, in pieces of at most `piece` bytes that reference the caller's memory. The server
+// computes batch entry k as soon as B[k] and A[k] are in, so interleaving overlaps the
+// upload with the computation from the first entry on (all of B first would make every
+// tile wait for the whole of B).
 std::vector<grpc::ByteBuffer> UploadRequests(const TensorRef& a, const TensorRef& b,
                                              const ComputeOptions& options, size_t piece) {
   std::vector<grpc::ByteBuffer> requests;
-  requests.reserve(1 + (a.data.size() + piece - 1) / piece + (b.data.size() + piece - 1) / piece);
+  const size_t batch =
+      a.shape.size() == 3 && a.shape[0] > 0 ? static_cast<size_t>(a.shape[0]) : size_t{1};
+  requests.reserve(1 + 2 * batch + (a.data.size() + b.data.size()) / piece);
   v1::UploadRequest header;
   *header.mutable_header()->mutable_request() = RequestHeader(a, b, options);
   requests.push_back(wire::EncodeMessage(header));
-  for (const auto& [field, data] : {std::pair{wire::UploadField::kBData, b.data},
-                                    std::pair{wire::UploadField::kAData, a.data}}) {
-    for (size_t offset = 0; offset < data.size(); offset += piece) {
-      const size_t n = std::min(piece, data.size() - offset);
-      requests.push_back(wire::EncodeUploadPiece(field, data.subspan(offset, n)));
+  // Batch entry k of a tensor: bytes [k * size / batch, (k + 1) * size / batch).
+  auto entry = [batch](std::span<const std::byte> data, size_t k) {
+    const size_t begin = k * data.size() / batch;
+    return data.subspan(begin, (k + 1) * data.size() / batch - begin);
+  };
+  for (size_t k = 0; k < batch; ++k) {
+    for (const auto& [field, data] : {std::pair{wire::UploadField::kBData, entry(b.data, k)},
+                                      std::pair{wire::UploadField::kAData, entry(a.data, k)}}) {
+      for (size_t offset = 0; offset < data.size(); offset += piece) {
+        const size_t n = std::min(piece, data.size() - offset);
+        requests.push_back(wire::EncodeUploadPiece(field, data.subspan(offset, n)));
+      }
     }
   }
   return requests;

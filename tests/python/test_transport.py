@@ -73,7 +73,7 @@ def test_malformed_streams_are_protocol_errors(fake, corruption):
             assert e.value.code == grpc.StatusCode.INTERNAL
 
 
-def test_upload_sends_header_then_b_then_a_in_pieces():
+def test_upload_interleaves_each_batch_entry_b_then_a_in_pieces():
     a, b = inputs()
     prep = common.prepare(a, b, metric="cosine", output_dtype="float32", precision="fp32",
                           epsilon=0.0, top_k=0, chunk_bytes=0)
@@ -81,11 +81,12 @@ def test_upload_sends_header_then_b_then_a_in_pieces():
     kinds = [m.WhichOneof("part") for m in msgs]
     assert kinds[0] == "header" and not msgs[0].header.request.a.HasField("raw")
     assert list(msgs[0].header.request.a.shape) == [2, 40, 8]
-    first_a = kinds.index("a_data")
-    assert set(kinds[1:first_a]) == {"b_data"} and set(kinds[first_a:]) == {"a_data"}
-    assert b"".join(m.b_data for m in msgs[1:first_a]) == b.astype("<f4").tobytes()
-    assert b"".join(m.a_data for m in msgs[first_a:]) == a.astype("<f4").tobytes()
-    assert max(len(m.a_data) for m in msgs[first_a:]) == 200
+    # Runs of b_data then a_data per batch entry: b[0], a[0], b[1], a[1].
+    runs = [k for i, k in enumerate(kinds[1:]) if i == 0 or kinds[i] != k]
+    assert runs == ["b_data", "a_data", "b_data", "a_data"]
+    assert b"".join(m.b_data for m in msgs[1:]) == b.astype("<f4").tobytes()
+    assert b"".join(m.a_data for m in msgs[1:]) == a.astype("<f4").tobytes()
+    assert max(len(m.a_data) for m in msgs[1:]) == 200
 
 
 def test_timings_from_trailing_metadata(fake):

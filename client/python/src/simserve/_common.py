@@ -315,14 +315,17 @@ def piece_bytes(wanted: int, limits: Optional[Mapping[str, int]]) -> int:
 
 
 def upload_requests(prep: Prepared, piece_bytes: int) -> Iterator[bytes]:
-    """The ComputeUpload request stream, serialised UploadRequests: the header, then all of B,
-    then all of A, in pieces of piece_bytes (one copy of the input each)."""
+    """The ComputeUpload request stream, serialised UploadRequests: the header, then per batch
+    entry k its B[k] and then its A[k], in pieces of piece_bytes (one copy of the input each).
+    The server computes entry k as soon as B[k] and A[k] are in, so the upload overlaps the
+    computation from the first entry on."""
     header = pb.UploadRequest(header=pb.UploadHeader(request=prep.request(with_data=False)))
     yield header.SerializeToString()
-    for field, arr in ((_wire.F_B_DATA, prep.b), (_wire.F_A_DATA, prep.a)):
-        view = memoryview(arr).cast("B")
-        for off in range(0, len(view), piece_bytes):
-            yield _wire.upload_piece(field, view[off:off + piece_bytes])
+    for k in range(prep.a.shape[0]):
+        for field, arr in ((_wire.F_B_DATA, prep.b[k]), (_wire.F_A_DATA, prep.a[k])):
+            view = memoryview(arr).cast("B")
+            for off in range(0, len(view), piece_bytes):
+                yield _wire.upload_piece(field, view[off:off + piece_bytes])
 
 
 def bulk_methods(channel) -> Tuple[Any, Any, Any]:
