@@ -1,9 +1,10 @@
 // Invariants, all under mu_: at most one ingest task and `parallel_tiles` tile tasks of a
 // call run at a time (the cursor and a kernel job travel with each and come back under the
 // lock); in stream mode computing + ready + writing tiles <= window and tiles are written
-// in output order; Finish happens exactly once,
-// when no task and no write is outstanding, so the pipeline outlives every task. Sink calls
-// and pool submissions are made after releasing mu_ (a gRPC reaction may run inline).
+// in output order; Finish happens exactly once, when no task, no write and no
+// ResumeReading call is outstanding, so the pipeline outlives every task and every sink
+// call. Sink calls and pool submissions are made after releasing mu_ (a gRPC reaction may
+// run inline).
 #include "server/tile_pipeline.h"
 
 #include <algorithm>
@@ -250,7 +251,8 @@ bool TilePipeline::IngestDueLocked() const {
 }
 
 bool TilePipeline::DoneLocked() const {
-  if (!have_problem_ || !input_closed_ || tiles_running_ > 0 || ingesting_ || writing_) {
+  if (!have_problem_ || !input_closed_ || tiles_running_ > 0 || ingesting_ || writing_ ||
+      resuming_) {
     return false;
   }
   return mode_ == Mode::kWholeResult ? tiles_computed_ == total_tiles_
@@ -307,7 +309,7 @@ void TilePipeline::Pump() {
     MutexLock lock(&mu_);
     if (finished_) return;
     if (!error_.ok()) {
-      if (tiles_running_ == 0 && !ingesting_ && !writing_) {
+      if (tiles_running_ == 0 && !ingesting_ && !writing_ && !resuming_) {
         finished_ = true;
         to_finish = error_;
       }
@@ -331,6 +333,7 @@ void TilePipeline::Pump() {
       if (reading_paused_ && pending_bytes_ < deps_.max_pending_input_bytes) {
         reading_paused_ = false;
         resume_reading = true;
+        resuming_ = true;  // the call must not finish while the sink is being called
       }
       while (CanComputeLocked()) {
         ++tiles_running_;
@@ -372,7 +375,14 @@ void TilePipeline::Pump() {
     });
   }
   if (to_write != nullptr) sink_->WriteTile(std::move(to_write));
-  if (resume_reading) sink_->ResumeReading();
+  if (resume_reading) {
+    sink_->ResumeReading();
+    {
+      MutexLock lock(&mu_);
+      resuming_ = false;
+    }
+    Pump();  // a failure meanwhile may now finish the call
+  }
   if (to_finish.has_value()) {
     sink_->Finish(*to_finish, report, to_finish->ok() ? std::move(whole) : nullptr);
   }

@@ -226,6 +226,7 @@ class TilePipeline {
   std::deque<InputPiece> pending_ ABSL_GUARDED_BY(mu_);  // accepted, not yet ingesting
   int64_t pending_bytes_ ABSL_GUARDED_BY(mu_) = 0;       // accepted, not yet ingested
   bool reading_paused_ ABSL_GUARDED_BY(mu_) = false;
+  bool resuming_ ABSL_GUARDED_BY(mu_) = false;  // Sink::ResumeReading is being called
   bool input_closed_ ABSL_GUARDED_BY(mu_) = false;
   bool ingesting_ ABSL_GUARDED_BY(mu_) = false;
   IngestCursor cursor_ ABSL_GUARDED_BY(mu_);  // away while ingesting_
