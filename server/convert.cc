@@ -227,25 +227,37 @@ absl::StatusOr<kernels::ConstTensorView> ViewData(absl::string_view name, const 
   return view;
 }
 
-// True if any of `count` elements has an all-ones exponent (`mask`): a branch-free pass
-// that the compiler vectorises, compiled for AVX-512 and the baseline and picked at load
-// time (the scan runs over every input byte, at memory speed on AVX-512).
-template <typename Bits>
-__attribute__((target_clones("arch=skylake-avx512", "default"))) bool AnyNonFinite(
-    const std::byte* data, int64_t count, Bits mask) {
-  Bits any = 0;
+// True if any of `count` elements has an all-ones exponent (`mask`): branch-free passes that
+// the compiler vectorises, compiled for AVX-512 and the baseline and picked at load time
+// (the scan reads every input byte). Not templates: clang cannot multiversion those.
+__attribute__((target_clones("arch=skylake-avx512", "default"))) bool AnyNonFinite32(
+    const std::byte* data, int64_t count) {
+  uint32_t any = 0;
   for (int64_t i = 0; i < count; ++i) {
-    Bits bits = 0;
-    std::memcpy(&bits, data + i * static_cast<int64_t>(sizeof(Bits)), sizeof(Bits));
-    any |= static_cast<Bits>((bits & mask) == mask);
+    uint32_t bits = 0;
+    std::memcpy(&bits, data + i * 4, 4);
+    any |= static_cast<uint32_t>((bits & 0x7f800000U) == 0x7f800000U);
   }
   return any != 0;
 }
 
-// Index of the first non-finite element, or -1.
+__attribute__((target_clones("arch=skylake-avx512", "default"))) bool AnyNonFinite16(
+    const std::byte* data, int64_t count, uint16_t mask) {
+  uint16_t any = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    uint16_t bits = 0;
+    std::memcpy(&bits, data + i * 2, 2);
+    any |= static_cast<uint16_t>((bits & mask) == mask);
+  }
+  return any != 0;
+}
+
+// Index of the first element whose exponent bits are all ones under `mask`, or -1.
 template <typename Bits>
 int64_t FirstNonFinite(const std::byte* data, int64_t count, Bits mask) {
-  if (!AnyNonFinite<Bits>(data, count, mask)) return -1;
+  const bool any = sizeof(Bits) == 4 ? AnyNonFinite32(data, count)
+                                     : AnyNonFinite16(data, count, static_cast<uint16_t>(mask));
+  if (!any) return -1;
   for (int64_t i = 0; i < count; ++i) {
     Bits bits = 0;
     std::memcpy(&bits, data + i * static_cast<int64_t>(sizeof(Bits)), sizeof(Bits));

@@ -228,8 +228,9 @@ TEST_F(TilePipelineTest, ParallelTilesAreWrittenInOutputOrder) {
     TilePipeline pipeline(Deps(/*window=*/4, int64_t{8} << 20, parallel),
                           TilePipeline::Mode::kStreamTiles, &sink, absl::InfiniteFuture());
     std::vector<InputPiece> pieces = Pieces(InputPiece::Tensor::kB, p.b, 1 << 20);
-    for (auto& piece : Pieces(InputPiece::Tensor::kA, p.a, 1 << 20))
+    for (auto& piece : Pieces(InputPiece::Tensor::kA, p.a, 1 << 20)) {
       pieces.push_back(std::move(piece));
+    }
     pipeline.Start(p.spec, Admit(p.spec), std::move(pieces), true);
     int64_t flat_row = 0;
     while (auto tile = sink.NextWrite()) {
@@ -250,8 +251,9 @@ TEST_F(TilePipelineTest, WholeResultIsComputedIntoOneBufferAndHandedToFinish) {
   FakeSink sink;
   TilePipeline pipeline(Deps(), TilePipeline::Mode::kWholeResult, &sink, absl::InfiniteFuture());
   std::vector<InputPiece> pieces = Pieces(InputPiece::Tensor::kB, p.b, 1 << 20);
-  for (auto& piece : Pieces(InputPiece::Tensor::kA, p.a, 1 << 20))
+  for (auto& piece : Pieces(InputPiece::Tensor::kA, p.a, 1 << 20)) {
     pieces.push_back(std::move(piece));
+  }
   pipeline.Start(p.spec, Admit(p.spec), std::move(pieces), /*input_complete=*/true);
   ASSERT_TRUE(sink.WaitFinished().ok());
   std::unique_ptr<TileOutput> whole = sink.TakeWhole();
@@ -307,8 +309,8 @@ TEST_F(TilePipelineTest, InterleavedInputStartsEachBatchEntryAsSoonAsItsBytesArr
   TilePipeline pipeline(Deps(/*window=*/3), TilePipeline::Mode::kStreamTiles, &sink,
                         absl::InfiniteFuture());
   pipeline.Start(p.spec, Admit(p.spec), {}, false);
-  const size_t a_entry = 4 * 2 * sizeof(float);
-  const size_t b_entry = 5 * 2 * sizeof(float);
+  const size_t a_entry = size_t{4} * 2 * sizeof(float);
+  const size_t b_entry = size_t{5} * 2 * sizeof(float);
   const auto* a = reinterpret_cast<const std::byte*>(p.a.data());
   const auto* b = reinterpret_cast<const std::byte*>(p.b.data());
   for (int64_t k = 0; k < 3; ++k) {
@@ -396,8 +398,9 @@ TEST_F(TilePipelineTest, CancelAndFailedWritesEndTheCallOnce) {
     FakeSink sink;
     TilePipeline pipeline(Deps(), TilePipeline::Mode::kStreamTiles, &sink, absl::InfiniteFuture());
     std::vector<InputPiece> pieces = Pieces(InputPiece::Tensor::kB, p.b, 1 << 20);
-    for (auto& piece : Pieces(InputPiece::Tensor::kA, p.a, 1 << 20))
+    for (auto& piece : Pieces(InputPiece::Tensor::kA, p.a, 1 << 20)) {
       pieces.push_back(std::move(piece));
+    }
     pipeline.Start(p.spec, Admit(p.spec), std::move(pieces), true);
     auto tile = sink.NextWrite();
     ASSERT_NE(tile, nullptr);
@@ -422,8 +425,9 @@ TEST_F(TilePipelineTest, DeadlineInThePastFailsWithDeadlineExceeded) {
   TilePipeline pipeline(Deps(), TilePipeline::Mode::kWholeResult, &sink,
                         absl::Now() - absl::Seconds(1));
   std::vector<InputPiece> pieces = Pieces(InputPiece::Tensor::kB, p.b, 1 << 20);
-  for (auto& piece : Pieces(InputPiece::Tensor::kA, p.a, 1 << 20))
+  for (auto& piece : Pieces(InputPiece::Tensor::kA, p.a, 1 << 20)) {
     pieces.push_back(std::move(piece));
+  }
   pipeline.Start(p.spec, Admit(p.spec), std::move(pieces), true);
   EXPECT_EQ(sink.WaitFinished().code(), absl::StatusCode::kDeadlineExceeded);
 }

@@ -120,8 +120,8 @@ TEST(EncodeWithPayloads, EqualsProtobufSerialization) {
   chunk.set_batch_index(1);
   chunk.set_row_offset(200);
   chunk.set_row_count(100);
-  chunk.set_values_raw(std::string(100 * 7 * 2, '\x3c'));
-  chunk.set_indices_raw(std::string(100 * 7 * 4, '\x01'));
+  chunk.set_values_raw(std::string(size_t{100} * 7 * 2, '\x3c'));
+  chunk.set_indices_raw(std::string(size_t{100} * 7 * 4, '\x01'));
   v1::ComputeChunk head = chunk;
   head.clear_values_raw();
   head.clear_indices_raw();
