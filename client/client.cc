@@ -25,6 +25,7 @@
 #include "grpcpp/support/async_unary_call.h"
 #include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/support/channel_arguments.h"
+#include "kernels/dtype.h"
 
 namespace simserve {
 namespace {
@@ -386,7 +387,13 @@ TensorRef TensorRef::Float32(std::vector<int64_t> shape, std::span<const float> 
   return TensorRef{std::move(shape), v1::FLOAT32, std::as_bytes(values)};
 }
 
-int64_t ElementBytes(v1::DataType dtype) { return dtype == v1::FLOAT32 ? 4 : 2; }
+int64_t ElementBytes(v1::DataType dtype) {
+  // The proto's DataType values name the kernel's element types in the same order.
+  const auto kernel_dtype = dtype == v1::BFLOAT16  ? kernels::DataType::kBFloat16
+                            : dtype == v1::FLOAT16 ? kernels::DataType::kFloat16
+                                                   : kernels::DataType::kFloat32;
+  return static_cast<int64_t>(kernels::SizeOf(kernel_dtype));
+}
 
 absl::StatusOr<OutputSpec> OutputSize(std::span<const int64_t> a_shape,
                                       std::span<const int64_t> b_shape,

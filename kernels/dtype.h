@@ -1,12 +1,20 @@
-// Element conversions between float32, bfloat16 and float16 (bit patterns in uint16_t),
-// used by the kernel for inputs and outputs. Round-to-nearest-even; NaN stays NaN.
+// The element types of simserve tensors and their one definition: sizes, and conversions
+// between float32, bfloat16 and float16 (bit patterns in uint16_t). Round-to-nearest-even;
+// NaN stays NaN. Header-only (CMake target simserve_dtype): kernels, server and the C++
+// client share it.
 #ifndef SIMSERVE_KERNELS_DTYPE_H_
 #define SIMSERVE_KERNELS_DTYPE_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 
 namespace simserve::kernels {
+
+enum class DataType { kFloat32, kBFloat16, kFloat16 };
+
+// Bytes per element of `dtype` (4 or 2).
+constexpr size_t SizeOf(DataType dtype) { return dtype == DataType::kFloat32 ? 4 : 2; }
 
 // float32 -> bfloat16 bits, round to nearest even.
 inline uint16_t FloatToBf16(float value) {

@@ -26,8 +26,6 @@
 
 namespace simserve::kernels {
 
-size_t SizeOf(DataType dtype) { return dtype == DataType::kFloat32 ? 4 : 2; }
-
 const char* Name(Metric metric) {
   switch (metric) {
     case Metric::kCosine:

@@ -13,15 +13,13 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kernels/dtype.h"
 
 namespace simserve::kernels {
 
 enum class Metric { kCosine, kDot, kEuclidean, kSquaredEuclidean };
-enum class DataType { kFloat32, kBFloat16, kFloat16 };
 enum class Precision { kFp32, kBf16 };
 
-// Bytes per element of `dtype` (4 or 2).
-size_t SizeOf(DataType dtype);
 // Lower-case names ("cosine", "bfloat16", "bf16", ...) for logs and errors.
 const char* Name(Metric metric);
 const char* Name(DataType dtype);
