@@ -212,7 +212,12 @@ std::string ApplyOpenMpWaitPolicy(simserve::ServerConfig* config, char** argv) {
   if (count < 0) return "libgomp default (active spin)";
   setenv("GOMP_SPINCOUNT", absl::StrCat(count).c_str(), 1);
   if (count == 0) setenv("OMP_WAIT_POLICY", "passive", 1);
-  execv("/proc/self/exe", argv);
+  // Exec the binary by its real path, so the process keeps its name ("simserve" in ps, top
+  // and /proc/PID/comm, as a container's init); /proc/self/exe only if that cannot be read.
+  std::string self(4096, '\0');
+  const ssize_t length = readlink("/proc/self/exe", self.data(), self.size() - 1);
+  self.resize(length > 0 ? static_cast<size_t>(length) : 0);
+  execv(self.empty() ? "/proc/self/exe" : self.c_str(), argv);
   return absl::StrCat("libgomp default: re-exec to apply GOMP_SPINCOUNT=", count,
                       " failed: ", std::strerror(errno));
 }

@@ -13,10 +13,12 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <fstream>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "gmock/gmock.h"
@@ -254,6 +256,14 @@ TEST(Process, OpenMpThreadsSleepAtOnceUnlessTheOperatorChoseAPolicy) {
   ASSERT_TRUE(passive.started());
   ASSERT_TRUE(passive.WaitFor("warm-up disabled", absl::Seconds(60))) << passive.output();
   EXPECT_THAT(passive.output(), HasSubstr("OpenMP wait: GOMP_SPINCOUNT=0 OMP_WAIT_POLICY=passive"));
+  // The re-exec keeps the process's name (ps, top, a container's init).
+  std::string comm;
+  ASSERT_TRUE(absl::StrContains(passive.output(), "OpenMP wait"));
+  {
+    std::ifstream in("/proc/" + std::to_string(passive.pid()) + "/comm");
+    std::getline(in, comm);
+  }
+  EXPECT_EQ(comm, "simserve");
   // A variable set by the operator wins over the flag and is reported as such.
   Child chosen(
       {"--listen=127.0.0.1:0", "--metrics_listen=", "--warmup=false", "--omp_spin_count=1000"},
