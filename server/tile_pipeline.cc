@@ -271,13 +271,7 @@ void TilePipeline::TaskEndedLocked(TaskKind kind, absl::Status status) {
 void TilePipeline::Submit(TaskKind kind, absl::AnyInvocable<void(absl::Duration)> run) {
   ComputeTask task;
   task.run = std::move(run);
-  task.skip = [this, kind](absl::Status why) {
-    {
-      MutexLock lock(&mu_);
-      TaskEndedLocked(kind, std::move(why));
-    }
-    Pump();
-  };
+  task.skip = [this, kind](absl::Status why) { Pump({.task = kind, .status = std::move(why)}); };
   task.deadline = deadline_;
   task.cancelled = [this] { return cancelled_.load(); };
   bool new_request = false;
@@ -287,16 +281,12 @@ void TilePipeline::Submit(TaskKind kind, absl::AnyInvocable<void(absl::Duration)
     submitted_any_ = true;
   }
   absl::Status submitted = deps_.pool->Submit(std::move(task), new_request);
-  if (!submitted.ok()) {
-    {
-      MutexLock lock(&mu_);
-      TaskEndedLocked(kind, std::move(submitted));
-    }
-    Pump();
-  }
+  if (!submitted.ok()) Pump({.task = kind, .status = std::move(submitted)});
 }
 
-void TilePipeline::Pump() {
+void TilePipeline::Pump() { Pump(Ended()); }
+
+void TilePipeline::Pump(Ended ended) {
   std::unique_ptr<TileOutput> to_write;
   std::optional<std::deque<InputPiece>> to_ingest;
   IngestCursor cursor;
@@ -307,6 +297,8 @@ void TilePipeline::Pump() {
   PipelineReport report;
   {
     MutexLock lock(&mu_);
+    if (ended.task.has_value()) TaskEndedLocked(*ended.task, std::move(ended.status));
+    if (ended.resuming) resuming_ = false;
     if (finished_) return;
     if (!error_.ok()) {
       if (tiles_running_ == 0 && !ingesting_ && !writing_ && !resuming_) {
@@ -377,11 +369,7 @@ void TilePipeline::Pump() {
   if (to_write != nullptr) sink_->WriteTile(std::move(to_write));
   if (resume_reading) {
     sink_->ResumeReading();
-    {
-      MutexLock lock(&mu_);
-      resuming_ = false;
-    }
-    Pump();  // a failure meanwhile may now finish the call
+    Pump({.resuming = true});  // a failure meanwhile may now finish the call
   }
   if (to_finish.has_value()) {
     sink_->Finish(*to_finish, report, to_finish->ok() ? std::move(whole) : nullptr);
@@ -390,14 +378,14 @@ void TilePipeline::Pump() {
 
 void TilePipeline::RunIngest(std::deque<InputPiece> pieces, IngestCursor cursor,
                              absl::Duration wait) {
-  DoIngest(std::move(pieces), cursor, wait);
-  Pump();
+  absl::Status status = DoIngest(std::move(pieces), cursor, wait);
+  Pump({.task = TaskKind::kIngest, .status = std::move(status)});
 }
 
 void TilePipeline::RunTile(const Tile& tile, std::unique_ptr<kernels::SimilarityJob> job,
                            absl::Duration wait) {
-  DoTile(tile, std::move(job), wait);
-  Pump();
+  absl::Status status = DoTile(tile, std::move(job), wait);
+  Pump({.task = TaskKind::kTile, .status = std::move(status)});
 }
 
 void TilePipeline::RunInline() {
@@ -429,17 +417,18 @@ void TilePipeline::RunInline() {
         break;
       }
     }
-    if (to_ingest.has_value()) {
-      DoIngest(std::move(*to_ingest), cursor, absl::ZeroDuration());
-    } else {
-      DoTile(*tile, std::move(job), absl::ZeroDuration());
-    }
+    const TaskKind kind = to_ingest.has_value() ? TaskKind::kIngest : TaskKind::kTile;
+    absl::Status status = to_ingest.has_value()
+                              ? DoIngest(std::move(*to_ingest), cursor, absl::ZeroDuration())
+                              : DoTile(*tile, std::move(job), absl::ZeroDuration());
+    MutexLock lock(&mu_);
+    TaskEndedLocked(kind, std::move(status));
   }
   Pump();  // finishes the call
 }
 
-void TilePipeline::DoIngest(std::deque<InputPiece> pieces, IngestCursor cursor,
-                            absl::Duration wait) {
+absl::Status TilePipeline::DoIngest(std::deque<InputPiece> pieces, IngestCursor cursor,
+                                    absl::Duration wait) {
   const absl::Time begin = absl::Now();
   std::byte* a = nullptr;
   std::byte* b = nullptr;
@@ -470,7 +459,6 @@ void TilePipeline::DoIngest(std::deque<InputPiece> pieces, IngestCursor cursor,
   pieces.clear();  // the received bytes are no longer needed
   {
     MutexLock lock(&mu_);
-    TaskEndedLocked(TaskKind::kIngest, std::move(status));
     cursor_ = cursor;
     a_ingested_ = a_done;
     b_ingested_ = b_done;
@@ -478,10 +466,11 @@ void TilePipeline::DoIngest(std::deque<InputPiece> pieces, IngestCursor cursor,
     report_.timings.queue += wait;
     report_.timings.ingest += absl::Now() - begin;
   }
+  return status;
 }
 
-void TilePipeline::DoTile(const Tile& tile, std::unique_ptr<kernels::SimilarityJob> job,
-                          absl::Duration wait) {
+absl::Status TilePipeline::DoTile(const Tile& tile, std::unique_ptr<kernels::SimilarityJob> job,
+                                  absl::Duration wait) {
   const absl::Time begin = absl::Now();
   ProblemSpec spec;
   const std::byte* a = nullptr;
@@ -561,8 +550,8 @@ void TilePipeline::DoTile(const Tile& tile, std::unique_ptr<kernels::SimilarityJ
         ready_.emplace(tile.seq, std::move(out));
       }
     }
-    TaskEndedLocked(TaskKind::kTile, std::move(status));
   }
+  return status;
 }
 
 }  // namespace simserve

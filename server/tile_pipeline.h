@@ -12,6 +12,7 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -179,25 +180,35 @@ class TilePipeline {
   Tile NextTileLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool DoneLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool IngestDueLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  enum class TaskKind { kIngest, kTile };
+  // What the caller of Pump just stopped doing (a task ended, a ResumeReading call
+  // returned). Pump records it in the critical section in which it decides, so the call
+  // cannot finish, and the sink destroy the pipeline, between the two.
+  struct Ended {
+    std::optional<TaskKind> task;
+    absl::Status status;  // the task's result
+    bool resuming = false;
+  };
   // Starts whatever can start: the next write, ingest, tile, reading, or Finish.
   void Pump() ABSL_LOCKS_EXCLUDED(mu_);
-  enum class TaskKind { kIngest, kTile };
+  void Pump(Ended ended) ABSL_LOCKS_EXCLUDED(mu_);
   // Queues a task of `kind` (its busy flag is already set); the call's first task counts as
   // a new request for the pool's queue bound.
   void Submit(TaskKind kind, absl::AnyInvocable<void(absl::Duration)> run) ABSL_LOCKS_EXCLUDED(mu_);
   // Clears the busy flag of `kind` and records `status` if it is an error.
   void TaskEndedLocked(TaskKind kind, absl::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  // Pool tasks: the work, then Pump.
+  // Pool tasks: the work, then Pump, which ends the task.
   void RunIngest(std::deque<InputPiece> pieces, IngestCursor cursor, absl::Duration wait)
       ABSL_LOCKS_EXCLUDED(mu_);
   void RunTile(const Tile& tile, std::unique_ptr<kernels::SimilarityJob> job, absl::Duration wait)
       ABSL_LOCKS_EXCLUDED(mu_);
-  // The work of one ingest / tile task; its result is recorded under mu_.
-  void DoIngest(std::deque<InputPiece> pieces, IngestCursor cursor, absl::Duration wait)
+  // The work of one ingest / tile task; its result is recorded under mu_, but the task still
+  // counts as running (the caller ends it with the returned status).
+  absl::Status DoIngest(std::deque<InputPiece> pieces, IngestCursor cursor, absl::Duration wait)
       ABSL_LOCKS_EXCLUDED(mu_);
-  void DoTile(const Tile& tile, std::unique_ptr<kernels::SimilarityJob> job, absl::Duration wait)
-      ABSL_LOCKS_EXCLUDED(mu_);
+  absl::Status DoTile(const Tile& tile, std::unique_ptr<kernels::SimilarityJob> job,
+                      absl::Duration wait) ABSL_LOCKS_EXCLUDED(mu_);
   // Small whole-result calls: ingest and every tile on the calling thread, in order, then
   // Finish. A hop to the pool and back costs more than such a call's work.
   void RunInline() ABSL_LOCKS_EXCLUDED(mu_);
