@@ -227,11 +227,23 @@ absl::StatusOr<kernels::ConstTensorView> ViewData(absl::string_view name, const 
   return view;
 }
 
+// Compiled for AVX-512 and the baseline, picked at load time by an ifunc resolver. Not under
+// ThreadSanitizer: the resolver runs before TSan's runtime is set up and crashes it.
+#if defined(__SANITIZE_THREAD__)
+#define SIMSERVE_MULTIVERSIONED
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define SIMSERVE_MULTIVERSIONED
+#endif
+#endif
+#ifndef SIMSERVE_MULTIVERSIONED
+#define SIMSERVE_MULTIVERSIONED __attribute__((target_clones("arch=skylake-avx512", "default")))
+#endif
+
 // True if any of `count` elements has an all-ones exponent (`mask`): branch-free passes that
 // the compiler vectorises, compiled for AVX-512 and the baseline and picked at load time
 // (the scan reads every input byte). Not templates: clang cannot multiversion those.
-__attribute__((target_clones("arch=skylake-avx512", "default"))) bool AnyNonFinite32(
-    const std::byte* data, int64_t count) {
+SIMSERVE_MULTIVERSIONED bool AnyNonFinite32(const std::byte* data, int64_t count) {
   uint32_t any = 0;
   for (int64_t i = 0; i < count; ++i) {
     uint32_t bits = 0;
@@ -241,8 +253,7 @@ __attribute__((target_clones("arch=skylake-avx512", "default"))) bool AnyNonFini
   return any != 0;
 }
 
-__attribute__((target_clones("arch=skylake-avx512", "default"))) bool AnyNonFinite16(
-    const std::byte* data, int64_t count, uint16_t mask) {
+SIMSERVE_MULTIVERSIONED bool AnyNonFinite16(const std::byte* data, int64_t count, uint16_t mask) {
   uint16_t any = 0;
   for (int64_t i = 0; i < count; ++i) {
     uint16_t bits = 0;
