@@ -16,6 +16,7 @@
 #include <mutex>
 #include <numeric>
 #include <string_view>
+#include <thread>
 #include <tuple>
 #include <utility>
 
@@ -150,11 +151,15 @@ bool IsDistance(Metric metric) {
   return metric == Metric::kEuclidean || metric == Metric::kSquaredEuclidean;
 }
 
+// Primitives are cached per thread: oneDNN's default build does not allow one primitive to
+// execute on two threads at once (measured: wrong results when two workers shared one), nor
+// to migrate between threads.
 struct MatmulKey {
   int64_t rows;
   int64_t m;
   int64_t d;
   bool bf16;
+  std::thread::id thread = std::this_thread::get_id();
   // NOLINTNEXTLINE(modernize-use-nullptr): clang-tidy 14 misreads the defaulted <=>.
   auto operator<=>(const MatmulKey&) const = default;
 };

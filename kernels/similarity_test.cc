@@ -7,10 +7,12 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <numeric>
 #include <random>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -204,6 +206,33 @@ TEST(Kernel, UnevenTilesReassembleToTheWholeResult) {
       }
     }
   }
+}
+
+// oneDNN's default build must not run one primitive on two threads at once; the engine
+// caches primitives per thread. Two threads computing the same tile shape with different
+// inputs must each get exactly their own single-threaded result.
+TEST(Kernel, ConcurrentJobsOfTheSameShapeGetTheirOwnResults) {
+  const Problem p0 = RandomProblem({1, 8, 64, 32}, 5);
+  const Problem p1 = RandomProblem({1, 8, 64, 32}, 6);
+  const Result want0 = Compute(p0, {});
+  const Result want1 = Compute(p1, {});
+  std::atomic<int> mismatches{0};
+  auto run = [&](const Problem& p, const Result& want) {
+    const ConstTensorView a{reinterpret_cast<const std::byte*>(p.a.data()), DataType::kFloat32};
+    const ConstTensorView b{reinterpret_cast<const std::byte*>(p.b.data()), DataType::kFloat32};
+    auto job = TestEngine().Prepare(p.shape, {}, b);
+    ASSERT_TRUE(job.ok()) << job.status();
+    std::vector<std::byte> got(want.values.size());
+    for (int i = 0; i < 300; ++i) {
+      ASSERT_TRUE(ComputeAll(**job, a, 0, got, {}).ok());
+      if (got != want.values) ++mismatches;
+    }
+  };
+  std::thread t0(run, std::cref(p0), std::cref(want0));
+  std::thread t1(run, std::cref(p1), std::cref(want1));
+  t0.join();
+  t1.join();
+  EXPECT_EQ(mismatches.load(), 0);
 }
 
 TEST(Kernel, CosineOfZeroRowIsZeroNotNan) {

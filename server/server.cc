@@ -9,6 +9,7 @@
 #include <csignal>
 #include <cstring>
 #include <exception>
+#include <future>
 #include <utility>
 #include <vector>
 
@@ -242,7 +243,15 @@ std::string SimilarityServer::Warmup() {
       const int64_t row_bytes = c.shape.m * 4;
       const int64_t tile_rows =
           std::clamp<int64_t>(config_.limits.default_chunk_bytes / row_bytes, 1, c.shape.n);
-      absl::Status status = engine_->Warmup(c.shape, options, tile_rows);
+      // On a pool worker: the kernel caches primitives per thread, and the workers run them.
+      std::promise<absl::Status> done;
+      ComputeTask task;
+      task.run = [&](absl::Duration) {
+        done.set_value(engine_->Warmup(c.shape, options, tile_rows));
+      };
+      task.skip = [&](const absl::Status& why) { done.set_value(why); };
+      absl::Status status = pool_->Submit(std::move(task), /*new_request=*/false);
+      if (status.ok()) status = done.get_future().get();
       if (!status.ok()) {
         LogWarning(absl::StrCat("warm-up failed (continuing): ", status.message()));
       } else {

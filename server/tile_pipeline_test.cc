@@ -358,11 +358,14 @@ TEST_F(TilePipelineTest, ReadingPausesWhileTooMuchInputWaitsAndResumesAfterInges
   std::mutex mu;
   std::condition_variable cv;
   bool release = false;
+  int holds_done = 0;  // the test waits for both before its locals go away
   for (int i = 0; i < 2; ++i) {
     ComputeTask hold;
     hold.run = [&](absl::Duration) {
       std::unique_lock<std::mutex> lock(mu);
       cv.wait(lock, [&] { return release; });
+      ++holds_done;
+      cv.notify_all();
     };
     hold.skip = [](const absl::Status&) {};
     ASSERT_TRUE(pool_.Submit(std::move(hold), false).ok());
@@ -390,6 +393,8 @@ TEST_F(TilePipelineTest, ReadingPausesWhileTooMuchInputWaitsAndResumesAfterInges
   ExpectTileMatches(p, *tile);
   pipeline.WriteDone(true);
   EXPECT_TRUE(sink.WaitFinished().ok());
+  std::unique_lock<std::mutex> lock(mu);
+  cv.wait(lock, [&] { return holds_done == 2; });
 }
 
 TEST_F(TilePipelineTest, CancelAndFailedWritesEndTheCallOnce) {
