@@ -4,9 +4,7 @@
 // produces. gRPC's callback API owns reactors by raw pointer: each deletes itself in OnDone.
 #include "server/service.h"
 
-#include <algorithm>
 #include <chrono>
-#include <cstring>
 #include <memory>
 #include <optional>
 #include <string>
