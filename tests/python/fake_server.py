@@ -44,7 +44,8 @@ def _top_k(req: pb.ComputeRequest, s: np.ndarray):
 
 
 class FakeSimilarity(pb_grpc.SimilarityServicer):
-    """Cosine/dot only (top-k: largest first). `fail_first` calls fail with UNAVAILABLE; `corrupt` drops a tile.
+    """Cosine/dot only (top-k: largest first). `fail_first` calls fail with UNAVAILABLE;
+    `corrupt` drops a tile.
 
     Galleries: held in `galleries` (name -> (array, GalleryInfo)); `forget` > 0 makes the next
     `forget` compute calls find the store emptied first (as after a restart); `requests`
