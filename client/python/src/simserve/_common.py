@@ -288,6 +288,21 @@ def message_overhead_bytes(limits: Optional[Mapping[str, int]]) -> int:
     return reported if reported > 0 else DEFAULT_MESSAGE_OVERHEAD
 
 
+def _effective_limit(limits: Optional[Mapping[str, int]], name: str) -> float:
+    """A message size limit: 0 means gRPC's default 4 MiB, a negative one unlimited."""
+    limit = (limits or {}).get(name) or 0
+    if limit == 0:
+        return GRPC_DEFAULT_MESSAGE_BYTES
+    return float("inf") if limit < 0 else limit
+
+
+def fits_one_message(input_bytes: int, limits: Optional[Mapping[str, int]]) -> bool:
+    """Whether inputs of input_bytes fit one request message (Compute / ComputeStream):
+    input_bytes + message_overhead_bytes within the server's max_receive_message_bytes."""
+    return input_bytes <= (_effective_limit(limits, "max_receive_message_bytes") -
+                           message_overhead_bytes(limits))
+
+
 def choose_mode(input_bytes: int, output_bytes: int, limits: Optional[Mapping[str, int]],
                 unary_max_bytes: int, upload_min_bytes: int) -> str:
     """The RPC the automatic mode picks (the same rule as the C++ client's ChooseMode; both
@@ -299,19 +314,11 @@ def choose_mode(input_bytes: int, output_bytes: int, limits: Optional[Mapping[st
        max_send_message_bytes -> "unary";
     3. input_bytes >= upload_min_bytes -> "upload" (overlaps upload, compute and download);
     4. otherwise "stream"."""
-    limits = limits or {}
-
-    def effective(name: str) -> float:
-        limit = limits.get(name) or 0
-        if limit == 0:
-            return GRPC_DEFAULT_MESSAGE_BYTES
-        return float("inf") if limit < 0 else limit
-
     overhead = message_overhead_bytes(limits)
-    if input_bytes > effective("max_receive_message_bytes") - overhead:
+    if not fits_one_message(input_bytes, limits):
         return "upload"
     if (input_bytes + output_bytes <= unary_max_bytes and
-            output_bytes <= effective("max_send_message_bytes") - overhead):
+            output_bytes <= _effective_limit(limits, "max_send_message_bytes") - overhead):
         return "unary"
     if input_bytes >= upload_min_bytes:
         return "upload"
@@ -352,6 +359,29 @@ def upload_requests(prep: Prepared, piece_bytes: int) -> Iterator[bytes]:
             view = memoryview(arr).cast("B")
             for off in range(0, len(view), piece_bytes):
                 yield _wire.upload_piece(field, view[off:off + piece_bytes])
+
+
+GRPC_AIO_LOST_STATUS = "Internal error from Core"
+"""What grpc.aio reports instead of the server's status when the server ends a
+client-streaming call while a write is in flight (grpc/grpc#36066, open in grpcio 1.85):
+`_StreamRequestMixin._write` overwrites the delivered status on the failed write. The
+blocking client is not affected."""
+
+
+def status_lost(err: errors.Error) -> bool:
+    """Whether `err` is grpc.aio's stand-in for a server status it overwrote (see
+    GRPC_AIO_LOST_STATUS): the server rejected an upload before all of it was sent."""
+    return (type(err) is errors.InternalError and  # noqa: E721 (not ProtocolError)
+            err.details == GRPC_AIO_LOST_STATUS)
+
+
+def lost_status_error(err: errors.Error) -> errors.Error:
+    """`err` with what happened, when the status cannot be asked for again."""
+    return errors.InternalError(
+        f"{err.details}: the server ended the upload while the client was still sending and "
+        f"grpc.aio lost its status (grpc/grpc#36066); the inputs are too large to repeat the "
+        f"request with ComputeStream; simserve.Client (blocking) reports the server's status",
+        err.code)
 
 
 def bulk_methods(channel) -> Tuple[Any, Any, Any]:

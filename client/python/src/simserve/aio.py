@@ -207,6 +207,8 @@ class Client:
         try:
             return await self._run(prep, mode, self._remaining(deadline), progress, out)
         except errors.Error as e:
+            if common.status_lost(e):  # an upload too large to repeat in one message
+                e = await self._gallery_status(target, deadline, e)
             if not common.reregisters(e, handle):
                 raise common.gallery_error(e, target) from None
         if handle._async_lock is None:
@@ -221,6 +223,21 @@ class Client:
         except errors.Error as e:
             raise common.gallery_error(e, target) from None
 
+    async def _gallery_status(self, target: common.GalleryTarget, deadline: Optional[float],
+                              lost: errors.Error) -> errors.Error:
+        """The likeliest status of a gallery upload whose status grpc.aio lost: NOT_FOUND or a
+        version that is not current if GetGallery says so, else `lost` itself."""
+        try:
+            info = await self.get_gallery(target.name, timeout=self._remaining(deadline))
+        except errors.NotFoundError as e:
+            return e
+        except errors.Error:
+            return lost
+        if target.version and info.version != target.version:
+            return errors.FailedPreconditionError(
+                f"gallery {target.name!r} is at version {info.version}, not {target.version}")
+        return lost
+
     async def _run(self, prep: common.Prepared, mode: str, timeout: Optional[float],
                    progress: Optional[ProgressCallback], out: Optional[np.ndarray]):
         start = time.perf_counter()
@@ -230,6 +247,25 @@ class Client:
         mode = common.resolve_mode(prep, mode, limits, self.unary_max_bytes,
                                    self.upload_min_bytes)
         asm = common.Assembler(prep, progress, out)
+        try:
+            call, attempts = await self._attempts(prep, mode, limits, asm, deadline)
+        except errors.Error as e:
+            if mode != "upload" or not common.status_lost(e):
+                raise
+            # The server rejected the upload and grpc.aio lost its status (grpc#36066):
+            # ask again in one message, which cannot race (same checks, same result).
+            if not common.fits_one_message(prep.input_bytes, limits):
+                raise common.lost_status_error(e) from None
+            mode = "stream"
+            call, attempts = await self._attempts(prep, mode, limits, asm, deadline)
+        result = asm.result()
+        self.last_timings = common.timings(await call.trailing_metadata(), mode,
+                                           (time.perf_counter() - start) * 1e3, attempts)
+        return result
+
+    async def _attempts(self, prep: common.Prepared, mode: str, limits, asm: common.Assembler,
+                        deadline: Optional[float]):
+        """Runs the call in `mode` (with UNAVAILABLE retries) into `asm`: (call, attempts)."""
         piece = common.piece_bytes(self.upload_piece_bytes, limits)
         # As in simserve.Client: one copy of the inputs out, one of the result in.
         request = prep.request_bytes() if mode in ("unary", "stream") else b""
@@ -255,10 +291,7 @@ class Client:
             return None, call
 
         _, call, attempts = await self._with_retries(attempt, deadline)
-        result = asm.result()
-        self.last_timings = common.timings(await call.trailing_metadata(), mode,
-                                           (time.perf_counter() - start) * 1e3, attempts)
-        return result
+        return call, attempts
 
 
 class Gallery(common.GalleryBase):
