@@ -372,7 +372,7 @@ def status_lost(err: errors.Error) -> bool:
     """Whether `err` is grpc.aio's stand-in for a server status it overwrote (see
     GRPC_AIO_LOST_STATUS): the server rejected an upload before all of it was sent."""
     return (type(err) is errors.InternalError and  # noqa: E721 (not ProtocolError)
-            err.details == GRPC_AIO_LOST_STATUS)
+            err.details.startswith(GRPC_AIO_LOST_STATUS))  # also after lost_status_error
 
 
 def lost_status_error(err: errors.Error) -> errors.Error:
