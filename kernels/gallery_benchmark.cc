@@ -3,7 +3,9 @@
 //   gallery_benchmark --m=1000000 --d=384 --queries=1,16,256 --k=10 --storage=float32
 //       --rounds=5 [--bandwidth]
 // --bandwidth also measures the machine's memory read bandwidth over a buffer of the
-// gallery's size (the floor of a scan: gallery bytes / bandwidth).
+// gallery's size (the floor of a scan: gallery bytes / bandwidth). With --stdin it builds
+// the gallery, then answers one line per query count read from stdin ("16") with one
+// timed call, so that a harness can interleave it round by round with a baseline process.
 #include <omp.h>
 
 #include <algorithm>
@@ -124,6 +126,27 @@ int main(int argc, char** argv) {
   if (bandwidth) {
     std::printf("{\"event\": \"bandwidth\", \"bytes_per_s\": %.4g}\n",
                 ReadBandwidth(static_cast<size_t>(m * d * 4), rounds));
+  }
+  if (Flag(argc, argv, "stdin", "0") == "1") {
+    std::fflush(stdout);
+    long long q = 0;
+    while (std::scanf("%lld", &q) == 1) {
+      std::vector<float> a(q * d);
+      for (float& v : a) v = dist(gen);
+      const simserve::kernels::Options options{.top_k = k};
+      std::vector<std::byte> values(q * k * 4);
+      std::vector<int32_t> indices(q * k);
+      const auto start = std::chrono::steady_clock::now();
+      auto job = (*engine)->Prepare({1, q, m, d}, options, **gallery);
+      absl::Status status =
+          job.ok() ? ComputeAll(**job, {reinterpret_cast<const std::byte*>(a.data())}, 0, values,
+                                indices)
+                   : job.status();
+      std::printf("{\"event\": \"query\", \"queries\": %lld, \"ms\": %.3f, \"ok\": %s}\n", q,
+                  Seconds(start) * 1e3, status.ok() ? "true" : "false");
+      std::fflush(stdout);
+    }
+    return 0;
   }
   size_t pos = 0;
   while (pos < queries_list.size()) {
