@@ -194,8 +194,8 @@ class Client:
             name: [A-Za-z0-9._-]{1,128}.
             b: [M, D] or [batch, M, D]; float16 is sent as float16, anything else as float32.
             storage_dtype: how the server stores it: "float32" (exact), "bfloat16" or
-                "float16" (half the memory and the bytes a query reads; ~3 / ~4 significant
-                digits).
+                "float16" (half the memory and the bytes a query reads; 8 / 11 significant
+                bits, ~2.4 / ~3.3 decimal digits).
             keep: the handle keeps (a reference to) the data so that it can re-register it
                 on NOT_FOUND (a restarted server, another replica, an eviction). No copy is
                 made when b is already C-contiguous float32/float16: do not modify it then.
