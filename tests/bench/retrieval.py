@@ -58,6 +58,9 @@ for line in sys.stdin:
 """
 
 
+SPAWNED = []  # every child process, killed on exit
+
+
 def progress(message):
     print(f"[retrieval {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -69,6 +72,7 @@ class Worker:
         self.name = name
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=dict(os.environ, **(env or {})))
+        SPAWNED.append(self.proc)
         self.info = {}
         while True:
             line = self.proc.stdout.readline()
@@ -115,8 +119,10 @@ class Server:
         self.target = f"127.0.0.1:{free_port()}"
         self.proc = subprocess.Popen(
             [binary, f"--listen={self.target}", "--metrics_listen=",
-             f"--gallery_memory_bytes={gallery_bytes}", "--max_inflight_bytes=8589934592"],
+             f"--gallery_memory_bytes={gallery_bytes}", "--max_inflight_bytes=8589934592",
+             "--max_receive_message_bytes=268435456"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        SPAWNED.append(self.proc)
         options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
         self.channel = grpc.insecure_channel(self.target, options=options)
         self.stub = pb_grpc.SimilarityStub(self.channel)
@@ -282,4 +288,9 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # never leave a server or a worker behind
+        for child in SPAWNED:
+            if child.poll() is None:
+                child.kill()
