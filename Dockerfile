@@ -24,6 +24,8 @@ COPY CMakeLists.txt CMakePresets.json ./
 COPY proto proto
 COPY kernels kernels
 COPY server server
+# The server reads --gallery_dir files with the one .npy implementation, client/npy.
+COPY client client
 # The same configure as scripts/build.sh; only the server target is built (tests are not run
 # here, they run in CI). ccache in a build cache mount makes rebuilds after small source
 # changes quick. Then the runtime package list is derived from what the binary links.

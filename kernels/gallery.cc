@@ -1,6 +1,7 @@
 // Gallery preparation: unit rows in the storage dtype plus float32 norms (gallery.h).
 #include "kernels/gallery.h"
 
+#include <omp.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -111,9 +112,10 @@ int64_t GalleryBuilder::bytes() const {
   return static_cast<int64_t>(storage_->input_bytes + storage_->rows_bytes);
 }
 
-absl::StatusOr<std::unique_ptr<PreparedGallery>> GalleryBuilder::Build() {
+absl::StatusOr<std::unique_ptr<PreparedGallery>> GalleryBuilder::Build(int threads) {
   if (built_) return absl::FailedPreconditionError("GalleryBuilder::Build called twice");
   built_ = true;
+  if (threads > 0) omp_set_num_threads(threads);
   auto& storage = *storage_;
   const RowOps& ops = BestRowOps();
   const int64_t rows = shape_.rows();

@@ -76,8 +76,9 @@ class GalleryBuilder {
   std::span<std::byte> input();
   // Bytes the builder holds now (input plus output buffers), for memory accounting.
   int64_t bytes() const;
-  // Prepares the rows. Consumes the builder; call once.
-  absl::StatusOr<std::unique_ptr<PreparedGallery>> Build();
+  // Prepares the rows with `threads` OpenMP threads (0: the calling thread's default).
+  // Consumes the builder; call once.
+  absl::StatusOr<std::unique_ptr<PreparedGallery>> Build(int threads = 0);
 
  private:
   GalleryBuilder() = default;

@@ -4,5 +4,6 @@
 // maybe-uninitialized (GCC bug 105593); the warning is about the header, not this code.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #include "kernels/row_ops_impl.inc"

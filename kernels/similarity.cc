@@ -125,7 +125,7 @@ class TopKSelector {
     full_ = false;
     entries_.clear();
     capacity_ = std::max<int64_t>(2 * k, k + 256);
-    entries_.reserve(capacity_);
+    entries_.reserve(std::min<int64_t>(capacity_, 1024));  // grows only for a large k
   }
 
   // Offers columns [first_column, first_column + count) with values row[0, count).

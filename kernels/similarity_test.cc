@@ -572,6 +572,24 @@ TEST(Gallery, TopKTiesAcrossColumnBlocksGoToTheLowerIndex) {
   }
 }
 
+TEST(Gallery, EqualRowsTieExactlyInEveryTileShape) {
+  // Rows 1 and 4 of B are equal: in every tile height (scan and matmul paths, column tails)
+  // they must score bit-equal, so top-k puts column 1 first.
+  Problem p = RandomProblem({1, 12, 5, 24}, 43);
+  std::copy_n(p.b.begin() + 24, 24, p.b.begin() + 4 * 24);
+  const auto gallery = MakeGallery(p, false, DataType::kFloat32);
+  for (const Metric metric : {Metric::kCosine, Metric::kDot, Metric::kEuclidean}) {
+    for (const int64_t tile_rows : {1, 2, 3, 5, 12}) {
+      const Result dense = ComputeWithGallery(p, *gallery, {.metric = metric}, tile_rows);
+      for (int64_t i = 0; i < 12; ++i) {
+        ASSERT_EQ(OutputValue(dense.values, DataType::kFloat32, i * 5 + 1),
+                  OutputValue(dense.values, DataType::kFloat32, i * 5 + 4))
+            << Name(metric) << " tile_rows " << tile_rows << " row " << i;
+      }
+    }
+  }
+}
+
 TEST(Gallery, ZeroTinyAndHugeRowsAreExactForCosine) {
   Problem p = RandomProblem({1, 4, 6, 64}, 31);
   std::fill_n(p.b.begin(), 64, 0.0F);  // B[0] = 0

@@ -128,7 +128,7 @@ absl::Status GalleryDirectory::Load(const std::string& name, const std::string& 
     return room;
   }
   const std::span<const std::byte> data = file->data();
-  auto gallery = BuildGallery(*spec, GallerySource::kDirectory, path,
+  auto gallery = BuildGallery(*spec, GallerySource::kDirectory, path, /*threads=*/0,
                               [&](std::span<std::byte> input) -> absl::Status {
                                 if (data.size() != input.size()) {
                                   return absl::InvalidArgumentError("data size mismatch");

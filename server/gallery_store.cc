@@ -78,7 +78,7 @@ absl::StatusOr<GallerySpec> MakeGallerySpec(absl::string_view name,
 }
 
 absl::StatusOr<std::unique_ptr<Gallery>> BuildGallery(
-    const GallerySpec& spec, GallerySource source, std::string path,
+    const GallerySpec& spec, GallerySource source, std::string path, int threads,
     const std::function<absl::Status(std::span<std::byte>)>& fill) {
   const absl::Time start = absl::Now();
   auto builder = kernels::GalleryBuilder::Create(spec.dims, spec.dtype, spec.storage_dtype);
@@ -91,7 +91,7 @@ absl::StatusOr<std::unique_ptr<Gallery>> BuildGallery(
       !finite.ok()) {
     return finite;
   }
-  auto prepared = (*builder)->Build();
+  auto prepared = (*builder)->Build(threads);
   if (!prepared.ok()) return prepared.status();
   auto gallery = std::make_unique<Gallery>();
   gallery->name = spec.name;

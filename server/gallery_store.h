@@ -68,10 +68,10 @@ absl::StatusOr<GallerySpec> MakeGallerySpec(absl::string_view name,
 
 // Builds a gallery: `fill` writes the spec.input_bytes raw bytes into the span it is given,
 // then they are checked for NaN/Inf (INVALID_ARGUMENT naming the flat index) and prepared
-// (kernels::GalleryBuilder) on the calling thread's OpenMP team. Heavy: call it on the
-// compute pool or a loader thread, never on a gRPC thread.
+// (kernels::GalleryBuilder) with `threads` OpenMP threads (0: the thread's default). Heavy:
+// call it on the compute pool or a loader thread, never on a gRPC thread.
 absl::StatusOr<std::unique_ptr<Gallery>> BuildGallery(
-    const GallerySpec& spec, GallerySource source, std::string path,
+    const GallerySpec& spec, GallerySource source, std::string path, int threads,
     const std::function<absl::Status(std::span<std::byte>)>& fill);
 
 // Thread-safe.

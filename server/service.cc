@@ -519,16 +519,17 @@ class RegisterCall final : public grpc::ServerReadReactor<v1::RegisterGalleryReq
   // On a pool worker.
   void Prepare() {
     if (context_->IsCancelled()) return Fail(absl::CancelledError("client cancelled"));
-    auto gallery = BuildGallery(*spec_, GallerySource::kUploaded, "",
-                                [this](std::span<std::byte> input) -> absl::Status {
-                                  size_t offset = 0;
-                                  for (std::string& piece : pieces_) {
-                                    std::memcpy(input.data() + offset, piece.data(), piece.size());
-                                    offset += piece.size();
-                                    std::string().swap(piece);  // give the memory back now
-                                  }
-                                  return absl::OkStatus();
-                                });
+    auto gallery =
+        BuildGallery(*spec_, GallerySource::kUploaded, "", env_.engine->threads_per_call(),
+                     [this](std::span<std::byte> input) -> absl::Status {
+                       size_t offset = 0;
+                       for (std::string& piece : pieces_) {
+                         std::memcpy(input.data() + offset, piece.data(), piece.size());
+                         offset += piece.size();
+                         std::string().swap(piece);  // give the memory back now
+                       }
+                       return absl::OkStatus();
+                     });
     pieces_.clear();
     // The received pieces were heap blocks: hand their pages back to the system now rather
     // than keeping them for reuse (main.cc raises glibc's trim threshold for the data path),

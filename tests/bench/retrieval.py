@@ -32,6 +32,7 @@ ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
 sys.path.insert(0, os.path.join(ROOT, "client", "python", "src"))
 
 import grpc  # noqa: E402
+import simserve  # noqa: E402
 from simserve.v1 import similarity_pb2 as pb  # noqa: E402
 from simserve.v1 import similarity_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -125,7 +126,8 @@ class Server:
         SPAWNED.append(self.proc)
         options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
         self.channel = grpc.insecure_channel(self.target, options=options)
-        self.stub = pb_grpc.SimilarityStub(self.channel)
+        self.stub = pb_grpc.SimilarityStub(self.channel)  # the seed comparison: raw Compute
+        self.handles = {}
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -136,24 +138,19 @@ class Server:
                     raise RuntimeError("server did not start")
                 time.sleep(0.2)
 
-    def register(self, name, rows, storage=pb.FLOAT32, piece=4 << 20):
-        data = rows.tobytes()
+        self.client = simserve.Client(self.target)
 
-        def parts():
-            yield pb.RegisterGalleryRequest(header=pb.GalleryHeader(
-                name=name, shape=list(rows.shape), dtype=pb.FLOAT32, storage_dtype=storage))
-            for off in range(0, len(data), piece):
-                yield pb.RegisterGalleryRequest(data=data[off:off + piece])
-        return self.stub.RegisterGallery(parts(), timeout=600)
+    def register(self, name, rows):
+        """Through the Python client; returns the server's GalleryInfo.bytes."""
+        self.handles[name] = self.client.register_gallery(name, rows, timeout=600)
+        return self.client.get_gallery(name).bytes
 
     def top_k(self, gallery, a, k):
-        req = pb.ComputeRequest(a=pb.Tensor(shape=list(a.shape), raw=a.tobytes()),
-                                gallery=gallery, top_k=k)
-        resp = self.stub.Compute(req, timeout=600)
-        return (np.frombuffer(resp.values_raw, np.float32).reshape(resp.shape),
-                np.frombuffer(resp.indices_raw, np.int32).reshape(resp.shape))
+        """The service end to end through the Python client (the handle: no lookup)."""
+        return self.client.top_k(a, k, gallery=self.handles[gallery], timeout=600)
 
     def close(self):
+        self.client.close()
         self.channel.close()
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=60)
@@ -198,7 +195,7 @@ def main():
     rows = gallery_rows(args.m, args.d, 11)
     rss_before = rss_bytes(server.proc.pid)
     t = time.perf_counter()
-    info = server.register("bench", rows)
+    info_bytes = server.register("bench", rows)
     register_s = time.perf_counter() - t
     rss_growth = rss_bytes(server.proc.pid) - rss_before
     raw_bytes = rows.nbytes
@@ -279,7 +276,7 @@ def main():
     print(f"Q=1: fp32 {med['simserve fp32'][1] / floor_fp32:.2f}x its floor, bf16 "
           f"{med['simserve bf16'][1] / floor_bf16:.2f}x its floor; bf16 storage "
           f"{med['simserve fp32'][1] / med['simserve bf16'][1]:.2f}x faster than fp32")
-    print(f"registration: {register_s:.1f} s; GalleryInfo.bytes {info.bytes / 1e6:.0f} MB; server "
+    print(f"registration: {register_s:.1f} s; GalleryInfo.bytes {info_bytes / 1e6:.0f} MB; server "
           f"RSS grew {rss_growth / 1e6:.0f} MB = {rss_growth / raw_bytes:.2f}x the raw bytes")
     if seed:
         f, g = statistics.median(seed["full upload"]), statistics.median(seed["gallery"])
