@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <numeric>
 #include <random>
 #include <sstream>
@@ -20,6 +21,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "client/dtype.h"
 #include "gmock/gmock.h"
 #include "google/protobuf/struct.pb.h"
@@ -846,6 +848,397 @@ TEST(MalformedResultTest, GapsShortStreamsWrongShapesAndBadSizesAreInternalError
     EXPECT_THAT(result.status().message(), HasSubstr(message));
   }
   server->Shutdown();
+}
+
+// ---- Galleries against a stand-in server: the client's side of the protocol ----
+
+// Records what the gallery RPCs receive and answers them like a server would, but without
+// computing: a gallery computation's result has the registered gallery's M and every value
+// is its own flat index in the output (so placement can be checked exactly). A gallery
+// named "bad-shape" answers with one row too many.
+class FakeGalleryService final : public v1::Similarity::Service {
+ public:
+  static constexpr int64_t kReceiveLimit = 64 << 10;
+  static constexpr int64_t kOverhead = 4096;
+
+  struct Registration {
+    std::vector<v1::RegisterGalleryRequest::PartCase> parts;
+    std::vector<size_t> piece_bytes;
+    std::string data;
+    v1::GalleryHeader header;
+  };
+  struct ComputeSeen {
+    std::string method;
+    bool has_b = false;
+    std::string gallery;
+    int64_t gallery_version = 0;
+    int64_t b_pieces = 0;
+  };
+
+  grpc::Status GetInfo(grpc::ServerContext* /*context*/, const v1::GetInfoRequest* /*request*/,
+                       v1::GetInfoResponse* response) override {
+    response->mutable_limits()->set_max_receive_message_bytes(kReceiveLimit);
+    response->mutable_limits()->set_max_send_message_bytes(int64_t{64} << 20);
+    response->mutable_limits()->set_message_overhead_bytes(kOverhead);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status RegisterGallery(grpc::ServerContext* /*context*/,
+                               grpc::ServerReader<v1::RegisterGalleryRequest>* reader,
+                               v1::GalleryInfo* info) override {
+    Registration seen;
+    v1::RegisterGalleryRequest request;
+    while (reader->Read(&request)) {
+      seen.parts.push_back(request.part_case());
+      if (request.has_header()) {
+        seen.header = request.header();
+      } else {
+        seen.piece_bytes.push_back(request.data().size());
+        seen.data += request.data();
+      }
+    }
+    absl::MutexLock lock(&mu_);
+    const v1::GalleryHeader& h = seen.header;
+    info->set_name(h.name());
+    info->mutable_shape()->CopyFrom(h.shape());
+    info->set_dtype(h.dtype());
+    info->set_storage_dtype(h.storage_dtype());
+    info->set_version(++versions_[h.name()]);
+    info->set_bytes(static_cast<int64_t>(seen.data.size()));
+    galleries_[h.name()] = *info;
+    registrations_.push_back(std::move(seen));
+    return grpc::Status::OK;
+  }
+
+  grpc::Status GetGallery(grpc::ServerContext* /*context*/, const v1::GetGalleryRequest* request,
+                          v1::GalleryInfo* info) override {
+    absl::MutexLock lock(&mu_);
+    ++get_gallery_calls_;
+    const auto it = galleries_.find(request->name());
+    if (it == galleries_.end()) return {grpc::StatusCode::NOT_FOUND, "no such gallery"};
+    *info = it->second;
+    return grpc::Status::OK;
+  }
+
+  grpc::Status Compute(grpc::ServerContext* /*context*/, const v1::ComputeRequest* request,
+                       v1::ComputeResponse* response) override {
+    std::vector<int64_t> shape;
+    if (grpc::Status s = Answer("Compute", *request, 0, &shape); !s.ok()) return s;
+    response->mutable_shape()->Assign(shape.begin(), shape.end());
+    response->set_values_raw(Values(0, Elements(shape)));
+    if (request->top_k() > 0) {
+      response->set_indices_raw(std::string(static_cast<size_t>(Elements(shape)) * 4, '\0'));
+    }
+    return grpc::Status::OK;
+  }
+
+  grpc::Status ComputeStream(grpc::ServerContext* /*context*/, const v1::ComputeRequest* request,
+                             grpc::ServerWriter<v1::ComputeChunk>* writer) override {
+    std::vector<int64_t> shape;
+    if (grpc::Status s = Answer("ComputeStream", *request, 0, &shape); !s.ok()) return s;
+    WriteRows(shape, request->top_k() > 0, writer);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status ComputeUpload(
+      grpc::ServerContext* /*context*/,
+      grpc::ServerReaderWriter<v1::ComputeChunk, v1::UploadRequest>* stream) override {
+    v1::UploadRequest message;
+    v1::ComputeRequest request;
+    int64_t b_pieces = 0;
+    while (stream->Read(&message)) {
+      if (message.has_header()) request = message.header().request();
+      if (message.part_case() == v1::UploadRequest::kBData) ++b_pieces;
+    }
+    std::vector<int64_t> shape;
+    if (grpc::Status s = Answer("ComputeUpload", request, b_pieces, &shape); !s.ok()) return s;
+    WriteRows(shape, request.top_k() > 0, stream);
+    return grpc::Status::OK;
+  }
+
+  std::vector<Registration> registrations() {
+    absl::MutexLock lock(&mu_);
+    return registrations_;
+  }
+  std::vector<ComputeSeen> computes() {
+    absl::MutexLock lock(&mu_);
+    return computes_;
+  }
+  int get_gallery_calls() {
+    absl::MutexLock lock(&mu_);
+    return get_gallery_calls_;
+  }
+
+ private:
+  static int64_t Elements(const std::vector<int64_t>& shape) {
+    return std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<>());
+  }
+  // float32 values first, first + 1, ... as raw bytes.
+  static std::string Values(int64_t first, int64_t count) {
+    std::string raw(static_cast<size_t>(count) * 4, '\0');
+    for (int64_t i = 0; i < count; ++i) {
+      const auto value = static_cast<float>(first + i);
+      std::memcpy(raw.data() + 4 * i, &value, 4);
+    }
+    return raw;
+  }
+
+  // Records the request; the result shape [.., N, M or k] from A and the gallery.
+  grpc::Status Answer(const char* method, const v1::ComputeRequest& request, int64_t b_pieces,
+                      std::vector<int64_t>* shape) {
+    absl::MutexLock lock(&mu_);
+    computes_.push_back(
+        {method, request.has_b(), request.gallery(), request.gallery_version(), b_pieces});
+    const auto it = galleries_.find(request.gallery());
+    if (it == galleries_.end()) return {grpc::StatusCode::NOT_FOUND, "no such gallery"};
+    if (request.gallery_version() != 0 && request.gallery_version() != it->second.version()) {
+      return {grpc::StatusCode::FAILED_PRECONDITION, "version mismatch"};
+    }
+    shape->assign(request.a().shape().begin(), request.a().shape().end() - 1);
+    shape->push_back(request.top_k() > 0 ? request.top_k()
+                                         : it->second.shape(it->second.shape_size() - 2));
+    if (request.gallery() == "bad-shape") ++(*shape)[shape->size() - 2];
+    return grpc::Status::OK;
+  }
+
+  // One chunk per row, the first with the full shape (top-k: all indices 0).
+  template <typename Writer>
+  static void WriteRows(const std::vector<int64_t>& shape, bool top_k, Writer* writer) {
+    const int64_t batches = shape.size() == 3 ? shape[0] : 1;
+    const int64_t rows = shape[shape.size() - 2];
+    const int64_t cols = shape.back();
+    for (int64_t k = 0; k < batches; ++k) {
+      for (int64_t i = 0; i < rows; ++i) {
+        v1::ComputeChunk chunk;
+        if (k == 0 && i == 0) chunk.mutable_shape()->Assign(shape.begin(), shape.end());
+        chunk.set_batch_index(k);
+        chunk.set_row_offset(i);
+        chunk.set_row_count(1);
+        chunk.set_values_raw(Values((k * rows + i) * cols, cols));
+        if (top_k) chunk.set_indices_raw(std::string(static_cast<size_t>(cols) * 4, '\0'));
+        writer->Write(chunk);
+      }
+    }
+  }
+
+  absl::Mutex mu_;
+  std::map<std::string, int64_t> versions_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, v1::GalleryInfo> galleries_ ABSL_GUARDED_BY(mu_);
+  std::vector<Registration> registrations_ ABSL_GUARDED_BY(mu_);
+  std::vector<ComputeSeen> computes_ ABSL_GUARDED_BY(mu_);
+  int get_gallery_calls_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+class FakeGalleryTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port_);
+    builder.RegisterService(&service_);
+    server_ = builder.BuildAndStart();
+    ASSERT_NE(server_, nullptr);
+    auto client = Connect();
+    ASSERT_TRUE(client.ok()) << client.status();
+    client_ = *std::move(client);
+  }
+  void TearDown() override {
+    client_.reset();
+    if (server_ != nullptr) server_->Shutdown();
+  }
+  absl::StatusOr<std::unique_ptr<Client>> Connect(const ClientOptions& options = {}) const {
+    return Client::Connect(absl::StrCat("127.0.0.1:", port_), options);
+  }
+  // Registers a float32 gallery [m, d] (values irrelevant to the stand-in).
+  v1::GalleryInfo Register(Client& client, const std::string& name, int64_t m, int64_t d) {
+    gallery_data_.assign(static_cast<size_t>(m * d), 0.5F);
+    auto info = client.RegisterGallery(name, TensorRef::Float32({m, d}, gallery_data_));
+    EXPECT_TRUE(info.ok()) << info.status();
+    return info.ok() ? *info : v1::GalleryInfo();
+  }
+
+  FakeGalleryService service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<Client> client_;
+  int port_ = 0;
+  std::vector<float> gallery_data_;
+};
+
+// What the stand-in answers for a result of `shape`: value = flat index.
+void ExpectFlatIndexValues(const Result& result, const std::vector<int64_t>& shape) {
+  EXPECT_EQ(result.shape, shape);
+  const std::vector<float> values = result.ValuesAsFloat();
+  ASSERT_EQ(static_cast<int64_t>(values.size()), result.element_count());
+  for (size_t i = 0; i < values.size(); ++i) {
+    ASSERT_EQ(values[i], static_cast<float>(i)) << "element " << i;
+  }
+}
+
+TEST_F(FakeGalleryTest, RegisterSendsTheHeaderFirstThenPiecesWithinTheReceiveLimit) {
+  ClientOptions big_pieces;
+  big_pieces.upload_piece_bytes = 8 * kMiB;  // clamped to 64 KiB - 4096 by the server's limits
+  auto client = Connect(big_pieces);
+  ASSERT_TRUE(client.ok());
+  const Problem p = MakeProblem(1, 1, 500, 100, 3);  // B: 500 x 100 float32 = 200000 bytes
+  GalleryOptions options;
+  options.storage_dtype = v1::BFLOAT16;
+  auto info = (*client)->RegisterGallery("faces-1", p.B(), options);
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->name(), "faces-1");
+  EXPECT_THAT(info->shape(), ::testing::ElementsAre(1, 500, 100));
+  EXPECT_EQ(info->storage_dtype(), v1::BFLOAT16);
+  EXPECT_EQ(info->version(), 1);
+  const auto registrations = service_.registrations();
+  ASSERT_EQ(registrations.size(), 1U);
+  const auto& r = registrations[0];
+  ASSERT_FALSE(r.parts.empty());
+  EXPECT_EQ(r.parts[0], v1::RegisterGalleryRequest::kHeader);
+  EXPECT_EQ(std::count(r.parts.begin(), r.parts.end(), v1::RegisterGalleryRequest::kHeader), 1);
+  EXPECT_EQ(r.header.name(), "faces-1");
+  EXPECT_THAT(r.header.shape(), ::testing::ElementsAre(1, 500, 100));
+  EXPECT_EQ(r.header.dtype(), v1::FLOAT32);
+  EXPECT_EQ(r.header.storage_dtype(), v1::BFLOAT16);
+  constexpr size_t kPiece = FakeGalleryService::kReceiveLimit - FakeGalleryService::kOverhead;
+  EXPECT_THAT(r.piece_bytes, ::testing::ElementsAre(kPiece, kPiece, kPiece, 200000 - 3 * kPiece));
+  ASSERT_EQ(r.data.size(), p.b.size() * 4);
+  EXPECT_EQ(std::memcmp(r.data.data(), p.b.data(), r.data.size()), 0);
+  // Registering again replaces it: version 2.
+  auto again = (*client)->RegisterGallery("faces-1", p.B());
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->version(), 2);
+  // An empty gallery is a header alone (the server judges it).
+  ASSERT_TRUE((*client)->RegisterGallery("empty", TensorRef{{0, 4}, v1::FLOAT32, {}}).ok());
+  EXPECT_THAT(service_.registrations().back().parts,
+              ::testing::ElementsAre(v1::RegisterGalleryRequest::kHeader));
+}
+
+TEST_F(FakeGalleryTest, ComputeWithAGallerySendsNoBAndLearnsMFromTheResult) {
+  Register(*client_, "g", 7, 4);
+  const Problem p = MakeProblem(2, 3, 1, 4, 1);
+  ComputeOptions options;
+  options.gallery = "g";
+  options.gallery_version = 1;
+  for (const CallMode mode :
+       {CallMode::kUnary, CallMode::kStream, CallMode::kUpload, CallMode::kAuto}) {
+    SCOPED_TRACE(Name(mode));
+    auto result = client_->Similarity(p.A(), TensorRef{}, options, mode);
+    ASSERT_TRUE(result.ok()) << result.status();
+    ExpectFlatIndexValues(*result, {2, 3, 7});
+    const auto seen = service_.computes().back();
+    EXPECT_FALSE(seen.has_b);
+    EXPECT_EQ(seen.gallery, "g");
+    EXPECT_EQ(seen.gallery_version, 1);
+    EXPECT_EQ(seen.b_pieces, 0);
+    if (mode != CallMode::kAuto) {
+      EXPECT_EQ(seen.method, mode == CallMode::kUnary    ? "Compute"
+                             : mode == CallMode::kStream ? "ComputeStream"
+                                                         : "ComputeUpload");
+    }
+  }
+  // 2D A: a 2D result.
+  const Problem q = MakeProblem(1, 5, 1, 4, 2, /*two_d=*/true);
+  auto two_d = client_->Compute(q.A(), {}, options);
+  ASSERT_TRUE(two_d.ok()) << two_d.status();
+  ExpectFlatIndexValues(*two_d, {5, 7});
+  // The stand-in's errors come through as they are.
+  options.gallery_version = 5;
+  EXPECT_EQ(client_->Compute(p.A(), {}, options).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  options.gallery = "nope";
+  options.gallery_version = 0;
+  EXPECT_EQ(client_->ComputeStream(p.A(), {}, options).status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+TEST_F(FakeGalleryTest, BWithAGalleryIsInvalidArgumentBeforeAnyCall) {
+  Register(*client_, "g", 7, 4);
+  const Problem p = MakeProblem(2, 3, 7, 4, 1);
+  ComputeOptions options;
+  options.gallery = "g";
+  for (const CallMode mode :
+       {CallMode::kAuto, CallMode::kUnary, CallMode::kStream, CallMode::kUpload}) {
+    auto result = client_->Similarity(p.A(), p.B(), options, mode);
+    EXPECT_EQ(result.status().code(), absl::StatusCode::kInvalidArgument) << Name(mode);
+    EXPECT_THAT(result.status().message(), HasSubstr("b must be empty"));
+  }
+  const TensorRef rank1 = TensorRef::Float32({static_cast<int64_t>(p.a.size())}, p.a);
+  auto rank = client_->Similarity(rank1, {}, options);
+  EXPECT_EQ(rank.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(rank.status().message(), HasSubstr("a must be 2D"));
+  EXPECT_TRUE(service_.computes().empty());
+}
+
+TEST_F(FakeGalleryTest, OutputRefThatDoesNotFitTheGallerysResultIsFailedPrecondition) {
+  const v1::GalleryInfo info = Register(*client_, "g", 7, 4);
+  const Problem p = MakeProblem(2, 3, 1, 4, 1);
+  ComputeOptions options;
+  options.gallery = "g";
+  const std::vector<int64_t> gallery_shape(info.shape().begin(), info.shape().end());
+  auto spec = OutputSize(p.AShape(), gallery_shape, options);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->shape, (std::vector<int64_t>{2, 3, 7}));  // a 2D gallery with a 3D A
+  ByteVector values(static_cast<size_t>(spec->values_bytes));
+  for (const CallMode mode : {CallMode::kUnary, CallMode::kStream, CallMode::kUpload}) {
+    auto fits = client_->Similarity(p.A(), {}, options, OutputRef{values, {}}, mode);
+    ASSERT_TRUE(fits.ok()) << Name(mode) << ": " << fits.status();
+    EXPECT_EQ(fits->shape, spec->shape);
+    float last = 0;
+    std::memcpy(&last, values.data() + values.size() - 4, 4);
+    EXPECT_EQ(last, 41.0F);
+  }
+  Register(*client_, "g", 9, 4);  // replaced by one of another M
+  for (const CallMode mode : {CallMode::kUnary, CallMode::kStream, CallMode::kUpload}) {
+    auto stale = client_->Similarity(p.A(), {}, options, OutputRef{values, {}}, mode);
+    EXPECT_EQ(stale.status().code(), absl::StatusCode::kFailedPrecondition) << Name(mode);
+    EXPECT_THAT(stale.status().message(), HasSubstr("does not fit the OutputRef"));
+    EXPECT_THAT(stale.status().message(), HasSubstr("needs 216"));
+  }
+  // Top-k is sized without the gallery: checked before the call, as always.
+  options.top_k = 2;
+  auto top = client_->Similarity(p.A(), {}, options, OutputRef{values, {}});
+  EXPECT_EQ(top.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(FakeGalleryTest, ResultShapeOtherThanAsRowsIsInternal) {
+  Register(*client_, "bad-shape", 7, 4);
+  const Problem p = MakeProblem(2, 3, 1, 4, 1);
+  ComputeOptions options;
+  options.gallery = "bad-shape";
+  for (const CallMode mode : {CallMode::kUnary, CallMode::kStream, CallMode::kUpload}) {
+    auto result = client_->Similarity(p.A(), {}, options, mode);
+    EXPECT_EQ(result.status().code(), absl::StatusCode::kInternal) << Name(mode);
+    EXPECT_THAT(result.status().message(), HasSubstr("shape [2,4,7], expected [2,3,M]"));
+  }
+}
+
+TEST_F(FakeGalleryTest, AutoSizesAGalleryResultFromItsLastSeenShape) {
+  // Registered by another client: this one asks GetGallery once, then uses what it saw.
+  auto other = Connect();
+  ASSERT_TRUE(other.ok());
+  Register(**other, "wide", 3000, 4);
+  Register(**other, "narrow", 5, 4);
+  const Problem p = MakeProblem(1, 100, 1, 4, 1);  // dense result 100 x 3000 floats = 1.2 MB
+  ComputeOptions options;
+  options.gallery = "wide";
+  auto wide = client_->Similarity(p.A(), {}, options);
+  ASSERT_TRUE(wide.ok()) << wide.status();
+  EXPECT_EQ(wide->mode, CallMode::kStream);  // over auto_unary_max_bytes (1 MiB)
+  ExpectFlatIndexValues(*wide, {1, 100, 3000});
+  EXPECT_EQ(service_.get_gallery_calls(), 1);
+  options.gallery = "narrow";
+  auto narrow = client_->Similarity(p.A(), {}, options);
+  ASSERT_TRUE(narrow.ok()) << narrow.status();
+  EXPECT_EQ(narrow->mode, CallMode::kUnary);
+  EXPECT_EQ(service_.get_gallery_calls(), 2);
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(client_->Similarity(p.A(), {}, options).ok());
+  EXPECT_EQ(service_.get_gallery_calls(), 2);  // cached
+  // Top-k needs no gallery shape; an unknown gallery is the server's NOT_FOUND.
+  options.top_k = 3;
+  options.gallery = "wide";
+  ASSERT_TRUE(client_->Similarity(p.A(), {}, options).ok());
+  EXPECT_EQ(service_.get_gallery_calls(), 2);
+  options.top_k = 0;
+  options.gallery = "missing";
+  EXPECT_EQ(client_->Similarity(p.A(), {}, options).status().code(), absl::StatusCode::kNotFound);
 }
 
 }  // namespace
