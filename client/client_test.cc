@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -20,7 +21,9 @@
 #include <tuple>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "client/dtype.h"
 #include "gmock/gmock.h"
@@ -610,6 +613,384 @@ TEST_F(ClientTest, ConcurrentCallsAllGetTheirOwnCorrectResult) {
   }
   for (auto& thread : threads) thread.join();
   EXPECT_EQ(std::accumulate(failures.begin(), failures.end(), 0), 0);
+}
+
+// ---- Galleries on the real server ----
+
+// A query A [batch, n, d] against a gallery [m, d] (shared by every batch entry) or
+// [batch, m, d]. `p.b` holds the gallery repeated for each batch entry, so that
+// ComputeReference(p, ...) is the independent reference of a gallery call.
+struct GalleryProblem {
+  Problem p;
+  std::vector<float> gallery;
+  std::vector<int64_t> gallery_shape;
+
+  TensorRef Gallery() const { return TensorRef::Float32(gallery_shape, gallery); }
+};
+
+GalleryProblem MakeGalleryProblem(int64_t batch, int64_t n, int64_t m, int64_t d, uint32_t seed,
+                                  bool shared) {
+  GalleryProblem g{MakeProblem(batch, n, m, d, seed), {}, {}};
+  if (shared) {
+    g.gallery.assign(g.p.b.begin(), g.p.b.begin() + m * d);
+    for (int64_t k = 1; k < batch; ++k) {
+      std::copy(g.gallery.begin(), g.gallery.end(), g.p.b.begin() + k * m * d);
+    }
+    g.gallery_shape = {m, d};
+  } else {
+    g.gallery = g.p.b;
+    g.gallery_shape = {batch, m, d};
+  }
+  return g;
+}
+
+// Whether every element of `result` is within `tol` of `ref` (ExpectMatchesReference's rule).
+bool MatchesReference(const Result& result, const Reference& ref, double tol) {
+  const std::vector<float> got = result.ValuesAsFloat();
+  if (got.size() != ref.values.size()) return false;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!(std::abs(got[i] - ref.values[i]) <= tol * (ref.scale[i] + std::abs(ref.values[i])))) {
+      return false;
+    }
+  }
+  return true;
+}
+
+ComputeOptions GalleryOptionsFor(const std::string& name, v1::Metric metric = v1::COSINE) {
+  ComputeOptions options;
+  options.gallery = name;
+  options.metric = metric;
+  return options;
+}
+
+TEST_F(ClientTest, GalleryMatchesDoubleReferenceInEveryModeAndMetric) {
+  for (const bool shared : {true, false}) {
+    GalleryProblem g = MakeGalleryProblem(3, 17, 13, 24, shared ? 21 : 22, shared);
+    // A zero gallery row: cosine gives 0 for it, never NaN.
+    std::fill_n(g.gallery.begin() + 24, 24, 0.0F);
+    for (int64_t k = 0; k < (shared ? 3 : 1); ++k) {
+      std::fill_n(g.p.b.begin() + (k * 13 + 1) * 24, 24, 0.0F);
+    }
+    const std::string name = shared ? "ct-ref-2d" : "ct-ref-3d";
+    auto info = client_->RegisterGallery(name, g.Gallery());
+    ASSERT_TRUE(info.ok()) << info.status();
+    EXPECT_EQ(info->name(), name);
+    EXPECT_EQ(std::vector<int64_t>(info->shape().begin(), info->shape().end()), g.gallery_shape);
+    EXPECT_EQ(info->source(), v1::UPLOADED);
+    EXPECT_EQ(info->dtype(), v1::FLOAT32);
+    EXPECT_EQ(info->storage_dtype(), v1::FLOAT32);
+    EXPECT_GE(info->version(), 1);
+    EXPECT_GT(info->bytes(), 0);
+    for (const v1::Metric metric : {v1::COSINE, v1::DOT, v1::EUCLIDEAN, v1::SQUARED_EUCLIDEAN}) {
+      const Reference ref = ComputeReference(g.p, metric);
+      for (const CallMode mode :
+           {CallMode::kUnary, CallMode::kStream, CallMode::kUpload, CallMode::kAuto}) {
+        SCOPED_TRACE(absl::StrCat(name, " ", v1::Metric_Name(metric), " ", Name(mode)));
+        ComputeOptions options = GalleryOptionsFor(name, metric);
+        options.max_chunk_bytes = 200;
+        auto result = client_->Similarity(g.p.A(), {}, options, mode);
+        ASSERT_TRUE(result.ok()) << result.status();
+        EXPECT_EQ(result->shape, (std::vector<int64_t>{3, 17, 13}));
+        ExpectMatchesReference(*result, ref, Tolerance(v1::FLOAT32, v1::FP32));
+        if (metric == v1::COSINE) {
+          const std::vector<float> values = result->ValuesAsFloat();
+          for (size_t row = 0; row < size_t{3} * 17; ++row) EXPECT_EQ(values[row * 13 + 1], 0.0F);
+        }
+      }
+    }
+    ASSERT_TRUE(client_->DeleteGallery(name).ok());
+  }
+}
+
+TEST_F(ClientTest, GalleryTopKMatchesReferenceOrderInEveryMode) {
+  const GalleryProblem g = MakeGalleryProblem(2, 23, 40, 16, 23, /*shared=*/true);
+  ASSERT_TRUE(client_->RegisterGallery("ct-topk", g.Gallery()).ok());
+  for (const v1::Metric metric : {v1::COSINE, v1::EUCLIDEAN}) {
+    const Reference ref = ComputeReference(g.p, metric);
+    for (const CallMode mode : {CallMode::kUnary, CallMode::kStream, CallMode::kUpload}) {
+      ComputeOptions options = GalleryOptionsFor("ct-topk", metric);
+      options.top_k = 5;
+      options.max_chunk_bytes = 100;
+      auto result = client_->Similarity(g.p.A(), {}, options, mode);
+      ASSERT_TRUE(result.ok()) << result.status();
+      ASSERT_EQ(result->shape, (std::vector<int64_t>{2, 23, 5}));
+      const std::vector<float> values = result->ValuesAsFloat();
+      for (size_t row = 0; row < size_t{2} * 23; ++row) {
+        const auto expected = ReferenceTopK(ref, row, 40, 5, metric == v1::COSINE);
+        for (size_t j = 0; j < 5; ++j) {
+          EXPECT_EQ(result->indices[row * 5 + j], expected[j]) << Name(mode) << " row " << row;
+          const double want = ref.values[row * 40 + expected[j]];
+          EXPECT_NEAR(values[row * 5 + j], want, 1e-4 * (1 + std::abs(want)));
+        }
+      }
+    }
+  }
+  ASSERT_TRUE(client_->DeleteGallery("ct-topk").ok());
+}
+
+TEST_F(ClientTest, GalleryStorageDtypesHalveTheMemoryAndStayCloseToTheReference) {
+  const GalleryProblem g = MakeGalleryProblem(2, 16, 64, 96, 24, /*shared=*/true);
+  const Reference ref = ComputeReference(g.p, v1::COSINE);
+  int64_t fp32_bytes = 0;
+  for (const v1::DataType storage : {v1::FLOAT32, v1::BFLOAT16, v1::FLOAT16}) {
+    SCOPED_TRACE(v1::DataType_Name(storage));
+    GalleryOptions gallery_options;
+    gallery_options.storage_dtype = storage;
+    auto info = client_->RegisterGallery("ct-storage", g.Gallery(), gallery_options);
+    ASSERT_TRUE(info.ok()) << info.status();
+    EXPECT_EQ(info->storage_dtype(), storage);
+    EXPECT_EQ(info->dtype(), v1::FLOAT32);
+    if (storage == v1::FLOAT32) {
+      fp32_bytes = info->bytes();
+    } else {
+      EXPECT_LT(info->bytes(), fp32_bytes * 3 / 4) << "fp32 held " << fp32_bytes;
+    }
+    auto result = client_->Similarity(g.p.A(), {}, GalleryOptionsFor("ct-storage"));
+    ASSERT_TRUE(result.ok()) << result.status();
+    // Rounding the gallery to 8 (bfloat16) or 11 (float16) mantissa bits.
+    const double tol = storage == v1::FLOAT32 ? 2e-5 : storage == v1::BFLOAT16 ? 1.6e-2 : 2e-3;
+    ExpectMatchesReference(*result, ref, tol);
+    if (storage != v1::FLOAT32) {
+      EXPECT_FALSE(MatchesReference(*result, ref, 1e-7)) << "no rounding visible at all";
+    }
+  }
+  // A float16 gallery upload (2 bytes per element on the wire).
+  std::vector<uint16_t> half(g.gallery.size());
+  GalleryProblem rounded = g;
+  for (size_t i = 0; i < half.size(); ++i) {
+    half[i] = kernels::FloatToF16(g.gallery[i]);
+    rounded.gallery[i] = kernels::F16ToFloat(half[i]);
+  }
+  for (int64_t k = 0; k < 2; ++k) {
+    std::copy(rounded.gallery.begin(), rounded.gallery.end(), rounded.p.b.begin() + k * 64 * 96);
+  }
+  auto info = client_->RegisterGallery(
+      "ct-storage", TensorRef{g.gallery_shape, v1::FLOAT16, std::as_bytes(std::span(half))});
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->dtype(), v1::FLOAT16);
+  auto result = client_->Similarity(g.p.A(), {}, GalleryOptionsFor("ct-storage"));
+  ASSERT_TRUE(result.ok()) << result.status();
+  ExpectMatchesReference(*result, ComputeReference(rounded.p, v1::COSINE), 2e-5);
+  ASSERT_TRUE(client_->DeleteGallery("ct-storage").ok());
+}
+
+TEST_F(ClientTest, GalleryLargerThanOneMessageIsRegisteredInPieces) {
+  // 600 x 512 float32 = 1.2 MB, over the server's 1 MiB receive limit.
+  const GalleryProblem g = MakeGalleryProblem(1, 4, 600, 512, 25, /*shared=*/true);
+  ASSERT_GT(g.gallery.size() * 4, static_cast<size_t>(kMiB));
+  auto info = client_->RegisterGallery("ct-large", g.Gallery());
+  ASSERT_TRUE(info.ok()) << info.status();
+  auto result = client_->Similarity(g.p.A(), {}, GalleryOptionsFor("ct-large", v1::DOT));
+  ASSERT_TRUE(result.ok()) << result.status();
+  ExpectMatchesReference(*result, ComputeReference(g.p, v1::DOT), 2e-5);
+  ASSERT_TRUE(client_->DeleteGallery("ct-large").ok());
+}
+
+TEST_F(ClientTest, GalleryVersionsPinReplaceAndOutliveDeletes) {
+  const GalleryProblem first = MakeGalleryProblem(2, 6, 5, 8, 26, /*shared=*/true);
+  GalleryProblem second = MakeGalleryProblem(2, 6, 8, 8, 27, /*shared=*/true);
+  second.p.a = first.p.a;  // the same queries against the replacement
+  auto v1_info = client_->RegisterGallery("ct-version", first.Gallery());
+  ASSERT_TRUE(v1_info.ok()) << v1_info.status();
+  const int64_t v1 = v1_info->version();
+  ComputeOptions pinned = GalleryOptionsFor("ct-version");
+  pinned.gallery_version = v1;
+  auto before = client_->Similarity(first.p.A(), {}, pinned);
+  ASSERT_TRUE(before.ok()) << before.status();
+  ExpectMatchesReference(*before, ComputeReference(first.p, v1::COSINE), 2e-5);
+
+  auto v2_info = client_->RegisterGallery("ct-version", second.Gallery());
+  ASSERT_TRUE(v2_info.ok()) << v2_info.status();
+  EXPECT_EQ(v2_info->version(), v1 + 1);
+  for (const CallMode mode : {CallMode::kUnary, CallMode::kStream, CallMode::kUpload}) {
+    SCOPED_TRACE(Name(mode));
+    auto stale = client_->Similarity(first.p.A(), {}, pinned, mode);
+    EXPECT_EQ(stale.status().code(), absl::StatusCode::kFailedPrecondition) << stale.status();
+    // Version 0 follows the replacement, whose M is 8.
+    auto current = client_->Similarity(first.p.A(), {}, GalleryOptionsFor("ct-version"), mode);
+    ASSERT_TRUE(current.ok()) << current.status();
+    EXPECT_EQ(current->shape, (std::vector<int64_t>{2, 6, 8}));
+    ExpectMatchesReference(*current, ComputeReference(second.p, v1::COSINE), 2e-5);
+    // A buffer sized for the old M no longer fits.
+    ByteVector old_size(before->values.size());
+    auto no_fit = client_->Similarity(first.p.A(), {}, GalleryOptionsFor("ct-version"),
+                                      OutputRef{old_size, {}}, mode);
+    EXPECT_EQ(no_fit.status().code(), absl::StatusCode::kFailedPrecondition) << no_fit.status();
+  }
+  auto deleted = client_->DeleteGallery("ct-version");
+  ASSERT_TRUE(deleted.ok()) << deleted.status();
+  EXPECT_EQ(deleted->version(), v1 + 1);
+  EXPECT_EQ(client_->GetGallery("ct-version").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(client_->Similarity(first.p.A(), {}, GalleryOptionsFor("ct-version")).status().code(),
+            absl::StatusCode::kNotFound);
+  auto v3_info = client_->RegisterGallery("ct-version", first.Gallery());
+  ASSERT_TRUE(v3_info.ok()) << v3_info.status();
+  EXPECT_EQ(v3_info->version(), v1 + 2);  // versions continue across deletes
+  ASSERT_TRUE(client_->DeleteGallery("ct-version").ok());
+}
+
+TEST_F(ClientTest, ListAndGetGalleriesReportWhatWasRegistered) {
+  const GalleryProblem g = MakeGalleryProblem(1, 3, 6, 4, 28, /*shared=*/true);
+  const int64_t now_ms = absl::ToUnixMillis(absl::Now());
+  for (const char* name : {"ct-list-b", "ct-list-a", "ct-list-c"}) {
+    ASSERT_TRUE(client_->RegisterGallery(name, g.Gallery()).ok()) << name;
+  }
+  auto list = client_->ListGalleries();
+  ASSERT_TRUE(list.ok()) << list.status();
+  std::vector<std::string> names;
+  for (const v1::GalleryInfo& info : *list) names.push_back(info.name());
+  EXPECT_TRUE(std::is_sorted(names.begin(), names.end()));
+  EXPECT_THAT(names, ::testing::IsSupersetOf({"ct-list-a", "ct-list-b", "ct-list-c"}));
+  auto got = client_->GetGallery("ct-list-a");
+  ASSERT_TRUE(got.ok()) << got.status();
+  const auto listed = std::find_if(
+      list->begin(), list->end(), [](const v1::GalleryInfo& i) { return i.name() == "ct-list-a"; });
+  ASSERT_NE(listed, list->end());
+  EXPECT_EQ(got->version(), listed->version());
+  EXPECT_EQ(got->bytes(), listed->bytes());
+  EXPECT_THAT(got->shape(), ::testing::ElementsAre(6, 4));
+  EXPECT_EQ(got->source(), v1::UPLOADED);
+  EXPECT_TRUE(got->path().empty());
+  EXPECT_GE(got->prepare_seconds(), 0.0);
+  EXPECT_NEAR(static_cast<double>(got->registered_unix_ms()), static_cast<double>(now_ms), 60e3);
+  EXPECT_GE(got->last_used_unix_ms(), got->registered_unix_ms());
+  ASSERT_TRUE(client_->Similarity(g.p.A(), {}, GalleryOptionsFor("ct-list-a")).ok());
+  auto used = client_->GetGallery("ct-list-a");
+  ASSERT_TRUE(used.ok());
+  EXPECT_GE(used->last_used_unix_ms(), got->last_used_unix_ms());
+  for (const char* name : {"ct-list-a", "ct-list-b", "ct-list-c"}) {
+    auto deleted = client_->DeleteGallery(name);
+    ASSERT_TRUE(deleted.ok()) << deleted.status();
+    EXPECT_EQ(deleted->name(), name);
+  }
+  auto after = client_->ListGalleries();
+  ASSERT_TRUE(after.ok());
+  for (const v1::GalleryInfo& info : *after) EXPECT_FALSE(absl::StartsWith(info.name(), "ct-list"));
+}
+
+TEST_F(ClientTest, GalleryErrorsHaveTheDocumentedCodes) {
+  const GalleryProblem g = MakeGalleryProblem(2, 3, 6, 4, 29, /*shared=*/true);
+  const auto code = [](const auto& status_or) { return status_or.status().code(); };
+  using Code = absl::StatusCode;
+  // Unknown names.
+  for (const CallMode mode :
+       {CallMode::kUnary, CallMode::kStream, CallMode::kUpload, CallMode::kAuto}) {
+    EXPECT_EQ(code(client_->Similarity(g.p.A(), {}, GalleryOptionsFor("ct-missing"), mode)),
+              Code::kNotFound)
+        << Name(mode);
+  }
+  EXPECT_EQ(code(client_->GetGallery("ct-missing")), Code::kNotFound);
+  EXPECT_EQ(code(client_->DeleteGallery("ct-missing")), Code::kNotFound);
+  // Names: [A-Za-z0-9._-]{1,128}.
+  for (const std::string& bad : {std::string(), std::string("a/b"), std::string("two words"),
+                                 std::string(129, 'x'), std::string("caf\xc3\xa9")}) {
+    auto registered = client_->RegisterGallery(bad, g.Gallery());
+    EXPECT_EQ(code(registered), Code::kInvalidArgument)
+        << "'" << bad << "' " << registered.status();
+  }
+  const std::string longest(128, 'x');
+  ASSERT_TRUE(client_->RegisterGallery(longest, g.Gallery()).ok());
+  ASSERT_TRUE(client_->DeleteGallery(longest).ok());
+  // Shapes and byte counts.
+  const auto bytes = std::as_bytes(std::span(g.gallery));
+  for (const std::vector<int64_t>& shape :
+       std::vector<std::vector<int64_t>>{{24}, {1, 1, 6, 4}, {-6, -4}, {0, 24}, {6, 0}, {}}) {
+    auto registered = client_->RegisterGallery("ct-bad", TensorRef{shape, v1::FLOAT32, bytes});
+    EXPECT_EQ(code(registered), Code::kInvalidArgument)
+        << "[" << absl::StrJoin(shape, ",") << "] " << registered.status();
+  }
+  for (const size_t size : {bytes.size() - 4, bytes.size() - 1}) {
+    auto registered = client_->RegisterGallery(
+        "ct-bad", TensorRef{g.gallery_shape, v1::FLOAT32, bytes.first(size)});
+    EXPECT_EQ(code(registered), Code::kInvalidArgument) << size << " " << registered.status();
+  }
+  std::vector<float> longer = g.gallery;
+  longer.push_back(1.0F);
+  EXPECT_EQ(code(client_->RegisterGallery("ct-bad", TensorRef::Float32(g.gallery_shape, longer))),
+            Code::kInvalidArgument);
+  std::vector<float> nan = g.gallery;
+  nan[5] = std::nanf("");
+  EXPECT_EQ(code(client_->RegisterGallery("ct-bad", TensorRef::Float32(g.gallery_shape, nan))),
+            Code::kInvalidArgument);
+  EXPECT_EQ(code(client_->GetGallery("ct-bad")), Code::kNotFound) << "a failed register left it";
+  // The header must come first (sent with the typed stub: our client cannot get this wrong).
+  {
+    auto stub = v1::Similarity::NewStub(client_->channel());
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+    v1::GalleryInfo info;
+    auto writer = stub->RegisterGallery(&context, &info);
+    v1::RegisterGalleryRequest data;
+    data.set_data(std::string(16, '\0'));
+    writer->Write(data);
+    v1::RegisterGalleryRequest header;
+    header.mutable_header()->set_name("ct-bad");
+    header.mutable_header()->add_shape(1);
+    header.mutable_header()->add_shape(4);
+    writer->Write(header);
+    writer->WritesDone();
+    const grpc::Status status = writer->Finish();
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  }
+  // Mismatches between A and the gallery.
+  ASSERT_TRUE(client_->RegisterGallery("ct-errors", g.Gallery()).ok());
+  const GalleryProblem other_d = MakeGalleryProblem(2, 3, 6, 5, 30, /*shared=*/true);
+  const GalleryProblem batch3 = MakeGalleryProblem(3, 3, 6, 4, 31, /*shared=*/false);
+  ASSERT_TRUE(client_->RegisterGallery("ct-errors-3d", batch3.Gallery()).ok());
+  for (const CallMode mode : {CallMode::kUnary, CallMode::kStream, CallMode::kUpload}) {
+    SCOPED_TRACE(Name(mode));
+    auto d = client_->Similarity(other_d.p.A(), {}, GalleryOptionsFor("ct-errors"), mode);
+    EXPECT_EQ(code(d), Code::kInvalidArgument) << d.status();
+    auto batch = client_->Similarity(g.p.A(), {}, GalleryOptionsFor("ct-errors-3d"), mode);
+    EXPECT_EQ(code(batch), Code::kInvalidArgument) << batch.status();
+    ComputeOptions too_many = GalleryOptionsFor("ct-errors");
+    too_many.top_k = 7;  // M = 6
+    EXPECT_EQ(code(client_->Similarity(g.p.A(), {}, too_many, mode)), Code::kInvalidArgument);
+    // b and a gallery at once: refused by the client before anything is sent.
+    auto both = client_->Similarity(g.p.A(), g.p.B(), GalleryOptionsFor("ct-errors"), mode);
+    EXPECT_EQ(code(both), Code::kInvalidArgument);
+    EXPECT_THAT(both.status().message(), HasSubstr("b must be empty"));
+  }
+  // The server keeps serving, the gallery too.
+  auto ok = client_->Similarity(g.p.A(), {}, GalleryOptionsFor("ct-errors"));
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  ExpectMatchesReference(*ok, ComputeReference(g.p, v1::COSINE), 2e-5);
+  ASSERT_TRUE(client_->DeleteGallery("ct-errors").ok());
+  ASSERT_TRUE(client_->DeleteGallery("ct-errors-3d").ok());
+}
+
+TEST_F(ClientTest, CallsDuringAReplacementSeeOneWholeVersion) {
+  // Two galleries of the same shape swapped under running calls: every result must be
+  // entirely one of them, never a mix.
+  const GalleryProblem x = MakeGalleryProblem(4, 64, 96, 32, 32, /*shared=*/true);
+  GalleryProblem y = MakeGalleryProblem(4, 64, 96, 32, 33, /*shared=*/true);
+  y.p.a = x.p.a;
+  const Reference ref_x = ComputeReference(x.p, v1::DOT);
+  const Reference ref_y = ComputeReference(y.p, v1::DOT);
+  ASSERT_TRUE(client_->RegisterGallery("ct-swap", x.Gallery()).ok());
+  std::atomic<bool> stop{false};
+  std::atomic<int> calls{0};
+  std::atomic<int> bad{0};
+  std::thread reader([&] {
+    for (int i = 0; !stop.load() || i < 4; ++i) {
+      ComputeOptions options = GalleryOptionsFor("ct-swap", v1::DOT);
+      options.max_chunk_bytes = 4096;
+      const CallMode mode = i % 2 == 0 ? CallMode::kStream : CallMode::kUpload;
+      auto result = client_->Similarity(x.p.A(), {}, options, mode);
+      ++calls;
+      if (!result.ok() ||
+          (!MatchesReference(*result, ref_x, 2e-5) && !MatchesReference(*result, ref_y, 2e-5))) {
+        ++bad;
+      }
+    }
+  });
+  for (int i = 0; i < 10; ++i) {
+    ASSERT_TRUE(client_->RegisterGallery("ct-swap", (i % 2 == 0 ? y : x).Gallery()).ok());
+  }
+  stop = true;
+  reader.join();
+  EXPECT_EQ(bad.load(), 0) << "of " << calls.load() << " calls";
+  ASSERT_TRUE(client_->DeleteGallery("ct-swap").ok());
 }
 
 TEST(ClientConnectTest, UnreachableServerIsUnavailable) {
