@@ -33,6 +33,13 @@ struct RowOps {
                        bool take_root);
   // float32 -> `dtype` elements (round to nearest even).
   void (*convert_floats)(const float* src, int64_t count, DataType dtype, std::byte* dst);
+  // L2 norm of each row (double accumulation, rounded to float32 once).
+  void (*row_norms)(ConstTensorView src, int64_t rows, int64_t d, float* norms);
+  // out[r * ld + j] = <a[r], b[j]> for a_rows float32 rows of A and b_rows rows of B in any
+  // dtype (converted as they are loaded), float32 accumulation. On the calling thread only:
+  // the gallery scan for a few queries, where reading B is the whole cost.
+  void (*dot_rows)(const float* a, int64_t a_rows, int64_t d, ConstTensorView b, int64_t b_rows,
+                   float* out, int64_t ld);
 };
 
 // The best implementation this CPU supports.

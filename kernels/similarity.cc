@@ -15,6 +15,7 @@
 #include <map>
 #include <mutex>
 #include <numeric>
+#include <optional>
 #include <string_view>
 #include <thread>
 #include <tuple>
@@ -112,6 +113,94 @@ class AlignedBuffer {
   size_t capacity_ = 0;
 };
 
+// Running selection of the k best (value, column) pairs of one row under a strict total
+// order: larger values first (smaller for distances), ties to the lower column. Candidates
+// are buffered and cut back to the k best when the buffer fills, so a column costs one
+// comparison with the current k-th best once the selection is full.
+class TopKSelector {
+ public:
+  void Reset(int64_t k, bool largest) {
+    k_ = k;
+    largest_ = largest;
+    full_ = false;
+    entries_.clear();
+    capacity_ = std::max<int64_t>(2 * k, k + 256);
+    entries_.reserve(capacity_);
+  }
+
+  // Offers columns [first_column, first_column + count) with values row[0, count).
+  void OfferRow(const float* row, int64_t count, int64_t first_column) {
+    constexpr int64_t kBlock = 16;
+    int64_t j = 0;
+    for (; j + kBlock <= count; j += kBlock) {
+      if (full_) {  // branch-free test of 16 values first (vectorised)
+        const float threshold = threshold_.first;
+        bool any = false;
+        for (int64_t u = 0; u < kBlock; ++u) {
+          any |= largest_ ? row[j + u] >= threshold : row[j + u] <= threshold;
+        }
+        if (!any) continue;
+      }
+      for (int64_t u = 0; u < kBlock; ++u) Offer(row[j + u], first_column + j + u);
+    }
+    for (; j < count; ++j) Offer(row[j], first_column + j);
+  }
+
+  void Offer(float value, int64_t column) {
+    const Entry entry{value, static_cast<int32_t>(column)};
+    if (full_ && !Better(entry, threshold_)) return;
+    entries_.push_back(entry);
+    if (static_cast<int64_t>(entries_.size()) >= capacity_) Compact();
+  }
+
+  // Offers everything `other` holds.
+  void Merge(const TopKSelector& other) {
+    for (const Entry& e : other.entries_) Offer(e.first, e.second);
+  }
+
+  // The selection, best first (at most k entries).
+  const std::vector<std::pair<float, int32_t>>& Finish() {
+    Compact();
+    std::sort(entries_.begin(), entries_.end(), Order());
+    return entries_;
+  }
+
+ private:
+  using Entry = std::pair<float, int32_t>;
+  bool Better(const Entry& x, const Entry& y) const {
+    if (x.first != y.first) return largest_ ? x.first > y.first : x.first < y.first;
+    return x.second < y.second;
+  }
+  struct ByOrder {
+    const TopKSelector* selector;
+    bool operator()(const Entry& x, const Entry& y) const { return selector->Better(x, y); }
+  };
+  ByOrder Order() const { return ByOrder{this}; }
+  void Compact() {
+    if (static_cast<int64_t>(entries_.size()) < k_) return;
+    std::nth_element(entries_.begin(), entries_.begin() + (k_ - 1), entries_.end(), Order());
+    entries_.resize(k_);
+    threshold_ = entries_[k_ - 1];  // the k-th best so far: worse candidates never enter
+    full_ = true;
+  }
+
+  int64_t k_ = 1;
+  bool largest_ = true;
+  bool full_ = false;
+  int64_t capacity_ = 0;
+  Entry threshold_{0.0F, 0};
+  std::vector<Entry> entries_;
+};
+
+// Working memory of one OpenMP thread in a gallery tile.
+struct ThreadScratch {
+  AlignedBuffer product;    // float32 product of one row block x column block
+  AlignedBuffer b_operand;  // a column block of the gallery converted to the compute dtype
+  std::vector<TopKSelector> selectors;  // one per row of the row block
+  std::optional<dnnl::stream> stream;
+  size_t Bytes() const { return product.capacity() + b_operand.capacity(); }
+};
+
 // Per-job working memory, pooled by the engine.
 struct Scratch {
   AlignedBuffer a_operand;  // one tile of A in the compute dtype
@@ -119,12 +208,24 @@ struct Scratch {
   AlignedBuffer tile;       // float32 matmul output of one tile
   std::vector<float> a_sq_norms;
   std::vector<float> b_sq_norms;
-  std::vector<int32_t> order;  // top-k candidates, per thread
+  std::vector<int32_t> order;          // top-k candidates, per thread
+  std::vector<ThreadScratch> threads;  // gallery tiles, per OpenMP thread
   size_t Bytes() const {
-    return a_operand.capacity() + b_operand.capacity() + tile.capacity() +
-           (a_sq_norms.capacity() + b_sq_norms.capacity() + order.capacity()) * 4;
+    size_t bytes = a_operand.capacity() + b_operand.capacity() + tile.capacity() +
+                   (a_sq_norms.capacity() + b_sq_norms.capacity() + order.capacity()) * 4;
+    for (const ThreadScratch& t : threads) bytes += t.Bytes();
+    return bytes;
   }
 };
+
+// Gallery tiles: rows of A per step (each step reads the gallery once), and columns of the
+// gallery per block (per-thread product memory: rows x columns floats, whatever m is).
+constexpr int64_t kGalleryRowBlock = 256;
+constexpr int64_t kGalleryMatmulColumns = 4096;
+// Up to this many rows per step the gallery is scanned by dot_rows (reading B is the whole
+// cost; converted on load, no scratch copy), in blocks that stay in L2 for the rows' passes.
+constexpr int64_t kGalleryScanMaxRows = 8;
+constexpr int64_t kGalleryScanBlockBytes = int64_t{512} << 10;
 
 // Scratch sets larger than this are freed instead of pooled, bounding idle memory.
 constexpr size_t kMaxPooledScratchBytes = size_t{256} << 20;
@@ -247,6 +348,12 @@ class SimilarityJob::Impl {
         scratch_(engine.AcquireScratch()),
         stream_(engine.engine()) {}
 
+  Impl(SimilarityEngine::Impl& engine, const Shape& shape, const Options& options,
+       const PreparedGallery& gallery)
+      : Impl(engine, shape, options, ConstTensorView{}) {
+    gallery_ = &gallery;
+  }
+
   ~Impl() { engine_.ReleaseScratch(std::move(scratch_)); }
 
   const Shape& shape() const { return shape_; }
@@ -276,6 +383,9 @@ class SimilarityJob::Impl {
     const int threads = ThreadsForTile(rows);
     if (omp_get_max_threads() != threads) omp_set_num_threads(threads);
     try {
+      if (gallery_ != nullptr) {
+        return ComputeGalleryTile(batch, rows, a_rows, values_out, indices_out);
+      }
       return ComputeTileUnchecked(batch, rows, a_rows, values_out, indices_out);
     } catch (const dnnl::error& e) {
       return absl::InternalError(absl::StrCat("oneDNN matmul failed: ", e.what()));
@@ -467,11 +577,164 @@ class SimilarityJob::Impl {
     for (; j < m; ++j) consider(j);
   }
 
+  // A tile against a prepared gallery: the gallery's unit rows are used as they are (or
+  // converted per column block when the matmul needs another dtype), the product of each
+  // block is rescaled by the gallery's norms as the metric needs, and top-k runs over the
+  // blocks with a running selection, so memory does not grow with m.
+  absl::Status ComputeGalleryTile(int64_t batch, int64_t rows, ConstTensorView a_rows,
+                                  std::span<std::byte> values_out, std::span<int32_t> indices_out) {
+    const PreparedGallery& gallery = *gallery_;
+    const int64_t entry = gallery.shape().entries == 1 ? 0 : batch;
+    const int64_t m = shape_.m;
+    const int64_t d = shape_.d;
+    const int64_t k = options_.top_k;
+    const Metric metric = options_.metric;
+    const bool distance = IsDistance(metric);
+    const DataType storage = gallery.storage_dtype();
+    const size_t storage_size = SizeOf(storage);
+    const bool scan = rows <= kGalleryScanMaxRows;
+    // BFLOAT16 storage feeds a bf16 matmul as it is; the scan always keeps A in float32.
+    const bool bf16_matmul = !scan && (bf16() || storage == DataType::kBFloat16);
+    const DataType compute = bf16_matmul ? DataType::kBFloat16 : DataType::kFloat32;
+
+    // A: unit (or clamped) rows for cosine, as is otherwise; squared norms for distances.
+    if (distance) scratch_->a_sq_norms.resize(rows);
+    float* a_sq = distance ? scratch_->a_sq_norms.data() : nullptr;
+    const std::byte* a_operand = a_rows.data;
+    if (scaling() == RowScaling::kNone && a_rows.dtype == compute) {
+      if (distance) ops_.squared_norms(a_rows, rows, d, a_sq);
+    } else {
+      void* dst = scratch_->a_operand.Reserve(rows * d * SizeOf(compute));
+      ops_.prepare_rows(a_rows, rows, d, scaling(), options_.epsilon, bf16_matmul, dst, a_sq);
+      a_operand = static_cast<const std::byte*>(dst);
+    }
+
+    // Column scale of the unit-row product: ||b|| for dot and distances, the Keras clamp's
+    // min(1, ||b|| / sqrt(epsilon)) for cosine with epsilon, none for plain cosine.
+    const float* norms = gallery.norms(entry);
+    const float* b_sq = gallery.sq_norms(entry);
+    const bool scale_by_norm = metric == Metric::kDot || distance;
+    const bool clamp = metric == Metric::kCosine && options_.epsilon > 0.0F;
+    const float inv_sqrt_epsilon = clamp ? 1.0F / std::sqrt(options_.epsilon) : 0.0F;
+
+    const int threads = omp_get_max_threads();
+    if (static_cast<int>(scratch_->threads.size()) < threads) scratch_->threads.resize(threads);
+    const int64_t block_cols =
+        scan ? std::max<int64_t>(64,
+                                 kGalleryScanBlockBytes / (d * static_cast<int64_t>(storage_size)))
+             : kGalleryMatmulColumns;
+    const int64_t blocks = (m + block_cols - 1) / block_cols;
+    const std::byte* unit_rows = gallery.unit_rows(entry);
+    const size_t out_size = SizeOf(options_.output_dtype);
+
+    for (int64_t r0 = 0; r0 < rows; r0 += kGalleryRowBlock) {
+      const int64_t rb = std::min(kGalleryRowBlock, rows - r0);
+      const std::byte* a_block = a_operand + r0 * d * SizeOf(compute);
+      if (k > 0) {
+        for (int t = 0; t < threads; ++t) {
+          auto& selectors = scratch_->threads[t].selectors;
+          selectors.resize(rb);
+          for (TopKSelector& s : selectors) s.Reset(k, !distance);
+        }
+      }
+      absl::Status error;
+      std::mutex error_mutex;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        omp_set_num_threads(1);  // the loops and the matmul below run on this thread only
+        ThreadScratch& ts = scratch_->threads[omp_get_thread_num()];
+        const int64_t c0 = blk * block_cols;
+        const int64_t cols = std::min(block_cols, m - c0);
+        auto* product = static_cast<float*>(ts.product.Reserve(rb * cols * 4));
+        const std::byte* b_block = unit_rows + c0 * d * storage_size;
+        if (scan) {
+          ops_.dot_rows(reinterpret_cast<const float*>(a_block), rb, d, {b_block, storage}, cols,
+                        product, cols);
+        } else {
+          absl::Status status =
+              BlockMatmul(ts, a_block, rb, {b_block, storage}, cols, compute, product);
+          if (!status.ok()) {
+            std::lock_guard<std::mutex> lock(error_mutex);
+            if (error.ok()) error = std::move(status);
+            continue;
+          }
+        }
+        if (scale_by_norm || clamp) {
+          for (int64_t r = 0; r < rb; ++r) {
+            float* row = product + r * cols;
+            if (scale_by_norm) {
+#pragma omp simd
+              for (int64_t c = 0; c < cols; ++c) row[c] *= norms[c0 + c];
+            } else {
+#pragma omp simd
+              for (int64_t c = 0; c < cols; ++c) {
+                row[c] *= std::min(1.0F, norms[c0 + c] * inv_sqrt_epsilon);
+              }
+            }
+          }
+        }
+        if (distance) {
+          ops_.to_distances(product, rb, cols, a_sq + r0, b_sq + c0, metric == Metric::kEuclidean);
+        }
+        if (k > 0) {
+          for (int64_t r = 0; r < rb; ++r) ts.selectors[r].OfferRow(product + r * cols, cols, c0);
+        } else {
+          for (int64_t r = 0; r < rb; ++r) {
+            ops_.convert_floats(product + r * cols, cols, options_.output_dtype,
+                                values_out.data() + ((r0 + r) * m + c0) * out_size);
+          }
+        }
+      }
+      if (!error.ok()) return error;
+      if (k > 0) {
+        for (int64_t r = 0; r < rb; ++r) {
+          TopKSelector& first = scratch_->threads[0].selectors[r];
+          for (int t = 1; t < threads; ++t) first.Merge(scratch_->threads[t].selectors[r]);
+          const auto& best = first.Finish();
+          for (int64_t j = 0; j < k; ++j) {
+            StoreElement(best[j].first, options_.output_dtype, values_out.data(), (r0 + r) * k + j);
+            indices_out[(r0 + r) * k + j] = best[j].second;
+          }
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  // product (rows x cols, float32) = A block x B block^T on the calling thread, converting
+  // the B block to `compute` first when it is stored in another dtype.
+  absl::Status BlockMatmul(ThreadScratch& ts, const std::byte* a_block, int64_t rows,
+                           ConstTensorView b_block, int64_t cols, DataType compute,
+                           float* product) {
+    const int64_t d = shape_.d;
+    const bool bf16_compute = compute == DataType::kBFloat16;
+    const void* b_operand = b_block.data;
+    if (b_block.dtype != compute) {
+      void* dst = ts.b_operand.Reserve(cols * d * SizeOf(compute));
+      ops_.prepare_rows(b_block, cols, d, RowScaling::kNone, 0.0F, bf16_compute, dst, nullptr);
+      b_operand = dst;
+    }
+    absl::StatusOr<std::shared_ptr<const CachedMatmul>> matmul =
+        engine_.GetMatmul({rows, cols, d, bf16_compute});
+    if (!matmul.ok()) return matmul.status();
+    const dnnl::engine& eng = engine_.engine();
+    if (!ts.stream.has_value()) ts.stream.emplace(eng);
+    const auto dt = bf16_compute ? memory::data_type::bf16 : memory::data_type::f32;
+    memory a_mem({{rows, d}, dt, memory::format_tag::ab}, eng, const_cast<std::byte*>(a_block));
+    memory b_mem({{d, cols}, dt, memory::format_tag::ba}, eng, const_cast<void*>(b_operand));
+    memory dst_mem({{rows, cols}, memory::data_type::f32, memory::format_tag::ab}, eng, product);
+    (*matmul)->primitive.execute(
+        *ts.stream, {{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, dst_mem}});
+    ts.stream->wait();
+    return absl::OkStatus();
+  }
+
   SimilarityEngine::Impl& engine_;
   const RowOps& ops_ = BestRowOps();
   const Shape shape_;
   const Options options_;
   const ConstTensorView b_;
+  const PreparedGallery* gallery_ = nullptr;
   std::unique_ptr<Scratch> scratch_;
   dnnl::stream stream_;
   int64_t prepared_batch_ = -1;
@@ -502,6 +765,23 @@ absl::StatusOr<std::unique_ptr<SimilarityJob>> SimilarityEngine::Prepare(const S
   try {
     return std::unique_ptr<SimilarityJob>(
         new SimilarityJob(std::make_unique<SimilarityJob::Impl>(*impl_, shape, options, b)));
+  } catch (const dnnl::error& e) {
+    return absl::InternalError(absl::StrCat("cannot create a oneDNN stream: ", e.what()));
+  }
+}
+
+absl::StatusOr<std::unique_ptr<SimilarityJob>> SimilarityEngine::Prepare(
+    const Shape& shape, const Options& options, const PreparedGallery& gallery) {
+  if (absl::Status status = ValidateProblem(shape, options); !status.ok()) return status;
+  const GalleryShape& g = gallery.shape();
+  if (g.m != shape.m || g.d != shape.d || (g.entries != 1 && g.entries != shape.batch)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the gallery is [", g.entries, ", ", g.m, ", ", g.d, "] but the problem needs batch ",
+        shape.batch, " (or 1), M=", shape.m, ", D=", shape.d));
+  }
+  try {
+    return std::unique_ptr<SimilarityJob>(
+        new SimilarityJob(std::make_unique<SimilarityJob::Impl>(*impl_, shape, options, gallery)));
   } catch (const dnnl::error& e) {
     return absl::InternalError(absl::StrCat("cannot create a oneDNN stream: ", e.what()));
   }

@@ -14,6 +14,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "kernels/dtype.h"
+#include "kernels/gallery.h"
 
 namespace simserve::kernels {
 
@@ -89,6 +90,12 @@ class SimilarityEngine {
   // Returns INVALID_ARGUMENT for a bad shape or options (see ValidateProblem).
   absl::StatusOr<std::unique_ptr<SimilarityJob>> Prepare(const Shape& shape, const Options& options,
                                                          ConstTensorView b);
+  // Starts a computation against a prepared gallery playing B: shape.m and shape.d must be
+  // the gallery's, and it must have one entry (used for every batch entry of A) or
+  // shape.batch entries. No per-call work on B. Tiles run in column blocks: per-call memory
+  // does not grow with m for top-k. Borrowed like `b` above.
+  absl::StatusOr<std::unique_ptr<SimilarityJob>> Prepare(const Shape& shape, const Options& options,
+                                                         const PreparedGallery& gallery);
 
   // Creates (and caches) the primitives for tiles of `tile_rows` rows and for the
   // remainder tile, so the first real request does not pay for primitive creation.

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <string>
@@ -18,6 +19,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/dtype.h"
+#include "kernels/gallery.h"
 
 namespace simserve::kernels {
 namespace {
@@ -337,10 +339,22 @@ void ExpectTopKMatchesReference(const Problem& p, const Options& options, const 
       std::stable_sort(order.begin(), order.end(), [&](int32_t x, int32_t y) {
         return largest ? ref[x] > ref[y] : ref[x] < ref[y];
       });
+      std::vector<bool> seen(s.m, false);
       for (int64_t t = 0; t < options.top_k; ++t) {
         const int64_t out = (k * s.n + i) * options.top_k + t;
-        ASSERT_EQ(r.indices[out], order[t]) << "batch " << k << " row " << i << " rank " << t;
-        ASSERT_NEAR(OutputValue(r.values, options.output_dtype, out), ref[order[t]], 1e-5);
+        const double tol = 1e-5 + 1e-6 * std::abs(ref[order[t]]);
+        const int32_t got = r.indices[out];
+        ASSERT_TRUE(got >= 0 && got < s.m && !seen[got])
+            << "index " << got << " invalid or repeated";
+        seen[got] = true;
+        // The same column as the reference's stable sort, unless the two values tie within
+        // float32 rounding (then either order is a correct answer).
+        if (got != order[t]) {
+          ASSERT_NEAR(ref[got], ref[order[t]], tol)
+              << "batch " << k << " row " << i << " rank " << t << ": got column " << got
+              << ", reference " << order[t];
+        }
+        ASSERT_NEAR(OutputValue(r.values, options.output_dtype, out), ref[order[t]], tol);
       }
     }
   }
@@ -452,6 +466,182 @@ TEST(Kernel, RejectsWronglySizedTileBuffers) {
   EXPECT_EQ((*job)->ComputeTile(1, 0, 4, a, right, {}).code(), absl::StatusCode::kInvalidArgument)
       << "batch past the end";
   EXPECT_TRUE((*job)->ComputeTile(0, 0, 4, a, right, {}).ok());
+}
+
+// ---- Galleries: B prepared once (kernels/gallery.h) ----
+
+// A gallery of p.b's rows: entry 0 only when `shared` (a 2D gallery used for every batch
+// entry; p.b must then repeat it), else one entry per batch entry.
+std::unique_ptr<PreparedGallery> MakeGallery(const Problem& p, bool shared, DataType storage) {
+  const Shape& s = p.shape;
+  const GalleryShape shape{shared ? 1 : s.batch, s.m, s.d};
+  auto builder = GalleryBuilder::Create(shape, DataType::kFloat32, storage);
+  EXPECT_TRUE(builder.ok()) << builder.status();
+  std::memcpy((*builder)->input().data(), p.b.data(), shape.rows() * s.d * 4);
+  auto gallery = (*builder)->Build();
+  EXPECT_TRUE(gallery.ok()) << gallery.status();
+  return *std::move(gallery);
+}
+
+Result ComputeWithGallery(const Problem& p, const PreparedGallery& gallery, const Options& options,
+                          int64_t tile_rows = 0) {
+  const ConstTensorView a{reinterpret_cast<const std::byte*>(p.a.data()), DataType::kFloat32};
+  auto job = TestEngine().Prepare(p.shape, options, gallery);
+  EXPECT_TRUE(job.ok()) << job.status();
+  const int64_t rows = p.shape.batch * p.shape.n;
+  Result r{std::vector<std::byte>((*job)->ValueBytes(rows)),
+           std::vector<int32_t>(rows * options.top_k)};
+  const absl::Status status = ComputeAll(**job, a, tile_rows, r.values, r.indices);
+  EXPECT_TRUE(status.ok()) << status;
+  return r;
+}
+
+// Problem whose B is one [m, d] block repeated over the batch (for 2D galleries).
+Problem SharedGalleryProblem(const Shape& shape, uint32_t seed) {
+  Problem p = RandomProblem(shape, seed);
+  for (int64_t k = 1; k < shape.batch; ++k) {
+    std::copy_n(p.b.begin(), shape.m * shape.d, p.b.begin() + k * shape.m * shape.d);
+  }
+  return p;
+}
+
+// Half-precision storage rounds the unit rows to 8 (bf16) or 11 (f16) bits: the tolerance of
+// bf16 operands covers both.
+Options ToleranceOptions(Options options, DataType storage) {
+  if (storage != DataType::kFloat32) options.precision = Precision::kBf16;
+  return options;
+}
+
+using GalleryParam = std::tuple<Shape, bool, Metric, DataType>;
+class GalleryDenseTest : public ::testing::TestWithParam<GalleryParam> {};
+
+TEST_P(GalleryDenseTest, MatchesDoublePrecisionReference) {
+  const auto& [shape, shared, metric, storage] = GetParam();
+  const Problem p = shared ? SharedGalleryProblem(shape, 21) : RandomProblem(shape, 21);
+  const auto gallery = MakeGallery(p, shared, storage);
+  for (const float epsilon : {0.0F, 4.0F}) {
+    if (epsilon > 0 && metric != Metric::kCosine) continue;
+    for (const Precision precision : {Precision::kFp32, Precision::kBf16}) {
+      const Options options{.metric = metric, .precision = precision, .epsilon = epsilon};
+      const Result r = ComputeWithGallery(p, *gallery, options, 5);
+      ExpectDenseMatchesReference(p, ToleranceOptions(options, storage), r);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, GalleryDenseTest,
+    ::testing::Combine(
+        // n = 3: the scan path; n = 37 and 300: the matmul path, one and two row blocks;
+        // m = 5000 with d = 64: several column blocks on both paths.
+        ::testing::Values(Shape{1, 3, 7, 5}, Shape{3, 3, 5000, 64}, Shape{2, 37, 50, 33},
+                          Shape{1, 300, 5000, 64}),
+        ::testing::Bool(),
+        ::testing::Values(Metric::kCosine, Metric::kDot, Metric::kEuclidean,
+                          Metric::kSquaredEuclidean),
+        ::testing::Values(DataType::kFloat32, DataType::kBFloat16, DataType::kFloat16)),
+    [](const ::testing::TestParamInfo<GalleryParam>& info) {
+      return absl::StrCat(ShapeName(std::get<0>(info.param)),
+                          std::get<1>(info.param) ? "_shared_" : "_perbatch_",
+                          Name(std::get<2>(info.param)), "_", Name(std::get<3>(info.param)));
+    });
+
+TEST(Gallery, TopKOverColumnBlocksMatchesStableSortOfReference) {
+  for (const int64_t n : {2, 40}) {  // the scan and the matmul path
+    const Problem p = RandomProblem({2, n, 5000, 64}, 23);
+    const auto gallery = MakeGallery(p, false, DataType::kFloat32);
+    for (const Metric metric :
+         {Metric::kCosine, Metric::kDot, Metric::kEuclidean, Metric::kSquaredEuclidean}) {
+      for (const int64_t k : {1, 10, 100}) {  // 100: past the buffer of one cut
+        const Options options{.metric = metric, .top_k = k};
+        ExpectTopKMatchesReference(p, options, ComputeWithGallery(p, *gallery, options, 7));
+      }
+    }
+  }
+}
+
+TEST(Gallery, TopKTiesAcrossColumnBlocksGoToTheLowerIndex) {
+  Problem p = RandomProblem({1, 3, 9000, 16}, 29);
+  for (int64_t j = 1; j < 9000; ++j) std::copy_n(p.b.begin(), 16, p.b.begin() + j * 16);
+  const auto gallery = MakeGallery(p, false, DataType::kFloat32);
+  for (const int64_t k : {3, 300}) {
+    const Result r = ComputeWithGallery(p, *gallery, {.top_k = k});
+    for (int64_t i = 0; i < 3; ++i) {
+      for (int64_t t = 0; t < k; ++t) ASSERT_EQ(r.indices[i * k + t], t) << "row " << i;
+    }
+  }
+}
+
+TEST(Gallery, ZeroTinyAndHugeRowsAreExactForCosine) {
+  Problem p = RandomProblem({1, 4, 6, 64}, 31);
+  std::fill_n(p.b.begin(), 64, 0.0F);  // B[0] = 0
+  const Problem unit = p;
+  for (int64_t j = 1; j < 6; ++j) {
+    const float scale = j % 2 == 0 ? 1e-30F : 1e30F;
+    for (int64_t c = 0; c < 64; ++c) p.b[j * 64 + c] *= scale;
+  }
+  const auto gallery = MakeGallery(p, false, DataType::kFloat32);
+  const auto unit_gallery = MakeGallery(unit, false, DataType::kFloat32);
+  const Result got = ComputeWithGallery(p, *gallery, {});
+  const Result want = ComputeWithGallery(unit, *unit_gallery, {});
+  for (int64_t i = 0; i < 24; ++i) {
+    EXPECT_NEAR(OutputValue(got.values, DataType::kFloat32, i),
+                OutputValue(want.values, DataType::kFloat32, i), 1e-6)
+        << i;
+  }
+  for (int64_t i = 0; i < 4; ++i) EXPECT_EQ(OutputValue(got.values, DataType::kFloat32, i * 6), 0);
+}
+
+TEST(Gallery, OutputDtypesAndHalfInputsMatchTheReference) {
+  const Problem p = RandomProblem({1, 9, 300, 24}, 37);
+  std::vector<uint16_t> b16(p.b.size());
+  Problem rounded = p;
+  for (size_t i = 0; i < p.b.size(); ++i) {
+    b16[i] = FloatToF16(p.b[i]);
+    rounded.b[i] = F16ToFloat(b16[i]);
+  }
+  auto builder = GalleryBuilder::Create({1, 300, 24}, DataType::kFloat16, DataType::kFloat32);
+  ASSERT_TRUE(builder.ok());
+  std::memcpy((*builder)->input().data(), b16.data(), b16.size() * 2);
+  auto gallery = (*builder)->Build();
+  ASSERT_TRUE(gallery.ok());
+  for (const DataType out : {DataType::kFloat32, DataType::kBFloat16, DataType::kFloat16}) {
+    const Options options{.metric = Metric::kDot, .output_dtype = out};
+    ExpectDenseMatchesReference(rounded, options, ComputeWithGallery(rounded, **gallery, options));
+  }
+}
+
+TEST(Gallery, HoldsOneFormOfTheRowsInTheStorageDtype) {
+  for (const auto& [input, storage, row_bytes] :
+       {std::tuple{DataType::kFloat32, DataType::kFloat32, 4},
+        std::tuple{DataType::kFloat32, DataType::kBFloat16, 2},
+        std::tuple{DataType::kFloat16, DataType::kFloat16, 2},
+        std::tuple{DataType::kBFloat16, DataType::kFloat32, 4}}) {
+    auto builder = GalleryBuilder::Create({2, 1000, 100}, input, storage);
+    ASSERT_TRUE(builder.ok());
+    std::memset((*builder)->input().data(), 0, (*builder)->input().size());
+    auto gallery = (*builder)->Build();
+    ASSERT_TRUE(gallery.ok());
+    const int64_t rows_bytes = int64_t{2000} * 100 * row_bytes;
+    EXPECT_GE((*gallery)->bytes(), rows_bytes + 2000 * 8);
+    EXPECT_LE((*gallery)->bytes(), rows_bytes + 2000 * 8 + 4096);
+  }
+}
+
+TEST(Gallery, RejectsMismatchedProblems) {
+  const Problem p = RandomProblem({2, 3, 10, 8}, 41);
+  const auto per_batch = MakeGallery(p, false, DataType::kFloat32);
+  EXPECT_EQ(TestEngine().Prepare({3, 3, 10, 8}, {}, *per_batch).status().code(),
+            absl::StatusCode::kInvalidArgument)
+      << "batch 3 against a 2-entry gallery";
+  EXPECT_EQ(TestEngine().Prepare({2, 3, 10, 9}, {}, *per_batch).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(TestEngine().Prepare({2, 3, 11, 8}, {}, *per_batch).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(TestEngine().Prepare({2, 3, 10, 8}, {}, *per_batch).ok());
+  EXPECT_EQ(
+      GalleryBuilder::Create({1, 0, 8}, DataType::kFloat32, DataType::kFloat32).status().code(),
+      absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

@@ -96,6 +96,23 @@ struct TransportConfig {
   int tcp_max_read_chunk_bytes = 0;
 };
 
+// Galleries: B operands that live on the server (RegisterGallery, --gallery_dir).
+struct GalleryConfig {
+  // Directory whose NAME.npy files (float32 or float16, [M, D] or [batch, M, D]) are loaded
+  // as DIRECTORY galleries before the server reports SERVING. Empty: none.
+  std::string dir;
+  // How often `dir` is rescanned: new or changed files are loaded beside the old version and
+  // swapped in atomically, removed files remove their gallery.
+  absl::Duration rescan_period = absl::Seconds(10);
+  // Storage dtype of directory galleries ("float32", "bfloat16", "float16"): half types
+  // halve their memory and a query's reads, at 8 (bf16) or 11 (f16) bits of precision.
+  std::string dir_storage_dtype = "float32";
+  // Cap on the memory all galleries hold together. Registering over it evicts the least
+  // recently used uploaded galleries (never directory ones); RESOURCE_EXHAUSTED if that is
+  // not enough. Registrations in progress also hold their bytes in max_inflight_bytes.
+  int64_t memory_bytes = int64_t{4} << 30;
+};
+
 // Everything the server needs to start. Plain data; copyable.
 struct ServerConfig {
   // gRPC listen address, host:port. Port 0 picks a free port (see SimilarityServer::port).
@@ -105,6 +122,7 @@ struct ServerConfig {
   ComputeConfig compute;
   LimitsConfig limits;
   TransportConfig transport;
+  GalleryConfig galleries;
   // How long running calls may continue after SIGTERM/SIGINT before they are cancelled.
   absl::Duration drain_grace = absl::Seconds(20);
   // GRPC_ARG_MAX_CONNECTION_AGE_MS: clients reconnect after this long, which lets a

@@ -86,12 +86,47 @@ absl::Status ResourceError(RejectReason why, RejectReason* reason, const std::st
 }
 
 // Shared by all kinds: everything except the data checks.
+// B's dimensions from a gallery: a 2D gallery serves every batch entry of `a`.
+absl::StatusOr<TensorDims> GalleryBDims(const v1::ComputeRequest& request, const TensorDims& a,
+                                        const GalleryDims* gallery) {
+  if (request.has_b()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tensor b must be absent when gallery '", request.gallery(), "' plays B"));
+  }
+  if (gallery == nullptr) {
+    return absl::InternalError("gallery call converted without its gallery");
+  }
+  if (gallery->rank == 3 && gallery->batch != a.batch) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "batch mismatch: tensor a has batch ", a.batch, " but gallery '", request.gallery(),
+        "' has ", gallery->batch, " batch entries (a 2D gallery serves any batch)"));
+  }
+  if (gallery->d != a.dim) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("D mismatch: tensor a has dim ", a.dim, " but gallery '", request.gallery(),
+                     "' has dim ", gallery->d));
+  }
+  TensorDims b;
+  b.rank = a.rank;
+  b.batch = a.batch;
+  b.rows = gallery->m;
+  b.dim = gallery->d;
+  b.elements = 0;  // nothing to receive
+  return b;
+}
+
 absl::StatusOr<ProblemSpec> ParseProblem(const v1::ComputeRequest& request, RequestKind kind,
-                                         const LimitsConfig& limits, RejectReason* reason) {
+                                         const LimitsConfig& limits, RejectReason* reason,
+                                         const GalleryDims* gallery) {
   auto a = ParseDims("a", request.a(), request.has_a());
   if (!a.ok()) return a.status();
-  auto b = ParseDims("b", request.b(), request.has_b());
+  const bool from_gallery = !request.gallery().empty();
+  auto b = from_gallery ? GalleryBDims(request, *a, gallery)
+                        : ParseDims("b", request.b(), request.has_b());
   if (!b.ok()) return b.status();
+  if (!from_gallery && request.gallery_version() != 0) {
+    return absl::InvalidArgumentError("gallery_version is set but gallery is not");
+  }
   if (a->rank != b->rank) {
     return absl::InvalidArgumentError(
         absl::StrCat("tensor a has rank ", a->rank, " but tensor b has rank ", b->rank,
@@ -111,6 +146,7 @@ absl::StatusOr<ProblemSpec> ParseProblem(const v1::ComputeRequest& request, Requ
   spec.a_dtype = a->dtype;
   spec.b_dtype = b->dtype;
   spec.two_d = a->rank == 2;
+  spec.from_gallery = from_gallery;
 
   auto metric = FromProto(request.metric());
   if (!metric.ok()) return metric.status();
@@ -300,8 +336,9 @@ int64_t ProblemSpec::InflightBytes(RequestKind kind, int window) const {
 
 absl::StatusOr<ConvertedRequest> ConvertRequest(const v1::ComputeRequest& request, RequestKind kind,
                                                 const LimitsConfig& limits, RejectReason* reason,
-                                                const RawPayloadSizes* raw_sizes) {
-  auto spec = ParseProblem(request, kind, limits, reason);
+                                                const RawPayloadSizes* raw_sizes,
+                                                const GalleryDims* gallery) {
+  auto spec = ParseProblem(request, kind, limits, reason, gallery);
   if (!spec.ok()) return spec.status();
   ConvertedRequest out;
   out.spec = *spec;
@@ -318,18 +355,21 @@ absl::StatusOr<ConvertedRequest> ConvertRequest(const v1::ComputeRequest& reques
   auto a = ViewData("a", request.a(), spec->a_dtype, spec->a_bytes,
                     raw_sizes != nullptr ? &raw_sizes->a : nullptr);
   if (!a.ok()) return a.status();
+  out.a = *a;
+  if (spec->from_gallery) return out;
   auto b = ViewData("b", request.b(), spec->b_dtype, spec->b_bytes,
                     raw_sizes != nullptr ? &raw_sizes->b : nullptr);
   if (!b.ok()) return b.status();
-  out.a = *a;
   out.b = *b;
   return out;
 }
 
 absl::StatusOr<ProblemSpec> ProblemFromUploadHeader(const v1::ComputeRequest& request,
                                                     const LimitsConfig& limits,
-                                                    RejectReason* reason) {
-  auto converted = ConvertRequest(request, RequestKind::kUpload, limits, reason);
+                                                    RejectReason* reason,
+                                                    const GalleryDims* gallery) {
+  auto converted =
+      ConvertRequest(request, RequestKind::kUpload, limits, reason, nullptr, gallery);
   if (!converted.ok()) return converted.status();
   return converted->spec;
 }

@@ -36,8 +36,11 @@ struct ProblemSpec {
   kernels::Options options;
   kernels::DataType a_dtype = kernels::DataType::kFloat32;
   kernels::DataType b_dtype = kernels::DataType::kFloat32;
-  // True when both inputs were 2D: the output shape then has no batch dimension.
+  // True when both inputs were 2D (or a was 2D, with a gallery): the output shape then has
+  // no batch dimension.
   bool two_d = false;
+  // B is a gallery (ComputeRequest.gallery): nothing of B is received (b_bytes = 0).
+  bool from_gallery = false;
   int64_t a_bytes = 0;          // batch * n * d * sizeof(a_dtype)
   int64_t b_bytes = 0;          // batch * m * d * sizeof(b_dtype)
   int64_t output_cols = 0;      // m for dense results, top_k for top-k
@@ -75,6 +78,15 @@ struct RawPayloadSizes {
   int64_t b = 0;
 };
 
+// The dimensions of the gallery a request names (ComputeRequest.gallery), looked up by the
+// caller: rank 2 ([m, d], serves every batch entry) or 3 ([batch, m, d]).
+struct GalleryDims {
+  int rank = 2;
+  int64_t batch = 1;
+  int64_t m = 0;
+  int64_t d = 0;
+};
+
 // Validates `request` for `kind` against `limits` and converts it.
 // INVALID_ARGUMENT: missing or empty tensor, rank not 2 or 3, a dimension <= 0, ranks or
 //   batch or D of a and b differ, unsupported dtype/metric/precision, data length !=
@@ -86,15 +98,20 @@ struct RawPayloadSizes {
 // NaN/Inf values are not checked here: they are found while the bytes are copied for the
 // kernel (TilePipeline, with CheckFinite's message), off the gRPC threads.
 // For kUpload the returned views are null; use ProblemFromUploadHeader instead.
+// With `request.gallery` set, `gallery` must describe it: b must then be absent, D must
+// match, and a 3D gallery's batch must equal a's (all INVALID_ARGUMENT); view b stays null.
+// gallery_version without gallery is INVALID_ARGUMENT.
 absl::StatusOr<ConvertedRequest> ConvertRequest(const v1::ComputeRequest& request, RequestKind kind,
                                                 const LimitsConfig& limits, RejectReason* reason,
-                                                const RawPayloadSizes* raw_sizes = nullptr);
+                                                const RawPayloadSizes* raw_sizes = nullptr,
+                                                const GalleryDims* gallery = nullptr);
 
 // Validates a ComputeUpload header's request (no tensor data allowed) as ConvertRequest
 // does for kUpload and returns its problem.
 absl::StatusOr<ProblemSpec> ProblemFromUploadHeader(const v1::ComputeRequest& request,
                                                     const LimitsConfig& limits,
-                                                    RejectReason* reason);
+                                                    RejectReason* reason,
+                                                    const GalleryDims* gallery = nullptr);
 
 // Checks `count` elements of `dtype` at `data` for NaN/Inf. On the first one returns
 // INVALID_ARGUMENT naming `tensor` and its flat index (`index_offset` + position).

@@ -108,6 +108,20 @@ ABSL_FLAG(absl::Duration, drain_grace, kDefaults.drain_grace,
 ABSL_FLAG(absl::Duration, max_connection_age, kDefaults.max_connection_age,
           "GRPC_ARG_MAX_CONNECTION_AGE: clients reconnect after this long so a Kubernetes "
           "Service rebalances (e.g. 5m; inf disables). Env SIMSERVE_MAX_CONNECTION_AGE.");
+ABSL_FLAG(std::string, gallery_dir, kDefaults.galleries.dir,
+          "Directory whose NAME.npy files (float32/float16, [M,D] or [batch,M,D]) are served "
+          "as galleries, loaded before SERVING and rescanned; empty = none. "
+          "Env SIMSERVE_GALLERY_DIR.");
+ABSL_FLAG(int64_t, gallery_rescan_seconds,
+          absl::ToInt64Seconds(kDefaults.galleries.rescan_period),
+          "How often --gallery_dir is rescanned (new/changed files swapped in, removed ones "
+          "removed). Env SIMSERVE_GALLERY_RESCAN_SECONDS.");
+ABSL_FLAG(std::string, gallery_dir_storage_dtype, kDefaults.galleries.dir_storage_dtype,
+          "Storage dtype of directory galleries: float32, bfloat16 or float16 (half the memory "
+          "and reads). Env SIMSERVE_GALLERY_DIR_STORAGE_DTYPE.");
+ABSL_FLAG(int64_t, gallery_memory_bytes, kDefaults.galleries.memory_bytes,
+          "Cap on the memory of all galleries; registering over it evicts least recently used "
+          "uploaded galleries. Env SIMSERVE_GALLERY_MEMORY_BYTES.");
 ABSL_FLAG(bool, log_requests, kDefaults.log_requests,
           "Log one line per successful request too (failures are always logged). "
           "Env SIMSERVE_LOG_REQUESTS.");
@@ -146,6 +160,10 @@ bool ApplyEnvironment() {
                                            "tcp_max_read_chunk_bytes",
                                            "drain_grace",
                                            "max_connection_age",
+                                           "gallery_dir",
+                                           "gallery_rescan_seconds",
+                                           "gallery_dir_storage_dtype",
+                                           "gallery_memory_bytes",
                                            "log_requests"};
   bool ok = true;
   for (const char* name : kNames) {
@@ -193,6 +211,10 @@ simserve::ServerConfig ConfigFromFlags() {
   c.transport.tcp_max_read_chunk_bytes = absl::GetFlag(FLAGS_tcp_max_read_chunk_bytes);
   c.drain_grace = absl::GetFlag(FLAGS_drain_grace);
   c.max_connection_age = absl::GetFlag(FLAGS_max_connection_age);
+  c.galleries.dir = absl::GetFlag(FLAGS_gallery_dir);
+  c.galleries.rescan_period = absl::Seconds(absl::GetFlag(FLAGS_gallery_rescan_seconds));
+  c.galleries.dir_storage_dtype = absl::GetFlag(FLAGS_gallery_dir_storage_dtype);
+  c.galleries.memory_bytes = absl::GetFlag(FLAGS_gallery_memory_bytes);
   c.log_requests = absl::GetFlag(FLAGS_log_requests);
   return c;
 }

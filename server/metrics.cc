@@ -128,7 +128,33 @@ class ServerMetrics::Impl {
         flops_(Counter(registry, "simserve_flops_total",
                        "Floating-point operations performed by the similarity kernels.")),
         tiles_(Counter(registry, "simserve_tiles_streamed_total",
-                       "Result tiles (chunks) streamed to clients.")) {
+                       "Result tiles (chunks) streamed to clients.")),
+        gallery_evictions_(Counter(registry, "simserve_gallery_evictions_total",
+                                   "Uploaded galleries evicted to fit the gallery memory budget.")),
+        gallery_load_failures_(
+            Counter(registry, "simserve_gallery_load_failures_total",
+                    "Gallery files in --gallery_dir that could not be loaded.")),
+        gallery_registration_(Histogram(registry, "simserve_gallery_registration_seconds",
+                                        "Time to check and prepare a gallery (upload or file).")) {
+    auto& galleries = prometheus::BuildGauge()
+                          .Name("simserve_galleries")
+                          .Help("Galleries held, by source (uploaded, directory).")
+                          .Register(registry);
+    auto& gallery_bytes = prometheus::BuildGauge()
+                              .Name("simserve_gallery_bytes")
+                              .Help("Memory held by prepared galleries, by source.")
+                              .Register(registry);
+    for (size_t i = 0; i < 2; ++i) {
+      const char* source = i == 0 ? "uploaded" : "directory";
+      galleries_[i] = &galleries.Add({{"source", source}});
+      gallery_bytes_[i] = &gallery_bytes.Add({{"source", source}});
+    }
+    auto& lookups = prometheus::BuildCounter()
+                        .Name("simserve_gallery_lookups_total")
+                        .Help("Compute calls naming a gallery, by result (hit, miss).")
+                        .Register(registry);
+    gallery_hits_ = &lookups.Add({{"result", "hit"}});
+    gallery_misses_ = &lookups.Add({{"result", "miss"}});
     auto& rejected = prometheus::BuildCounter()
                          .Name("simserve_rejected_requests_total")
                          .Help("Requests turned away by admission control, by reason.")
@@ -169,6 +195,12 @@ class ServerMetrics::Impl {
   prometheus::Counter& rejected(RejectReason reason) {
     return *rejected_[static_cast<size_t>(reason)];
   }
+  prometheus::Gauge& galleries(bool directory) { return *galleries_[directory ? 1 : 0]; }
+  prometheus::Gauge& gallery_bytes(bool directory) { return *gallery_bytes_[directory ? 1 : 0]; }
+  prometheus::Counter& gallery_lookups(bool hit) { return hit ? *gallery_hits_ : *gallery_misses_; }
+  prometheus::Counter& gallery_evictions() { return gallery_evictions_; }
+  prometheus::Counter& gallery_load_failures() { return gallery_load_failures_; }
+  prometheus::Histogram& gallery_registration() { return gallery_registration_; }
 
  private:
   static prometheus::Histogram& Histogram(prometheus::Registry& registry, const std::string& name,
@@ -215,6 +247,13 @@ class ServerMetrics::Impl {
   prometheus::Counter& flops_;
   prometheus::Counter& tiles_;
   std::array<prometheus::Counter*, kRejectReasonNames.size()> rejected_{};
+  prometheus::Counter& gallery_evictions_;
+  prometheus::Counter& gallery_load_failures_;
+  prometheus::Histogram& gallery_registration_;
+  std::array<prometheus::Gauge*, 2> galleries_{};
+  std::array<prometheus::Gauge*, 2> gallery_bytes_{};
+  prometheus::Counter* gallery_hits_ = nullptr;
+  prometheus::Counter* gallery_misses_ = nullptr;
   // Written only in the constructor, read concurrently afterwards.
   std::unordered_map<std::string, MethodSeries, StringHash, std::equal_to<>> methods_;
 };
@@ -322,5 +361,15 @@ void ServerMetrics::AddTiles(uint64_t tiles) {
   impl_->tiles().Increment(static_cast<double>(tiles));
 }
 void ServerMetrics::Reject(RejectReason reason) { impl_->rejected(reason).Increment(); }
+void ServerMetrics::SetGalleries(bool directory, int64_t count, int64_t bytes) {
+  impl_->galleries(directory).Set(static_cast<double>(count));
+  impl_->gallery_bytes(directory).Set(static_cast<double>(bytes));
+}
+void ServerMetrics::GalleryLookup(bool hit) { impl_->gallery_lookups(hit).Increment(); }
+void ServerMetrics::GalleryEvicted() { impl_->gallery_evictions().Increment(); }
+void ServerMetrics::GalleryLoadFailed() { impl_->gallery_load_failures().Increment(); }
+void ServerMetrics::ObserveGalleryRegistration(double seconds) {
+  impl_->gallery_registration().Observe(seconds);
+}
 
 }  // namespace simserve

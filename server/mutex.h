@@ -9,6 +9,7 @@
 #include <mutex>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/time/time.h"
 
 namespace simserve {
 
@@ -28,6 +29,16 @@ class ABSL_LOCKABLE Mutex {
     std::unique_lock<std::mutex> lock(mu_, std::adopt_lock);
     cv.wait(lock, done);
     lock.release();  // still held: ownership stays with the caller's MutexLock
+  }
+
+  // As Await, but gives up after `timeout`; returns done().
+  template <class Predicate>
+  bool AwaitFor(std::condition_variable& cv, absl::Duration timeout, Predicate done)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(this) {
+    std::unique_lock<std::mutex> lock(mu_, std::adopt_lock);
+    const bool result = cv.wait_for(lock, absl::ToChronoNanoseconds(timeout), done);
+    lock.release();
+    return result;
   }
 
  private:

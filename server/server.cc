@@ -32,6 +32,13 @@
 namespace simserve {
 namespace {
 
+absl::StatusOr<kernels::DataType> ParseStorageDtype(const std::string& name) {
+  if (name == "float32") return kernels::DataType::kFloat32;
+  if (name == "bfloat16") return kernels::DataType::kBFloat16;
+  if (name == "float16") return kernels::DataType::kFloat16;
+  return absl::InvalidArgumentError(absl::StrCat("unknown storage dtype '", name, "'"));
+}
+
 constexpr char kService[] = "simserve.v1.Similarity";
 
 absl::Status ValidateConfig(const ServerConfig& c) {
@@ -83,6 +90,16 @@ absl::Status ValidateConfig(const ServerConfig& c) {
   if (c.drain_grace < absl::ZeroDuration()) {
     return absl::InvalidArgumentError("--drain_grace must be >= 0");
   }
+  if (c.galleries.memory_bytes < 0) {
+    return absl::InvalidArgumentError("--gallery_memory_bytes must be >= 0");
+  }
+  if (!c.galleries.dir.empty() && c.galleries.rescan_period <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--gallery_rescan_seconds must be > 0");
+  }
+  if (!ParseStorageDtype(c.galleries.dir_storage_dtype).ok()) {
+    return absl::InvalidArgumentError(
+        "--gallery_dir_storage_dtype must be float32, bfloat16 or float16");
+  }
   return absl::OkStatus();
 }
 
@@ -90,7 +107,11 @@ std::vector<ServerMetrics::MethodInfo> Methods() {
   return {{"/simserve.v1.Similarity/Compute", "unary"},
           {"/simserve.v1.Similarity/ComputeStream", "server_stream"},
           {"/simserve.v1.Similarity/ComputeUpload", "bidi_stream"},
-          {"/simserve.v1.Similarity/GetInfo", "unary"}};
+          {"/simserve.v1.Similarity/GetInfo", "unary"},
+          {"/simserve.v1.Similarity/RegisterGallery", "client_stream"},
+          {"/simserve.v1.Similarity/GetGallery", "unary"},
+          {"/simserve.v1.Similarity/ListGalleries", "unary"},
+          {"/simserve.v1.Similarity/DeleteGallery", "unary"}};
 }
 
 }  // namespace
@@ -157,8 +178,9 @@ absl::Status SimilarityServer::Init() {
                            .max_inflight_bytes = config_.limits.max_inflight_bytes},
       metrics_.get());
   buffers_ = BufferPool::Create(config_.compute.buffer_cache_bytes);
+  galleries_ = std::make_unique<GalleryStore>(config_.galleries.memory_bytes, metrics_.get());
   service_ = std::make_unique<SimilarityService>(config_, engine_.get(), pool_.get(),
-                                                 metrics_.get(), buffers_.get());
+                                                 metrics_.get(), buffers_.get(), galleries_.get());
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -203,6 +225,20 @@ absl::Status SimilarityServer::Init() {
   health->SetServingStatus(kService, false);
 
   const std::string warmup = config_.compute.warmup ? Warmup() : "warm-up disabled";
+  std::string galleries = "no gallery_dir";
+  if (!config_.galleries.dir.empty()) {
+    gallery_dir_ = std::make_unique<GalleryDirectory>(
+        config_.galleries.dir, config_.galleries.rescan_period,
+        *ParseStorageDtype(config_.galleries.dir_storage_dtype), galleries_.get(), metrics_.get());
+    const absl::Time begin = absl::Now();
+    const GalleryDirectory::ScanResult scan = gallery_dir_->Scan();
+    gallery_dir_->StartWatching();
+    galleries = absl::StrCat("gallery_dir ", config_.galleries.dir, ": ", scan.loaded,
+                             " galleries loaded (", galleries_->held_bytes(), " bytes, ",
+                             scan.failed, " files failed) in ",
+                             absl::FormatDuration(absl::Now() - begin), ", rescanned every ",
+                             absl::FormatDuration(config_.galleries.rescan_period));
+  }
 
   const LimitsConfig& l = config_.limits;
   LogInfo(absl::StrCat(
@@ -220,7 +256,8 @@ absl::Status SimilarityServer::Init() {
       "/", l.max_chunk_bytes, " stream_window=", config_.compute.stream_window,
       " drain_grace=", absl::FormatDuration(config_.drain_grace),
       " buffer_cache_bytes=", config_.compute.buffer_cache_bytes,
-      "; OpenMP wait: ", config_.compute.omp_wait_policy, "; ", warmup));
+      "; OpenMP wait: ", config_.compute.omp_wait_policy, "; ", warmup, "; ", galleries,
+      "; gallery_memory_bytes=", config_.galleries.memory_bytes));
   health->SetServingStatus(true);
   health->SetServingStatus(kService, true);
   return absl::OkStatus();
@@ -276,6 +313,7 @@ void SimilarityServer::Shutdown(absl::Duration grace) {
     server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
     server_->Wait();
   }
+  gallery_dir_.reset();  // no rescans while draining
   if (pool_ != nullptr) pool_->Shutdown();
   exposer_.reset();
 }

@@ -11,6 +11,8 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "server/config.h"
+#include "server/gallery_dir.h"
+#include "server/gallery_store.h"
 #include "server/mutex.h"
 #include "server/service.h"
 
@@ -69,6 +71,8 @@ class SimilarityServer {
   // The compute pool, for tests and diagnostics (e.g. to occupy a worker).
   ComputePool& pool() { return *pool_; }
   prometheus::Registry& registry() { return *registry_; }
+  // The galleries, for tests.
+  GalleryStore& galleries() { return *galleries_; }
 
  private:
   explicit SimilarityServer(const ServerConfig& config);
@@ -83,6 +87,8 @@ class SimilarityServer {
   std::unique_ptr<kernels::SimilarityEngine> engine_;
   std::shared_ptr<BufferPool> buffers_;
   std::unique_ptr<ComputePool> pool_;
+  std::unique_ptr<GalleryStore> galleries_;
+  std::unique_ptr<GalleryDirectory> gallery_dir_;
   std::unique_ptr<SimilarityService> service_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;

@@ -5,6 +5,7 @@
 #include "server/service.h"
 
 #include <chrono>
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <string>
@@ -98,10 +99,12 @@ absl::Status DrainingError() {
   return absl::UnavailableError("server is draining (shutting down); retry on another replica");
 }
 
-// A validated request and its in-flight reservation.
+// A validated request, its in-flight reservation and, for gallery calls, the gallery
+// version it runs against (held until the call ends).
 struct Admitted {
   ConvertedRequest converted;
   Admission admission;
+  std::shared_ptr<const kernels::PreparedGallery> gallery;
 };
 
 // The preamble of every compute RPC: refuse while draining, validate (convert.h), reserve
@@ -112,8 +115,18 @@ absl::StatusOr<Admitted> ValidateAndAdmit(const Env& env, const v1::ComputeReque
     env.metrics->Reject(RejectReason::kDraining);
     return DrainingError();
   }
+  std::shared_ptr<const Gallery> gallery;
+  GalleryDims dims;
+  if (!request.gallery().empty()) {
+    auto acquired = env.galleries->Acquire(request.gallery(), request.gallery_version());
+    if (!acquired.ok()) return acquired.status();
+    gallery = *std::move(acquired);
+    const kernels::GalleryShape& g = gallery->prepared->shape();
+    dims = {.rank = gallery->two_d() ? 2 : 3, .batch = g.entries, .m = g.m, .d = g.d};
+  }
   RejectReason reason = RejectReason::kTooManyElements;
-  auto converted = ConvertRequest(request, kind, env.config.limits, &reason, raw_sizes);
+  auto converted = ConvertRequest(request, kind, env.config.limits, &reason, raw_sizes,
+                                  gallery != nullptr ? &dims : nullptr);
   if (!converted.ok()) {
     if (converted.status().code() == absl::StatusCode::kResourceExhausted) {
       env.metrics->Reject(reason);
@@ -123,7 +136,9 @@ absl::StatusOr<Admitted> ValidateAndAdmit(const Env& env, const v1::ComputeReque
   auto admission =
       env.pool->Admit(converted->spec.InflightBytes(kind, env.config.compute.stream_window));
   if (!admission.ok()) return admission.status();
-  return Admitted{*std::move(converted), *std::move(admission)};
+  std::shared_ptr<const kernels::PreparedGallery> prepared;
+  if (gallery != nullptr) prepared = {gallery, gallery->prepared.get()};  // owns the version
+  return Admitted{*std::move(converted), *std::move(admission), std::move(prepared)};
 }
 
 TilePipeline::Deps PipelineDeps(const Env& env) {
@@ -172,12 +187,14 @@ absl::Status StartFromRequest(const Env& env, const grpc::ByteBuffer& buffer, Re
     return p;
   };
   std::vector<InputPiece> pieces;
-  pieces.push_back(
-      piece(InputPiece::Tensor::kB, decoded->b_raw, admitted->converted.b, spec->b_bytes));
+  if (!spec->from_gallery) {
+    pieces.push_back(
+        piece(InputPiece::Tensor::kB, decoded->b_raw, admitted->converted.b, spec->b_bytes));
+  }
   pieces.push_back(
       piece(InputPiece::Tensor::kA, decoded->a_raw, admitted->converted.a, spec->a_bytes));
   pipeline->Start(*spec, std::move(admitted->admission), std::move(pieces),
-                  /*input_complete=*/true);
+                  /*input_complete=*/true, std::move(admitted->gallery));
   return absl::OkStatus();
 }
 
@@ -370,7 +387,8 @@ class UploadCall final
     auto admitted = ValidateAndAdmit(env_, request, RequestKind::kUpload, nullptr);
     if (!admitted.ok()) return pipeline_.Fail(admitted.status());
     spec_ = admitted->converted.spec;
-    pipeline_.Start(spec_, std::move(admitted->admission), {}, /*input_complete=*/false);
+    pipeline_.Start(spec_, std::move(admitted->admission), {}, /*input_complete=*/false,
+                    std::move(admitted->gallery));
     StartRead(&read_);
   }
 
@@ -380,11 +398,214 @@ class UploadCall final
   bool have_header_ = false;
 };
 
+// ---------------------------------------------------------------------------------------
+// Galleries.
+
+void FillGalleryInfo(const Gallery& gallery, v1::GalleryInfo* info) {
+  info->set_name(gallery.name);
+  for (const int64_t dim : gallery.shape) info->add_shape(dim);
+  info->set_storage_dtype(ToProto(gallery.prepared->storage_dtype()));
+  info->set_version(gallery.version);
+  info->set_bytes(gallery.bytes());
+  info->set_source(gallery.source == GallerySource::kDirectory ? v1::DIRECTORY : v1::UPLOADED);
+  info->set_last_used_unix_ms(gallery.last_used_unix_ms.load(std::memory_order_relaxed));
+  info->set_registered_unix_ms(absl::ToUnixMillis(gallery.registered));
+  info->set_dtype(ToProto(gallery.dtype));
+  info->set_path(gallery.path);
+  info->set_prepare_seconds(absl::ToDoubleSeconds(gallery.prepare_time));
+}
+
+absl::StatusOr<GallerySpec> SpecFromHeader(const v1::GalleryHeader& header) {
+  auto dtype = FromProto(header.dtype());
+  if (!dtype.ok()) return absl::InvalidArgumentError(absl::StrCat("dtype: ", dtype.status().message()));
+  auto storage = FromProto(header.storage_dtype());
+  if (!storage.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("storage_dtype: ", storage.status().message()));
+  }
+  return MakeGallerySpec(header.name(), {header.shape().begin(), header.shape().end()}, *dtype,
+                         *storage);
+}
+
+// RegisterGallery: header first, then data pieces, held as received (moved out of the
+// parsed messages, not copied) up to exactly the declared size; at the end of the stream one
+// compute pool task copies them into the gallery's buffer, checks and prepares it, and
+// stores it. Reads are serialized by gRPC, so the reading state needs no lock; the task
+// starts only after the last read.
+class RegisterCall final : public grpc::ServerReadReactor<v1::RegisterGalleryRequest> {
+ public:
+  RegisterCall(const Env& env, grpc::CallbackServerContext* context, v1::GalleryInfo* response)
+      : env_(env), context_(context), response_(response) {
+    if (env_.draining->load()) {
+      env_.metrics->Reject(RejectReason::kDraining);
+      Fail(DrainingError());
+      return;
+    }
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) return Received();  // half-close (or cancellation: then Finish is ignored)
+    switch (request_.part_case()) {
+      case v1::RegisterGalleryRequest::kHeader:
+        if (spec_.has_value()) return Fail(absl::InvalidArgumentError("second gallery header"));
+        if (absl::Status accepted = AcceptHeader(request_.header()); !accepted.ok()) {
+          return Fail(std::move(accepted));
+        }
+        break;
+      case v1::RegisterGalleryRequest::kData: {
+        if (!spec_.has_value()) {
+          return Fail(absl::InvalidArgumentError("gallery data before the header: send the "
+                                                 "GalleryHeader first"));
+        }
+        std::string* data = request_.mutable_data();
+        received_ += static_cast<int64_t>(data->size());
+        if (received_ > spec_->input_bytes) {
+          return Fail(absl::InvalidArgumentError(
+              absl::StrCat("too many bytes for gallery '", spec_->name, "': the header declares ",
+                           spec_->input_bytes, " (shape x dtype), received ", received_,
+                           " so far; nothing was registered")));
+        }
+        env_.metrics->AddBytesReceived(data->size());
+        pieces_.push_back(std::move(*data));
+        break;
+      }
+      case v1::RegisterGalleryRequest::PART_NOT_SET:
+        return Fail(absl::InvalidArgumentError("empty RegisterGalleryRequest: set header or data"));
+    }
+    request_.Clear();
+    StartRead(&request_);
+  }
+
+  void OnDone() override { delete this; }  // gRPC callback API: the reactor owns itself.
+
+ private:
+  absl::Status AcceptHeader(const v1::GalleryHeader& header) {
+    auto spec = SpecFromHeader(header);
+    if (!spec.ok()) return spec.status();
+    if (absl::Status room =
+            env_.galleries->CheckRoom(spec->name, GallerySource::kUploaded, spec->prepared_bytes);
+        !room.ok()) {
+      return room;
+    }
+    // Held while registering: the received pieces plus the gallery's own buffers.
+    auto admission = env_.pool->Admit(spec->input_bytes + spec->prepared_bytes);
+    if (!admission.ok()) return admission.status();
+    admission_ = *std::move(admission);
+    spec_ = *std::move(spec);
+    return absl::OkStatus();
+  }
+
+  // The stream ended: prepare on the pool.
+  void Received() {
+    if (!spec_.has_value()) {
+      return Fail(absl::InvalidArgumentError("RegisterGallery stream ended before its header"));
+    }
+    if (received_ != spec_->input_bytes) {
+      return Fail(absl::InvalidArgumentError(
+          absl::StrCat("too few bytes for gallery '", spec_->name, "': the header declares ",
+                       spec_->input_bytes, " (shape x dtype), received ", received_,
+                       "; nothing was registered")));
+    }
+    absl::Status submitted = env_.pool->Submit(
+        {.run = [this](absl::Duration /*wait*/) { Prepare(); },
+         .skip = [this](absl::Status status) { Fail(std::move(status)); }},
+        /*new_request=*/true);
+    if (!submitted.ok()) Fail(std::move(submitted));
+  }
+
+  // On a pool worker.
+  void Prepare() {
+    if (context_->IsCancelled()) return Fail(absl::CancelledError("client cancelled"));
+    auto gallery = BuildGallery(*spec_, GallerySource::kUploaded, "",
+                                [this](std::span<std::byte> input) -> absl::Status {
+                                  size_t offset = 0;
+                                  for (std::string& piece : pieces_) {
+                                    std::memcpy(input.data() + offset, piece.data(), piece.size());
+                                    offset += piece.size();
+                                    std::string().swap(piece);  // give the memory back now
+                                  }
+                                  return absl::OkStatus();
+                                });
+    pieces_.clear();
+    if (!gallery.ok()) return Fail(gallery.status());
+    const absl::Duration prepare = (*gallery)->prepare_time;
+    auto stored = env_.galleries->Put(*std::move(gallery));
+    if (!stored.ok()) return Fail(stored.status());
+    env_.metrics->ObserveGalleryRegistration(absl::ToDoubleSeconds(prepare));
+    FillGalleryInfo(**stored, response_);
+    LogInfo(absl::StrCat("gallery '", (*stored)->name, "' version ", (*stored)->version,
+                         " registered: ", (*stored)->bytes(), " bytes, prepared in ",
+                         absl::FormatDuration(prepare), " (peer ", context_->peer(), ")"));
+    admission_ = Admission();
+    Finish(grpc::Status::OK);
+  }
+
+  void Fail(absl::Status status) {
+    pieces_.clear();
+    admission_ = Admission();
+    grpc::Status out = ToGrpcStatus(status);
+    LogWarning(absl::StrCat("RegisterGallery failed: ", CodeName(out.error_code()), ": ",
+                            status.message(), " (peer ", context_->peer(), ")"));
+    Finish(out);
+  }
+
+  const Env env_;
+  grpc::CallbackServerContext* const context_;
+  v1::GalleryInfo* const response_;
+  v1::RegisterGalleryRequest request_;
+  std::optional<GallerySpec> spec_;
+  int64_t received_ = 0;
+  std::vector<std::string> pieces_;
+  Admission admission_;
+};
+
+grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
+                                      const absl::Status& status) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(status));
+  return reactor;
+}
+
 }  // namespace
 
 SimilarityService::SimilarityService(const ServerConfig& config, kernels::SimilarityEngine* engine,
-                                     ComputePool* pool, ServerMetrics* metrics, BufferPool* buffers)
-    : config_(config), env_{config_, engine, pool, metrics, &stats_, buffers, &draining_} {}
+                                     ComputePool* pool, ServerMetrics* metrics, BufferPool* buffers,
+                                     GalleryStore* galleries)
+    : config_(config),
+      env_{config_, engine, pool, metrics, &stats_, buffers, galleries, &draining_} {}
+
+grpc::ServerReadReactor<v1::RegisterGalleryRequest>* SimilarityService::RegisterGallery(
+    grpc::CallbackServerContext* context, v1::GalleryInfo* response) {
+  return new RegisterCall(env_, context, response);
+}
+
+grpc::ServerUnaryReactor* SimilarityService::GetGallery(grpc::CallbackServerContext* context,
+                                                        const v1::GetGalleryRequest* request,
+                                                        v1::GalleryInfo* response) {
+  auto gallery = env_.galleries->Get(request->name());
+  if (gallery.ok()) FillGalleryInfo(**gallery, response);
+  return FinishUnary(context, gallery.status());
+}
+
+grpc::ServerUnaryReactor* SimilarityService::ListGalleries(
+    grpc::CallbackServerContext* context, const v1::ListGalleriesRequest* /*request*/,
+    v1::ListGalleriesResponse* response) {
+  for (const auto& gallery : env_.galleries->List()) {
+    FillGalleryInfo(*gallery, response->add_galleries());
+  }
+  return FinishUnary(context, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* SimilarityService::DeleteGallery(grpc::CallbackServerContext* context,
+                                                           const v1::DeleteGalleryRequest* request,
+                                                           v1::DeleteGalleryResponse* response) {
+  auto removed = env_.galleries->Remove(request->name(), GallerySource::kUploaded);
+  if (removed.ok()) {
+    FillGalleryInfo(**removed, response->mutable_deleted());
+    LogInfo(absl::StrCat("gallery '", request->name(), "' deleted (peer ", context->peer(), ")"));
+  }
+  return FinishUnary(context, removed.status());
+}
 
 grpc::ServerUnaryReactor* SimilarityService::Compute(grpc::CallbackServerContext* context,
                                                      const grpc::ByteBuffer* request,
@@ -422,6 +643,7 @@ grpc::ServerUnaryReactor* SimilarityService::GetInfo(grpc::CallbackServerContext
   limits->set_max_queued_requests(l.max_queued_requests);
   limits->set_max_inflight_bytes(l.max_inflight_bytes);
   limits->set_message_overhead_bytes(kMessageOverheadBytes);
+  limits->set_max_gallery_bytes(env_.galleries->memory_budget());
   for (auto m : {v1::COSINE, v1::DOT, v1::EUCLIDEAN, v1::SQUARED_EUCLIDEAN}) {
     response->add_metrics(m);
   }

@@ -9,6 +9,7 @@
 #include "kernels/similarity.h"
 #include "server/compute_pool.h"
 #include "server/config.h"
+#include "server/gallery_store.h"
 #include "server/metrics.h"
 #include "server/tile_pipeline.h"
 #include "simserve/v1/similarity.grpc.pb.h"
@@ -20,15 +21,20 @@ namespace simserve {
 // (server/wire_codec.h). The wire format is exactly the proto's.
 using SimilarityServiceBase = v1::Similarity::WithRawCallbackMethod_Compute<
     v1::Similarity::WithRawCallbackMethod_ComputeStream<
-        v1::Similarity::WithRawCallbackMethod_ComputeUpload<
-            v1::Similarity::WithCallbackMethod_GetInfo<v1::Similarity::Service>>>>;
+        v1::Similarity::WithRawCallbackMethod_ComputeUpload<v1::Similarity::WithCallbackMethod_GetInfo<
+            v1::Similarity::WithCallbackMethod_RegisterGallery<
+                v1::Similarity::WithCallbackMethod_GetGallery<
+                    v1::Similarity::WithCallbackMethod_ListGalleries<
+                        v1::Similarity::WithCallbackMethod_DeleteGallery<
+                            v1::Similarity::Service>>>>>>>>;
 
 // The service. Thread-safe. `engine`, `pool`, `metrics` and `buffers` are borrowed and must outlive
 // the service and every call it runs (i.e. until grpc::Server::Shutdown has returned).
 class SimilarityService final : public SimilarityServiceBase {
  public:
   SimilarityService(const ServerConfig& config, kernels::SimilarityEngine* engine,
-                    ComputePool* pool, ServerMetrics* metrics, BufferPool* buffers);
+                    ComputePool* pool, ServerMetrics* metrics, BufferPool* buffers,
+                    GalleryStore* galleries);
   SimilarityService(const SimilarityService&) = delete;
   SimilarityService& operator=(const SimilarityService&) = delete;
 
@@ -55,6 +61,20 @@ class SimilarityService final : public SimilarityServiceBase {
                                     const v1::GetInfoRequest* request,
                                     v1::GetInfoResponse* response) override;
 
+  // Header, then the gallery's bytes -> GalleryInfo. The bytes are held as received; one
+  // compute pool task checks and prepares them and stores the gallery.
+  grpc::ServerReadReactor<v1::RegisterGalleryRequest>* RegisterGallery(
+      grpc::CallbackServerContext* context, v1::GalleryInfo* response) override;
+  grpc::ServerUnaryReactor* GetGallery(grpc::CallbackServerContext* context,
+                                       const v1::GetGalleryRequest* request,
+                                       v1::GalleryInfo* response) override;
+  grpc::ServerUnaryReactor* ListGalleries(grpc::CallbackServerContext* context,
+                                          const v1::ListGalleriesRequest* request,
+                                          v1::ListGalleriesResponse* response) override;
+  grpc::ServerUnaryReactor* DeleteGallery(grpc::CallbackServerContext* context,
+                                          const v1::DeleteGalleryRequest* request,
+                                          v1::DeleteGalleryResponse* response) override;
+
   // Everything the reactors need; exposed for the reactor classes in service.cc only.
   struct Env {
     const ServerConfig& config;
@@ -63,6 +83,7 @@ class SimilarityService final : public SimilarityServiceBase {
     ServerMetrics* metrics;
     ServiceStats* stats;
     BufferPool* buffers;
+    GalleryStore* galleries;
     const std::atomic<bool>* draining;
   };
 

@@ -65,7 +65,8 @@ TilePipeline::~TilePipeline() {
 }
 
 void TilePipeline::Start(const ProblemSpec& spec, Admission admission,
-                         std::vector<InputPiece> pieces, bool input_complete) {
+                         std::vector<InputPiece> pieces, bool input_complete,
+                         std::shared_ptr<const kernels::PreparedGallery> gallery) {
   bool run_inline = false;
   {
     MutexLock lock(&mu_);
@@ -76,8 +77,12 @@ void TilePipeline::Start(const ProblemSpec& spec, Admission admission,
     tile_rows_ = mode_ == Mode::kWholeResult ? spec.shape.n : spec.tile_rows;
     total_tiles_ = spec.shape.batch * ((spec.shape.n + tile_rows_ - 1) / tile_rows_);
     a_buffer_ = deps_.buffers->Allocate(spec.a_bytes);
-    b_buffer_ = deps_.buffers->Allocate(spec.b_bytes);
-    bool allocated = a_buffer_ != nullptr && b_buffer_ != nullptr;
+    gallery_ = std::move(gallery);
+    if (!spec.from_gallery) b_buffer_ = deps_.buffers->Allocate(spec.b_bytes);
+    bool allocated = a_buffer_ != nullptr && (spec.from_gallery || b_buffer_ != nullptr);
+    if (spec.from_gallery && gallery_ == nullptr) {
+      FailLocked(absl::InternalError("gallery call started without its gallery"));
+    }
     if (mode_ == Mode::kWholeResult) {
       whole_ = std::make_unique<TileOutput>();
       whole_->first = true;
@@ -128,6 +133,11 @@ bool TilePipeline::AddInputLocked(InputPiece piece) {
   const int64_t expected = is_b ? spec_.b_bytes : spec_.a_bytes;
   int64_t& received = is_b ? b_received_ : a_received_;
   const int64_t size = piece.size();
+  if (is_b && spec_.from_gallery) {
+    FailLocked(absl::InvalidArgumentError(
+        "b_data sent, but this call's B is a gallery: send only a_data"));
+    return false;
+  }
   if (received == expected) {
     FailLocked(absl::InvalidArgumentError(absl::StrCat("too much data for tensor ", name, ": all ",
                                                        expected, " bytes already received")));
@@ -207,7 +217,9 @@ void TilePipeline::NextTileNeedsLocked(int64_t* a_bytes, int64_t* b_bytes) const
   const int64_t rows = std::min(tile_rows_, spec_.shape.n - next_row_);
   *a_bytes =
       (next_batch_ * spec_.shape.n + next_row_ + rows) * spec_.shape.d * ElementSize(spec_.a_dtype);
-  *b_bytes = (next_batch_ + 1) * spec_.shape.m * spec_.shape.d * ElementSize(spec_.b_dtype);
+  *b_bytes = spec_.from_gallery
+                 ? 0
+                 : (next_batch_ + 1) * spec_.shape.m * spec_.shape.d * ElementSize(spec_.b_dtype);
 }
 
 bool TilePipeline::CanComputeLocked() const {
@@ -351,6 +363,7 @@ void TilePipeline::Pump(Ended ended) {
       ready_.clear();
       a_buffer_ = AlignedBuffer();
       b_buffer_ = AlignedBuffer();
+      gallery_.reset();
       admission_ = Admission();
       report = report_;
     }
@@ -476,16 +489,20 @@ absl::Status TilePipeline::DoTile(const Tile& tile, std::unique_ptr<kernels::Sim
   const std::byte* a = nullptr;
   const std::byte* b = nullptr;
   TileOutput* whole = nullptr;
+  const kernels::PreparedGallery* gallery = nullptr;
   {
     MutexLock lock(&mu_);
     spec = spec_;
     a = a_buffer_.get();
     b = b_buffer_.get();
     whole = whole_.get();
+    gallery = gallery_.get();
   }
   absl::Status status;
   if (job == nullptr) {
-    auto prepared = deps_.engine->Prepare(spec.shape, spec.options, {b, spec.b_dtype});
+    auto prepared = gallery != nullptr
+                        ? deps_.engine->Prepare(spec.shape, spec.options, *gallery)
+                        : deps_.engine->Prepare(spec.shape, spec.options, {b, spec.b_dtype});
     if (prepared.ok()) {
       job = std::move(*prepared);
     } else {

@@ -129,9 +129,13 @@ class TilePipeline {
 
   // Sets the (validated) problem and its in-flight reservation, allocates the input and, in
   // whole mode, output buffers, and adds `pieces` as AddInput does (then closes the input if
-  // `input_complete`). Call at most once, before AddInput.
+  // `input_complete`). Call at most once, before AddInput. When spec.from_gallery, `gallery`
+  // plays B (held until the call ends, so a replaced version stays valid) and no b input
+  // is accepted.
   void Start(const ProblemSpec& spec, Admission admission, std::vector<InputPiece> pieces,
-             bool input_complete) ABSL_LOCKS_EXCLUDED(mu_);
+             bool input_complete,
+             std::shared_ptr<const kernels::PreparedGallery> gallery = nullptr)
+      ABSL_LOCKS_EXCLUDED(mu_);
 
   // Adds received bytes of a or b, each tensor's in order, in pieces of any size and in any
   // interleaving: a tile starts as soon as its rows of a and its batch entry of b are in, so
@@ -230,6 +234,7 @@ class TilePipeline {
   // read by tile tasks below the *_ingested_ marks, so writers and readers never overlap.
   AlignedBuffer a_buffer_ ABSL_GUARDED_BY(mu_);
   AlignedBuffer b_buffer_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<const kernels::PreparedGallery> gallery_ ABSL_GUARDED_BY(mu_);  // or b
   int64_t a_received_ ABSL_GUARDED_BY(mu_) = 0;  // bytes accepted by AddInput
   int64_t b_received_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t a_ingested_ ABSL_GUARDED_BY(mu_) = 0;  // bytes copied and checked

@@ -1,0 +1,151 @@
+// GalleryDirectory: NAME.npy files as DIRECTORY galleries, rescanned periodically.
+#include "server/gallery_dir.h"
+
+#include <dirent.h>
+#include <sys/stat.h>
+
+#include <cstring>
+#include <set>
+#include <utility>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "client/npy.h"
+#include "server/log.h"
+
+namespace simserve {
+
+GalleryDirectory::GalleryDirectory(std::string dir, absl::Duration rescan_period,
+                                   kernels::DataType storage_dtype, GalleryStore* store,
+                                   ServerMetrics* metrics)
+    : dir_(std::move(dir)),
+      rescan_period_(rescan_period),
+      storage_dtype_(storage_dtype),
+      store_(store),
+      metrics_(metrics) {}
+
+GalleryDirectory::~GalleryDirectory() {
+  {
+    MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  if (watcher_.joinable()) watcher_.join();
+}
+
+void GalleryDirectory::StartWatching() {
+  watcher_ = std::thread([this] { WatchLoop(); });
+}
+
+void GalleryDirectory::WatchLoop() {
+  for (;;) {
+    {
+      MutexLock lock(&mu_);
+      if (mu_.AwaitFor(wake_, rescan_period_, [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+            return stopping_;
+          })) {
+        return;
+      }
+    }
+    const ScanResult result = Scan();
+    if (result.loaded + result.removed + result.failed > 0) {
+      LogInfo(absl::StrCat("gallery_dir ", dir_, ": ", result.loaded, " loaded, ", result.removed,
+                           " removed, ", result.failed, " failed; ", result.served, " served"));
+    }
+  }
+}
+
+GalleryDirectory::ScanResult GalleryDirectory::Scan() {
+  MutexLock lock(&scan_mu_);
+  ScanResult result;
+  std::map<std::string, std::pair<std::string, FileState>> present;  // name -> path, state
+  if (DIR* dir = opendir(dir_.c_str()); dir != nullptr) {
+    while (const dirent* entry = readdir(dir)) {
+      const std::string file = entry->d_name;
+      if (file.empty() || file[0] == '.' || !absl::EndsWith(file, ".npy")) continue;
+      const std::string path = absl::StrCat(dir_, "/", file);
+      struct stat st {};
+      if (stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
+      present[file.substr(0, file.size() - 4)] = {
+          path, FileState{.mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 +
+                                      st.st_mtim.tv_nsec,
+                          .size = static_cast<int64_t>(st.st_size),
+                          .inode = static_cast<int64_t>(st.st_ino)}};
+    }
+    closedir(dir);
+  } else {
+    LogWarning(absl::StrCat("gallery_dir ", dir_, " cannot be read: ", std::strerror(errno),
+                            " (its galleries stay as they are)"));
+    return result;
+  }
+  for (const auto& [name, file] : present) {
+    const auto& [path, state] = file;
+    auto seen = seen_.find(name);
+    if (seen != seen_.end() && seen->second == state) continue;  // unchanged (loaded or bad)
+    seen_[name] = state;
+    if (absl::Status loaded = Load(name, path); loaded.ok()) {
+      ++result.loaded;
+    } else {
+      ++result.failed;
+      if (metrics_ != nullptr) metrics_->GalleryLoadFailed();
+      LogWarning(absl::StrCat("gallery file ", path, " not loaded: ", loaded.message(),
+                              store_->Get(name).ok() ? " (the previous version keeps serving)"
+                                                     : ""));
+    }
+  }
+  for (auto it = seen_.begin(); it != seen_.end();) {
+    if (present.count(it->first) > 0) {
+      ++it;
+      continue;
+    }
+    if (store_->Remove(it->first, GallerySource::kDirectory).ok()) {
+      ++result.removed;
+      LogInfo(absl::StrCat("gallery '", it->first, "' removed: its file left ", dir_));
+    }
+    it = seen_.erase(it);
+  }
+  for (const auto& gallery : store_->List()) {
+    if (gallery->source == GallerySource::kDirectory) ++result.served;
+  }
+  return result;
+}
+
+absl::Status GalleryDirectory::Load(const std::string& name, const std::string& path) {
+  auto file = npy::MappedFile::Open(path);
+  if (!file.ok()) return file.status();
+  const npy::Layout& layout = file->layout();
+  if (layout.big_endian) return absl::InvalidArgumentError("big-endian .npy files are not served");
+  kernels::DataType dtype = kernels::DataType::kFloat32;
+  if (layout.dtype == npy::DType::kFloat16) {
+    dtype = kernels::DataType::kFloat16;
+  } else if (layout.dtype != npy::DType::kFloat32) {
+    return absl::InvalidArgumentError(absl::StrCat("dtype ", npy::Name(layout.dtype),
+                                                   " is not served (float32 or float16)"));
+  }
+  auto spec = MakeGallerySpec(name, layout.shape, dtype, storage_dtype_);
+  if (!spec.ok()) return spec.status();
+  if (absl::Status room = store_->CheckRoom(name, GallerySource::kDirectory, spec->prepared_bytes);
+      !room.ok()) {
+    return room;
+  }
+  const std::span<const std::byte> data = file->data();
+  auto gallery = BuildGallery(*spec, GallerySource::kDirectory, path,
+                              [&](std::span<std::byte> input) -> absl::Status {
+                                if (data.size() != input.size()) {
+                                  return absl::InvalidArgumentError("data size mismatch");
+                                }
+                                std::memcpy(input.data(), data.data(), data.size());
+                                return absl::OkStatus();
+                              });
+  if (!gallery.ok()) return gallery.status();
+  const absl::Duration prepare = (*gallery)->prepare_time;
+  auto stored = store_->Put(*std::move(gallery));
+  if (!stored.ok()) return stored.status();
+  if (metrics_ != nullptr) metrics_->ObserveGalleryRegistration(absl::ToDoubleSeconds(prepare));
+  LogInfo(absl::StrCat("gallery '", name, "' version ", (*stored)->version, " loaded from ", path,
+                       ": ", (*stored)->bytes(), " bytes, prepared in ",
+                       absl::FormatDuration(prepare)));
+  return absl::OkStatus();
+}
+
+}  // namespace simserve
