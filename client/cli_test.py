@@ -308,8 +308,10 @@ class GalleryCliTest(ServerTestCase):
             np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
             self.assertTrue(np.all(got[:, :, 3] == 0))
             outputs[mode] = got
+        # Not bit-identical across modes here (unlike with --b): the server's gallery path
+        # picks its kernel by tile height (1000-byte chunks = 6-row tiles), a few ulp apart.
         for mode in ("stream", "upload"):
-            np.testing.assert_array_equal(outputs[mode], outputs["unary"])
+            np.testing.assert_allclose(outputs[mode], outputs["unary"], atol=1e-6, rtol=0)
         # Top-k against the gallery.
         out = self.path("gtop.npy")
         self.cli(f"--a={fa}", "--gallery=cli-g", f"--out={out}", "--top_k=4",

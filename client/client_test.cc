@@ -694,7 +694,10 @@ TEST_F(ClientTest, GalleryMatchesDoubleReferenceInEveryModeAndMetric) {
         ExpectMatchesReference(*result, ref, Tolerance(v1::FLOAT32, v1::FP32));
         if (metric == v1::COSINE) {
           const std::vector<float> values = result->ValuesAsFloat();
-          for (size_t row = 0; row < size_t{3} * 17; ++row) EXPECT_EQ(values[row * 13 + 1], 0.0F);
+          // Column 1 is the zero row: in every batch entry (2D), in entry 0 (3D).
+          for (size_t row = 0; row < (shared ? size_t{3} : size_t{1}) * 17; ++row) {
+            EXPECT_EQ(values[row * 13 + 1], 0.0F) << "row " << row;
+          }
         }
       }
     }
@@ -726,6 +729,38 @@ TEST_F(ClientTest, GalleryTopKMatchesReferenceOrderInEveryMode) {
     }
   }
   ASSERT_TRUE(client_->DeleteGallery("ct-topk").ok());
+}
+
+TEST_F(ClientTest, GalleryTopKTiesGoToTheLowerColumnInEveryModeAndTileSize) {
+  // Small integers make the dot products exact, and gallery row 4 repeats row 1: real ties,
+  // which the lower column must win in every mode and with tiles of any height (the
+  // interop vector topk_dot_ties_3d, as a 2D gallery).
+  GalleryProblem g = MakeGalleryProblem(2, 4, 6, 5, 34, /*shared=*/true);
+  std::mt19937 rng(34);
+  std::uniform_int_distribution<int> small(-3, 3);
+  for (float& x : g.p.a) x = static_cast<float>(small(rng));
+  for (float& x : g.gallery) x = static_cast<float>(small(rng));
+  std::copy_n(g.gallery.begin() + 5, 5, g.gallery.begin() + 4 * 5);
+  for (int64_t k = 0; k < 2; ++k)
+    std::copy(g.gallery.begin(), g.gallery.end(), g.p.b.begin() + k * 30);
+  ASSERT_TRUE(client_->RegisterGallery("ct-ties", g.Gallery()).ok());
+  const Reference ref = ComputeReference(g.p, v1::DOT);
+  for (const CallMode mode : {CallMode::kUnary, CallMode::kStream, CallMode::kUpload}) {
+    for (const uint32_t chunk : {0U, 24U, 64U}) {
+      ComputeOptions options = GalleryOptionsFor("ct-ties", v1::DOT);
+      options.top_k = 3;
+      options.max_chunk_bytes = chunk;
+      auto result = client_->Similarity(g.p.A(), {}, options, mode);
+      ASSERT_TRUE(result.ok()) << result.status();
+      for (size_t row = 0; row < size_t{2} * 4; ++row) {
+        const auto expected = ReferenceTopK(ref, row, 6, 3, /*largest=*/true);
+        const std::vector<int32_t> got(result->indices.begin() + row * 3,
+                                       result->indices.begin() + row * 3 + 3);
+        EXPECT_EQ(got, expected) << Name(mode) << ", max_chunk_bytes " << chunk << ", row " << row;
+      }
+    }
+  }
+  ASSERT_TRUE(client_->DeleteGallery("ct-ties").ok());
 }
 
 TEST_F(ClientTest, GalleryStorageDtypesHalveTheMemoryAndStayCloseToTheReference) {
