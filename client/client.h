@@ -254,8 +254,9 @@ class Client {
   // ([A-Za-z0-9._-]{1,128}): the header, then the bytes in pieces of
   // ClientOptions::upload_piece_bytes clamped to the server's receive limit (as
   // ComputeUpload), referenced, not copied. Registering an existing name replaces it and bumps
-  // its version. Returns what the server holds now. INVALID_ARGUMENT for a bad name, shape or
-  // byte count; RESOURCE_EXHAUSTED over the server's gallery memory budget.
+  // its version. Returns what the server holds now. INVALID_ARGUMENT for a bad name, shape,
+  // byte count or NaN/Inf; RESOURCE_EXHAUSTED over the server's gallery memory budget (after
+  // it evicted what it could); FAILED_PRECONDITION for the name of a --gallery_dir gallery.
   absl::StatusOr<v1::GalleryInfo> RegisterGallery(const std::string& name, const TensorRef& gallery,
                                                   const GalleryOptions& options = {});
   // One gallery (NOT_FOUND for an unknown name), all of them sorted by name, and removing an
