@@ -433,6 +433,9 @@ class GalleryCliTest(ServerTestCase):
         big = self.save("big.npy", np.ones((self.MEMORY_BYTES // 64 + 1, 16), dtype=np.float32))
         proc = self.cli("--register_gallery=cli-big", f"--b={big}", expect=1)
         self.assertIn("RESOURCE_EXHAUSTED", proc.stderr)
+        # An upload cannot take the name of a --gallery_dir gallery.
+        proc = self.cli("--register_gallery=dir-half", f"--b={fg}", expect=1)
+        self.assertIn("FAILED_PRECONDITION", proc.stderr)
         self.cli("--register_gallery=cli-e", f"--b={fg}")
         proc = self.cli(f"--a={fa9}", "--gallery=cli-e", expect=1)
         self.assertIn("INVALID_ARGUMENT", proc.stderr)
