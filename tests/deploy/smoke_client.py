@@ -44,6 +44,10 @@ def generate_stubs(out_dir):
     ])
     if rc != 0:
         fail(f"protoc failed with {rc}")
+    # Regular packages (with __init__.py), so that they win over an installed simserve
+    # package (a namespace portion would lose to it, whatever its place in sys.path).
+    for pkg in ("simserve", os.path.join("simserve", "v1")):
+        open(os.path.join(out_dir, pkg, "__init__.py"), "a").close()
     sys.path.insert(0, out_dir)
     from simserve.v1 import similarity_pb2, similarity_pb2_grpc  # noqa: E402 (generated)
     return similarity_pb2, similarity_pb2_grpc
