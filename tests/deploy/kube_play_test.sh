@@ -62,6 +62,11 @@ kind: Deployment
 metadata:
   name: simserve
   namespace: simserve-dev
+  annotations:
+    # podman 4.3 races removing a "once" init container that has just exited (fixed in
+    # podman 4.6, containers/podman#18481); "always" keeps it, and its logs. (kube play reads
+    # a Deployment's own annotations here, not its pod template's.)
+    io.podman.annotations.init.container.type: always
 spec:
   template:
     spec:
@@ -107,13 +112,12 @@ grep -qx 'SIMSERVE_THREADS_PER_WORKER=1' <<<"$env_dump" || die "SIMSERVE_THREADS
 mounts=$(podman inspect --format '{{range .Mounts}}{{println .Destination}}{{end}}' "$ctr")
 grep -qx /tmp <<<"$mounts" || die "no /tmp volume (emptyDir)"
 grep -qx /var/lib/simserve/galleries <<<"$mounts" || die "no gallery volume at /var/lib/simserve/galleries"
-# The init container may already be removed (podman's "once" init containers); that it copied
-# the file shows below: the server must hold it as a directory gallery (smoke_client --gallery).
+# The init container ran first and copied the image's file (and the server must hold it as
+# a directory gallery: smoke_client --gallery below).
 init_ctr=$(podman ps -a --format '{{.Names}}' | grep -E '^simserve-pod-[0-9]+-galleries$' | head -1 || true)
-if [ -n "$init_ctr" ]; then
-  podman logs "$init_ctr" 2>&1 | grep -q "copied 1 gallery file" ||
-    die "the gallery init container did not copy the file: $(podman logs "$init_ctr" 2>&1 | tail -5)"
-fi
+[ -n "$init_ctr" ] || { podman ps -a >&2; die "no gallery init container from kube play"; }
+podman logs "$init_ctr" 2>&1 | grep -q "copied 1 gallery file" ||
+  die "the gallery init container did not copy the file: $(podman logs "$init_ctr" 2>&1 | tail -5)"
 host_pid=$(podman inspect --format '{{.State.Pid}}' "$ctr")
 uid=$(awk '/^Uid:/ {print $2}' "/proc/$host_pid/status")
 [ "$uid" = "65532" ] || die "runs as uid $uid, want 65532"
