@@ -3,15 +3,20 @@
 //   gallery_benchmark --m=1000000 --d=384 --queries=1,16,256 --k=10 --storage=float32
 //       --rounds=5 [--bandwidth]
 // --bandwidth also measures the machine's memory read bandwidth over a buffer of the
-// gallery's size (the floor of a scan: gallery bytes / bandwidth).
+// gallery's size (the floor of a scan: gallery bytes / bandwidth). With --stdin it builds
+// the gallery, then answers one line per query count read from stdin ("16") with one
+// timed call, so that a harness can interleave it round by round with a baseline process.
 #include <omp.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -33,9 +38,17 @@ double Median(std::vector<double> v) {
 
 // Read bandwidth in bytes/s: a summing pass over `bytes` with all OpenMP threads, 64
 // independent accumulators per thread so that the adds are never the bottleneck.
+// The buffer uses transparent huge pages, as the gallery does (kernels/gallery.cc).
 double ReadBandwidth(size_t bytes, int rounds) {
   constexpr size_t kLanes = 64;
-  std::vector<float> buffer(bytes / 4 / kLanes * kLanes, 1.0F);
+  constexpr size_t kHuge = size_t{2} << 20;
+  const size_t count = bytes / 4 / kLanes * kLanes;
+  const size_t rounded = (count * 4 + kHuge - 1) / kHuge * kHuge;
+  std::unique_ptr<float, decltype(&std::free)> storage(
+      static_cast<float*>(std::aligned_alloc(kHuge, rounded)), &std::free);
+  madvise(storage.get(), rounded, MADV_HUGEPAGE);
+  std::span<float> buffer(storage.get(), count);
+  std::fill(buffer.begin(), buffer.end(), 1.0F);
   const size_t steps = buffer.size() / kLanes;
   std::vector<double> times;
   volatile float sink = 0;
@@ -124,6 +137,27 @@ int main(int argc, char** argv) {
   if (bandwidth) {
     std::printf("{\"event\": \"bandwidth\", \"bytes_per_s\": %.4g}\n",
                 ReadBandwidth(static_cast<size_t>(m * d * 4), rounds));
+  }
+  if (Flag(argc, argv, "stdin", "0") == "1") {
+    std::fflush(stdout);
+    long long q = 0;
+    while (std::scanf("%lld", &q) == 1) {
+      std::vector<float> a(q * d);
+      for (float& v : a) v = dist(gen);
+      const simserve::kernels::Options options{.top_k = k};
+      std::vector<std::byte> values(q * k * 4);
+      std::vector<int32_t> indices(q * k);
+      const auto start = std::chrono::steady_clock::now();
+      auto job = (*engine)->Prepare({1, q, m, d}, options, **gallery);
+      absl::Status status = job.ok()
+                                ? ComputeAll(**job, {reinterpret_cast<const std::byte*>(a.data())},
+                                             0, values, indices)
+                                : job.status();
+      std::printf("{\"event\": \"query\", \"queries\": %lld, \"ms\": %.3f, \"ok\": %s}\n", q,
+                  Seconds(start) * 1e3, status.ok() ? "true" : "false");
+      std::fflush(stdout);
+    }
+    return 0;
   }
   size_t pos = 0;
   while (pos < queries_list.size()) {

@@ -90,8 +90,8 @@ absl::Status ResourceError(RejectReason why, RejectReason* reason, const std::st
 absl::StatusOr<TensorDims> GalleryBDims(const v1::ComputeRequest& request, const TensorDims& a,
                                         const GalleryDims* gallery) {
   if (request.has_b()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "tensor b must be absent when gallery '", request.gallery(), "' plays B"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("tensor b must be absent when gallery '", request.gallery(), "' plays B"));
   }
   if (gallery == nullptr) {
     return absl::InternalError("gallery call converted without its gallery");
@@ -102,9 +102,9 @@ absl::StatusOr<TensorDims> GalleryBDims(const v1::ComputeRequest& request, const
         "' has ", gallery->batch, " batch entries (a 2D gallery serves any batch)"));
   }
   if (gallery->d != a.dim) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("D mismatch: tensor a has dim ", a.dim, " but gallery '", request.gallery(),
-                     "' has dim ", gallery->d));
+    return absl::InvalidArgumentError(absl::StrCat("D mismatch: tensor a has dim ", a.dim,
+                                                   " but gallery '", request.gallery(),
+                                                   "' has dim ", gallery->d));
   }
   TensorDims b;
   b.rank = a.rank;
@@ -368,8 +368,7 @@ absl::StatusOr<ProblemSpec> ProblemFromUploadHeader(const v1::ComputeRequest& re
                                                     const LimitsConfig& limits,
                                                     RejectReason* reason,
                                                     const GalleryDims* gallery) {
-  auto converted =
-      ConvertRequest(request, RequestKind::kUpload, limits, reason, nullptr, gallery);
+  auto converted = ConvertRequest(request, RequestKind::kUpload, limits, reason, nullptr, gallery);
   if (!converted.ok()) return converted.status();
   return converted->spec;
 }

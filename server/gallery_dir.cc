@@ -41,9 +41,8 @@ void GalleryDirectory::WatchLoop() {
   for (;;) {
     {
       MutexLock lock(&mu_);
-      if (mu_.AwaitFor(wake_, rescan_period_, [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
-            return stopping_;
-          })) {
+      if (mu_.AwaitFor(wake_, rescan_period_,
+                       [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return stopping_; })) {
         return;
       }
     }
@@ -88,9 +87,9 @@ GalleryDirectory::ScanResult GalleryDirectory::Scan() {
     } else {
       ++result.failed;
       if (metrics_ != nullptr) metrics_->GalleryLoadFailed();
-      LogWarning(absl::StrCat("gallery file ", path, " not loaded: ", loaded.message(),
-                              store_->Get(name).ok() ? " (the previous version keeps serving)"
-                                                     : ""));
+      LogWarning(
+          absl::StrCat("gallery file ", path, " not loaded: ", loaded.message(),
+                       store_->Get(name).ok() ? " (the previous version keeps serving)" : ""));
     }
   }
   for (auto it = seen_.begin(); it != seen_.end();) {
@@ -119,8 +118,8 @@ absl::Status GalleryDirectory::Load(const std::string& name, const std::string& 
   if (layout.dtype == npy::DType::kFloat16) {
     dtype = kernels::DataType::kFloat16;
   } else if (layout.dtype != npy::DType::kFloat32) {
-    return absl::InvalidArgumentError(absl::StrCat("dtype ", npy::Name(layout.dtype),
-                                                   " is not served (float32 or float16)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("dtype ", npy::Name(layout.dtype), " is not served (float32 or float16)"));
   }
   auto spec = MakeGallerySpec(name, layout.shape, dtype, storage_dtype_);
   if (!spec.ok()) return spec.status();

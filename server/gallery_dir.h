@@ -60,7 +60,7 @@ class GalleryDirectory {
   const kernels::DataType storage_dtype_;
   GalleryStore* const store_;
   ServerMetrics* const metrics_;
-  Mutex scan_mu_;  // one scan at a time
+  Mutex scan_mu_;                                                    // one scan at a time
   std::map<std::string, FileState> seen_ ABSL_GUARDED_BY(scan_mu_);  // by gallery name
   Mutex mu_;
   std::condition_variable wake_;

@@ -43,14 +43,14 @@ absl::StatusOr<GallerySpec> MakeGallerySpec(absl::string_view name,
                                             kernels::DataType storage_dtype) {
   if (absl::Status status = ValidateGalleryName(name); !status.ok()) return status;
   if (shape.size() != 2 && shape.size() != 3) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "gallery '", name, "' has rank ", shape.size(),
-        "; expected [M, D] (compared with every batch entry of A) or [batch, M, D]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("gallery '", name, "' has rank ", shape.size(),
+                     "; expected [M, D] (compared with every batch entry of A) or [batch, M, D]"));
   }
   for (const int64_t dim : shape) {
     if (dim <= 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "gallery '", name, "' has a dimension ", dim, "; every dimension must be positive"));
+      return absl::InvalidArgumentError(absl::StrCat("gallery '", name, "' has a dimension ", dim,
+                                                     "; every dimension must be positive"));
     }
   }
   GallerySpec spec;
@@ -67,13 +67,13 @@ absl::StatusOr<GallerySpec> MakeGallerySpec(absl::string_view name,
         absl::StrCat("gallery '", name, "' is too large (more than 2^40 elements)"));
   }
   if (spec.dims.m > std::numeric_limits<int32_t>::max()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "gallery '", name, "' has ", spec.dims.m, " rows; at most 2^31-1 (int32 top-k indices)"));
+    return absl::InvalidArgumentError(absl::StrCat("gallery '", name, "' has ", spec.dims.m,
+                                                   " rows; at most 2^31-1 (int32 top-k indices)"));
   }
   spec.input_bytes = elements * static_cast<int64_t>(kernels::SizeOf(dtype));
   // kernels/gallery.h: the unit rows in the storage dtype plus two float32 norms per row.
-  spec.prepared_bytes = elements * static_cast<int64_t>(kernels::SizeOf(storage_dtype)) +
-                        spec.dims.rows() * 8 + 256;
+  spec.prepared_bytes =
+      elements * static_cast<int64_t>(kernels::SizeOf(storage_dtype)) + spec.dims.rows() * 8 + 256;
   return spec;
 }
 
@@ -122,9 +122,9 @@ absl::StatusOr<std::shared_ptr<const Gallery>> GalleryStore::Acquire(absl::strin
   if (metrics_ != nullptr) metrics_->GalleryLookup(gallery != nullptr);
   if (gallery == nullptr) return NotFound(name);
   if (version != 0 && version != gallery->version) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("gallery '", name, "' is at version ", gallery->version,
-                     ", the call asked for version ", version));
+    return absl::FailedPreconditionError(absl::StrCat("gallery '", name, "' is at version ",
+                                                      gallery->version,
+                                                      ", the call asked for version ", version));
   }
   gallery->last_used_unix_ms.store(NowUnixMs(), std::memory_order_relaxed);
   return gallery;
@@ -180,8 +180,8 @@ absl::StatusOr<std::shared_ptr<const Gallery>> GalleryStore::Put(std::unique_ptr
       auto lru = galleries_.end();
       for (auto it = galleries_.begin(); it != galleries_.end(); ++it) {
         if (it->second->source != GallerySource::kUploaded || it->first == gallery->name) continue;
-        if (lru == galleries_.end() || it->second->last_used_unix_ms.load() <
-                                           lru->second->last_used_unix_ms.load()) {
+        if (lru == galleries_.end() ||
+            it->second->last_used_unix_ms.load() < lru->second->last_used_unix_ms.load()) {
           lru = it;
         }
       }

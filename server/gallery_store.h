@@ -9,9 +9,9 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
-#include <span>
 #include <map>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -30,7 +30,7 @@ enum class GallerySource { kUploaded, kDirectory };
 // One version of a gallery. Immutable once stored, except the last-used time.
 struct Gallery {
   std::string name;
-  std::vector<int64_t> shape;  // as registered: [M, D] or [batch, M, D]
+  std::vector<int64_t> shape;                             // as registered: [M, D] or [batch, M, D]
   kernels::DataType dtype = kernels::DataType::kFloat32;  // of the registered bytes
   GallerySource source = GallerySource::kUploaded;
   std::string path;  // kDirectory: the file
@@ -55,7 +55,7 @@ struct GallerySpec {
   kernels::GalleryShape dims;
   kernels::DataType dtype = kernels::DataType::kFloat32;          // of the raw bytes
   kernels::DataType storage_dtype = kernels::DataType::kFloat32;  // kept on the server
-  int64_t input_bytes = 0;     // prod(shape) * sizeof(dtype)
+  int64_t input_bytes = 0;                                        // prod(shape) * sizeof(dtype)
   int64_t prepared_bytes = 0;  // what the prepared gallery holds (GalleryInfo.bytes)
 };
 

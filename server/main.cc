@@ -112,8 +112,7 @@ ABSL_FLAG(std::string, gallery_dir, kDefaults.galleries.dir,
           "Directory whose NAME.npy files (float32/float16, [M,D] or [batch,M,D]) are served "
           "as galleries, loaded before SERVING and rescanned; empty = none. "
           "Env SIMSERVE_GALLERY_DIR.");
-ABSL_FLAG(int64_t, gallery_rescan_seconds,
-          absl::ToInt64Seconds(kDefaults.galleries.rescan_period),
+ABSL_FLAG(int64_t, gallery_rescan_seconds, absl::ToInt64Seconds(kDefaults.galleries.rescan_period),
           "How often --gallery_dir is rescanned (new/changed files swapped in, removed ones "
           "removed). Env SIMSERVE_GALLERY_RESCAN_SECONDS.");
 ABSL_FLAG(std::string, gallery_dir_storage_dtype, kDefaults.galleries.dir_storage_dtype,

@@ -131,9 +131,8 @@ class ServerMetrics::Impl {
                        "Result tiles (chunks) streamed to clients.")),
         gallery_evictions_(Counter(registry, "simserve_gallery_evictions_total",
                                    "Uploaded galleries evicted to fit the gallery memory budget.")),
-        gallery_load_failures_(
-            Counter(registry, "simserve_gallery_load_failures_total",
-                    "Gallery files in --gallery_dir that could not be loaded.")),
+        gallery_load_failures_(Counter(registry, "simserve_gallery_load_failures_total",
+                                       "Gallery files in --gallery_dir that could not be loaded.")),
         gallery_registration_(Histogram(registry, "simserve_gallery_registration_seconds",
                                         "Time to check and prepare a gallery (upload or file).")) {
     auto& galleries = prometheus::BuildGauge()

@@ -233,11 +233,11 @@ absl::Status SimilarityServer::Init() {
     const absl::Time begin = absl::Now();
     const GalleryDirectory::ScanResult scan = gallery_dir_->Scan();
     gallery_dir_->StartWatching();
-    galleries = absl::StrCat("gallery_dir ", config_.galleries.dir, ": ", scan.loaded,
-                             " galleries loaded (", galleries_->held_bytes(), " bytes, ",
-                             scan.failed, " files failed) in ",
-                             absl::FormatDuration(absl::Now() - begin), ", rescanned every ",
-                             absl::FormatDuration(config_.galleries.rescan_period));
+    galleries =
+        absl::StrCat("gallery_dir ", config_.galleries.dir, ": ", scan.loaded,
+                     " galleries loaded (", galleries_->held_bytes(), " bytes, ", scan.failed,
+                     " files failed) in ", absl::FormatDuration(absl::Now() - begin),
+                     ", rescanned every ", absl::FormatDuration(config_.galleries.rescan_period));
   }
 
   const LimitsConfig& l = config_.limits;
@@ -254,10 +254,9 @@ absl::Status SimilarityServer::Init() {
       " max_receive_message_bytes=", l.max_receive_message_bytes,
       " max_send_message_bytes=", l.max_send_message_bytes, " chunk_bytes=", l.default_chunk_bytes,
       "/", l.max_chunk_bytes, " stream_window=", config_.compute.stream_window,
-      " drain_grace=", absl::FormatDuration(config_.drain_grace),
-      " buffer_cache_bytes=", config_.compute.buffer_cache_bytes,
-      "; OpenMP wait: ", config_.compute.omp_wait_policy, "; ", warmup, "; ", galleries,
-      "; gallery_memory_bytes=", config_.galleries.memory_bytes));
+      " drain_grace=", absl::FormatDuration(config_.drain_grace), " buffer_cache_bytes=",
+      config_.compute.buffer_cache_bytes, "; OpenMP wait: ", config_.compute.omp_wait_policy, "; ",
+      warmup, "; ", galleries, "; gallery_memory_bytes=", config_.galleries.memory_bytes));
   health->SetServingStatus(true);
   health->SetServingStatus(kService, true);
   return absl::OkStatus();

@@ -4,6 +4,8 @@
 // produces. gRPC's callback API owns reactors by raw pointer: each deletes itself in OnDone.
 #include "server/service.h"
 
+#include <malloc.h>
+
 #include <chrono>
 #include <cstring>
 #include <memory>
@@ -417,7 +419,8 @@ void FillGalleryInfo(const Gallery& gallery, v1::GalleryInfo* info) {
 
 absl::StatusOr<GallerySpec> SpecFromHeader(const v1::GalleryHeader& header) {
   auto dtype = FromProto(header.dtype());
-  if (!dtype.ok()) return absl::InvalidArgumentError(absl::StrCat("dtype: ", dtype.status().message()));
+  if (!dtype.ok())
+    return absl::InvalidArgumentError(absl::StrCat("dtype: ", dtype.status().message()));
   auto storage = FromProto(header.storage_dtype());
   if (!storage.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("storage_dtype: ", storage.status().message()));
@@ -454,8 +457,9 @@ class RegisterCall final : public grpc::ServerReadReactor<v1::RegisterGalleryReq
         break;
       case v1::RegisterGalleryRequest::kData: {
         if (!spec_.has_value()) {
-          return Fail(absl::InvalidArgumentError("gallery data before the header: send the "
-                                                 "GalleryHeader first"));
+          return Fail(
+              absl::InvalidArgumentError("gallery data before the header: send the "
+                                         "GalleryHeader first"));
         }
         std::string* data = request_.mutable_data();
         received_ += static_cast<int64_t>(data->size());
@@ -501,15 +505,14 @@ class RegisterCall final : public grpc::ServerReadReactor<v1::RegisterGalleryReq
       return Fail(absl::InvalidArgumentError("RegisterGallery stream ended before its header"));
     }
     if (received_ != spec_->input_bytes) {
-      return Fail(absl::InvalidArgumentError(
-          absl::StrCat("too few bytes for gallery '", spec_->name, "': the header declares ",
-                       spec_->input_bytes, " (shape x dtype), received ", received_,
-                       "; nothing was registered")));
+      return Fail(absl::InvalidArgumentError(absl::StrCat(
+          "too few bytes for gallery '", spec_->name, "': the header declares ", spec_->input_bytes,
+          " (shape x dtype), received ", received_, "; nothing was registered")));
     }
-    absl::Status submitted = env_.pool->Submit(
-        {.run = [this](absl::Duration /*wait*/) { Prepare(); },
-         .skip = [this](absl::Status status) { Fail(std::move(status)); }},
-        /*new_request=*/true);
+    absl::Status submitted =
+        env_.pool->Submit({.run = [this](absl::Duration /*wait*/) { Prepare(); },
+                           .skip = [this](absl::Status status) { Fail(std::move(status)); }},
+                          /*new_request=*/true);
     if (!submitted.ok()) Fail(std::move(submitted));
   }
 
@@ -527,6 +530,10 @@ class RegisterCall final : public grpc::ServerReadReactor<v1::RegisterGalleryReq
                                   return absl::OkStatus();
                                 });
     pieces_.clear();
+    // The received pieces were heap blocks: hand their pages back to the system now rather
+    // than keeping them for reuse (main.cc raises glibc's trim threshold for the data path),
+    // so a registered gallery costs the memory it states.
+    malloc_trim(0);
     if (!gallery.ok()) return Fail(gallery.status());
     const absl::Duration prepare = (*gallery)->prepare_time;
     auto stored = env_.galleries->Put(*std::move(gallery));
@@ -571,8 +578,8 @@ grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
 SimilarityService::SimilarityService(const ServerConfig& config, kernels::SimilarityEngine* engine,
                                      ComputePool* pool, ServerMetrics* metrics, BufferPool* buffers,
                                      GalleryStore* galleries)
-    : config_(config),
-      env_{config_, engine, pool, metrics, &stats_, buffers, galleries, &draining_} {}
+    : config_(config), env_{config_, engine,  pool,      metrics,
+                            &stats_, buffers, galleries, &draining_} {}
 
 grpc::ServerReadReactor<v1::RegisterGalleryRequest>* SimilarityService::RegisterGallery(
     grpc::CallbackServerContext* context, v1::GalleryInfo* response) {

@@ -21,12 +21,13 @@ namespace simserve {
 // (server/wire_codec.h). The wire format is exactly the proto's.
 using SimilarityServiceBase = v1::Similarity::WithRawCallbackMethod_Compute<
     v1::Similarity::WithRawCallbackMethod_ComputeStream<
-        v1::Similarity::WithRawCallbackMethod_ComputeUpload<v1::Similarity::WithCallbackMethod_GetInfo<
-            v1::Similarity::WithCallbackMethod_RegisterGallery<
-                v1::Similarity::WithCallbackMethod_GetGallery<
-                    v1::Similarity::WithCallbackMethod_ListGalleries<
-                        v1::Similarity::WithCallbackMethod_DeleteGallery<
-                            v1::Similarity::Service>>>>>>>>;
+        v1::Similarity::WithRawCallbackMethod_ComputeUpload<
+            v1::Similarity::WithCallbackMethod_GetInfo<
+                v1::Similarity::WithCallbackMethod_RegisterGallery<
+                    v1::Similarity::WithCallbackMethod_GetGallery<
+                        v1::Similarity::WithCallbackMethod_ListGalleries<
+                            v1::Similarity::WithCallbackMethod_DeleteGallery<
+                                v1::Similarity::Service>>>>>>>>;
 
 // The service. Thread-safe. `engine`, `pool`, `metrics` and `buffers` are borrowed and must outlive
 // the service and every call it runs (i.e. until grpc::Server::Shutdown has returned).

@@ -133,8 +133,7 @@ class TilePipeline {
   // plays B (held until the call ends, so a replaced version stays valid) and no b input
   // is accepted.
   void Start(const ProblemSpec& spec, Admission admission, std::vector<InputPiece> pieces,
-             bool input_complete,
-             std::shared_ptr<const kernels::PreparedGallery> gallery = nullptr)
+             bool input_complete, std::shared_ptr<const kernels::PreparedGallery> gallery = nullptr)
       ABSL_LOCKS_EXCLUDED(mu_);
 
   // Adds received bytes of a or b, each tensor's in order, in pieces of any size and in any
