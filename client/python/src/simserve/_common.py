@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import threading
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import grpc
@@ -191,19 +192,20 @@ def _as_float32(name: str, x: ArrayLike) -> np.ndarray:
 
 @dataclasses.dataclass
 class Prepared:
-    """A normalised request: float32 C-order 3D inputs plus the proto options."""
+    """A normalised request: float32 C-order 3D inputs plus the proto options. A gallery
+    request has no `b` (options.gallery names the server-side B)."""
 
     a: np.ndarray          # [batch, N, D] float32, C-contiguous
-    b: np.ndarray          # [batch, M, D]
-    squeeze: bool          # 2D inputs: return 2D results
+    b: Optional[np.ndarray]  # [batch, M, D]; None for a gallery request
+    squeeze: bool          # 2D `a`: return 2D results
     top_k: int
-    options: pb.ComputeRequest  # metric, output_dtype, precision, top_k, epsilon, chunk
+    options: pb.ComputeRequest  # metric, output_dtype, precision, top_k, epsilon, chunk, gallery
     out_shape: Tuple[int, int, int]  # [batch, N, M or k]
     spec: OutputSpec  # what the server sends: its shape (2D for 2D inputs) and bytes
 
     @property
     def input_bytes(self) -> int:
-        return self.a.nbytes + self.b.nbytes
+        return self.a.nbytes + (self.b.nbytes if self.b is not None else 0)
 
     @property
     def output_wire_bytes(self) -> int:
@@ -211,8 +213,9 @@ class Prepared:
 
     def request_bytes(self) -> bytes:
         """The serialised ComputeRequest (Compute / ComputeStream), one copy of the inputs."""
+        b = memoryview(self.b).cast("B") if self.b is not None else None
         return _wire.compute_request(self.request(with_data=False),
-                                     memoryview(self.a).cast("B"), memoryview(self.b).cast("B"))
+                                     memoryview(self.a).cast("B"), b)
 
     def tensor(self, which: str, with_data: bool) -> pb.Tensor:
         """The proto Tensor for `a` or `b`; its user-facing (2D/3D) shape, data if asked."""
@@ -224,36 +227,57 @@ class Prepared:
         return t
 
     def request(self, with_data: bool = True) -> pb.ComputeRequest:
-        """The ComputeRequest (Compute / ComputeStream; upload header when with_data=False)."""
+        """The ComputeRequest (Compute / ComputeStream; upload header when with_data=False).
+        A gallery request leaves `b` absent, as the server requires."""
         req = pb.ComputeRequest()
         req.CopyFrom(self.options)
         req.a.CopyFrom(self.tensor("a", with_data))
-        req.b.CopyFrom(self.tensor("b", with_data))
+        if self.b is not None:
+            req.b.CopyFrom(self.tensor("b", with_data))
         return req
 
 
-def prepare(a: ArrayLike, b: ArrayLike, *, metric: Union[str, int], output_dtype: Union[str, int],
-            precision: Union[str, int], epsilon: float, top_k: int,
-            chunk_bytes: int) -> Prepared:
-    """Validates what the client must know to size the result and normalises the inputs.
-
-    Batch/D mismatches, NaN/Inf, k > M etc. are left to the server (one source of truth).
-    """
-    a32, b32 = _as_float32("a", a), _as_float32("b", b)
+def _check_k(top_k: Any) -> int:
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
         raise errors.InvalidArgumentError(f"k must be a non-negative int, got {top_k!r}")
+    return int(top_k)
+
+
+def prepare(a: ArrayLike, b: Optional[ArrayLike], *, metric: Union[str, int],
+            output_dtype: Union[str, int], precision: Union[str, int], epsilon: float,
+            top_k: int, chunk_bytes: int, gallery: Optional["GalleryTarget"] = None
+            ) -> Prepared:
+    """Validates what the client must know to size the result and normalises the inputs.
+
+    Exactly one of `b` and `gallery` (whose shape must be known) gives B. Batch/D
+    mismatches, NaN/Inf, k > M etc. are left to the server (one source of truth).
+    """
+    if (b is None) == (gallery is None):
+        raise errors.InvalidArgumentError("pass exactly one of b and gallery=")
+    a32 = _as_float32("a", a)
+    b32 = _as_float32("b", b) if b is not None else None
+    top_k = _check_k(top_k)
     output = _enum("output_dtype", output_dtype, OUTPUT_DTYPES)
-    spec = output_size(a32.shape, b32.shape, output, int(top_k))
+    if gallery is not None:
+        spec = output_size(a32.shape, gallery.b_shape_like(a32.shape), output, top_k)
+        m = gallery.shape[-2]
+    else:
+        spec = output_size(a32.shape, b32.shape, output, top_k)
+        m = b32.shape[-2]
     squeeze = a32.ndim == 2
     if squeeze:
-        a32, b32 = a32[np.newaxis], b32[np.newaxis]
+        a32 = a32[np.newaxis]
+        b32 = b32[np.newaxis] if b32 is not None else None
     opts = pb.ComputeRequest(
         metric=_enum("metric", metric, METRICS),
         output_dtype=output,
         precision=_enum("precision", precision, PRECISIONS),
-        top_k=int(top_k), epsilon=float(epsilon), max_chunk_bytes=int(chunk_bytes))
-    cols = int(top_k) if top_k else b32.shape[1]
-    return Prepared(a=a32, b=b32, squeeze=squeeze, top_k=int(top_k), options=opts,
+        top_k=top_k, epsilon=float(epsilon), max_chunk_bytes=int(chunk_bytes))
+    if gallery is not None:
+        opts.gallery = gallery.name
+        opts.gallery_version = gallery.version
+    cols = top_k if top_k else m
+    return Prepared(a=a32, b=b32, squeeze=squeeze, top_k=top_k, options=opts,
                     out_shape=(a32.shape[0], a32.shape[1], cols), spec=spec)
 
 
@@ -262,6 +286,21 @@ def message_overhead_bytes(limits: Optional[Mapping[str, int]]) -> int:
     DEFAULT_MESSAGE_OVERHEAD when it reports none (0)."""
     reported = (limits or {}).get("message_overhead_bytes") or 0
     return reported if reported > 0 else DEFAULT_MESSAGE_OVERHEAD
+
+
+def _effective_limit(limits: Optional[Mapping[str, int]], name: str) -> float:
+    """A message size limit: 0 means gRPC's default 4 MiB, a negative one unlimited."""
+    limit = (limits or {}).get(name) or 0
+    if limit == 0:
+        return GRPC_DEFAULT_MESSAGE_BYTES
+    return float("inf") if limit < 0 else limit
+
+
+def fits_one_message(input_bytes: int, limits: Optional[Mapping[str, int]]) -> bool:
+    """Whether inputs of input_bytes fit one request message (Compute / ComputeStream):
+    input_bytes + message_overhead_bytes within the server's max_receive_message_bytes."""
+    return input_bytes <= (_effective_limit(limits, "max_receive_message_bytes") -
+                           message_overhead_bytes(limits))
 
 
 def choose_mode(input_bytes: int, output_bytes: int, limits: Optional[Mapping[str, int]],
@@ -275,19 +314,11 @@ def choose_mode(input_bytes: int, output_bytes: int, limits: Optional[Mapping[st
        max_send_message_bytes -> "unary";
     3. input_bytes >= upload_min_bytes -> "upload" (overlaps upload, compute and download);
     4. otherwise "stream"."""
-    limits = limits or {}
-
-    def effective(name: str) -> float:
-        limit = limits.get(name) or 0
-        if limit == 0:
-            return GRPC_DEFAULT_MESSAGE_BYTES
-        return float("inf") if limit < 0 else limit
-
     overhead = message_overhead_bytes(limits)
-    if input_bytes > effective("max_receive_message_bytes") - overhead:
+    if not fits_one_message(input_bytes, limits):
         return "upload"
     if (input_bytes + output_bytes <= unary_max_bytes and
-            output_bytes <= effective("max_send_message_bytes") - overhead):
+            output_bytes <= _effective_limit(limits, "max_send_message_bytes") - overhead):
         return "unary"
     if input_bytes >= upload_min_bytes:
         return "upload"
@@ -316,16 +347,41 @@ def piece_bytes(wanted: int, limits: Optional[Mapping[str, int]]) -> int:
 
 def upload_requests(prep: Prepared, piece_bytes: int) -> Iterator[bytes]:
     """The ComputeUpload request stream, serialised UploadRequests: the header, then per batch
-    entry k its B[k] and then its A[k], in pieces of piece_bytes (one copy of the input each).
+    entry k its B[k] and then its A[k], in pieces of piece_bytes (one copy of the input each);
+    a gallery request (header names it) sends only A's pieces.
     The server computes entry k as soon as B[k] and A[k] are in, so the upload overlaps the
     computation from the first entry on."""
     header = pb.UploadRequest(header=pb.UploadHeader(request=prep.request(with_data=False)))
     yield header.SerializeToString()
     for k in range(prep.a.shape[0]):
-        for field, arr in ((_wire.F_B_DATA, prep.b[k]), (_wire.F_A_DATA, prep.a[k])):
+        parts = ((_wire.F_B_DATA, prep.b[k]),) if prep.b is not None else ()
+        for field, arr in parts + ((_wire.F_A_DATA, prep.a[k]),):
             view = memoryview(arr).cast("B")
             for off in range(0, len(view), piece_bytes):
                 yield _wire.upload_piece(field, view[off:off + piece_bytes])
+
+
+GRPC_AIO_LOST_STATUS = "Internal error from Core"
+"""What grpc.aio reports instead of the server's status when the server ends a
+client-streaming call while a write is in flight (grpc/grpc#36066, open in grpcio 1.85):
+`_StreamRequestMixin._write` overwrites the delivered status on the failed write. The
+blocking client is not affected."""
+
+
+def status_lost(err: errors.Error) -> bool:
+    """Whether `err` is grpc.aio's stand-in for a server status it overwrote (see
+    GRPC_AIO_LOST_STATUS): the server rejected an upload before all of it was sent."""
+    return (type(err) is errors.InternalError and  # noqa: E721 (not ProtocolError)
+            err.details.startswith(GRPC_AIO_LOST_STATUS))  # also after lost_status_error
+
+
+def lost_status_error(err: errors.Error) -> errors.Error:
+    """`err` with what happened, when the status cannot be asked for again."""
+    return errors.InternalError(
+        f"{err.details}: the server ended the upload while the client was still sending and "
+        f"grpc.aio lost its status (grpc/grpc#36066); the inputs are too large to repeat the "
+        f"request with ComputeStream; simserve.Client (blocking) reports the server's status",
+        err.code)
 
 
 def bulk_methods(channel) -> Tuple[Any, Any, Any]:
@@ -384,6 +440,12 @@ class Assembler:
     def _check_shape(self, shape: Sequence[int]) -> None:
         want = self._prep.spec.shape
         if tuple(shape) != tuple(want):
+            gallery = self._prep.options.gallery
+            if gallery:  # e.g. replaced by a gallery of another M after we looked it up
+                raise errors.ProtocolError(
+                    f"server result shape {list(shape)}, expected {list(want)} from the shape "
+                    f"known for gallery {gallery!r} (replaced with another shape? look it up "
+                    f"again: get_gallery / Gallery.refresh)")
             raise errors.ProtocolError(f"server result shape {list(shape)}, expected {list(want)}")
 
     def _write(self, batch: int, row: int, rows: int, dtype: int,
@@ -479,3 +541,268 @@ CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
 )
+
+
+# -- galleries: a B that lives on the server ---------------------------------------------------
+
+GALLERY_SOURCES: Mapping[int, str] = {pb.UPLOADED: "uploaded", pb.DIRECTORY: "directory"}
+
+
+def _dtype_name(value: int) -> str:
+    try:
+        return pb.DataType.Name(value).lower()
+    except ValueError:  # a newer server's dtype
+        return str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class GalleryInfo:
+    """What the server holds under a gallery name (GetGallery, ListGalleries, ...).
+
+    Attributes:
+        name: the gallery's name.
+        shape: as registered, (M, D) or (batch, M, D).
+        storage_dtype, dtype: "float32", "bfloat16" or "float16": how the server stores it
+            and the element type of the bytes it was registered (or loaded) from.
+        version: 1 for a new name, +1 per replacement (also across deletes). Per server:
+            two replicas count independently.
+        bytes: server memory it holds.
+        source: "uploaded" (RegisterGallery; this server only, evictable, deletable) or
+            "directory" (a NAME.npy in the server's --gallery_dir; on every replica).
+        path: the file of a directory gallery ("" otherwise).
+        registered_unix_ms, last_used_unix_ms: Unix milliseconds.
+        prepare_seconds: the server's time to check and prepare it.
+        raw: the GalleryInfo message itself.
+    """
+
+    name: str
+    shape: Tuple[int, ...]
+    storage_dtype: str
+    version: int
+    bytes: int
+    source: str
+    dtype: str
+    path: str
+    registered_unix_ms: int
+    last_used_unix_ms: int
+    prepare_seconds: float
+    raw: pb.GalleryInfo = dataclasses.field(repr=False, compare=False)
+
+    @staticmethod
+    def from_proto(msg: pb.GalleryInfo) -> "GalleryInfo":
+        """Builds a GalleryInfo from the proto message."""
+        return GalleryInfo(
+            name=msg.name, shape=tuple(int(d) for d in msg.shape),
+            storage_dtype=_dtype_name(msg.storage_dtype), version=int(msg.version),
+            bytes=int(msg.bytes), source=GALLERY_SOURCES.get(msg.source, str(msg.source)),
+            dtype=_dtype_name(msg.dtype), path=msg.path,
+            registered_unix_ms=int(msg.registered_unix_ms),
+            last_used_unix_ms=int(msg.last_used_unix_ms),
+            prepare_seconds=float(msg.prepare_seconds), raw=msg)
+
+
+def gallery_name(gallery: Any) -> str:
+    """The name of a gallery given as a str, a GalleryInfo or a handle."""
+    if isinstance(gallery, (GalleryInfo, GalleryBase)):
+        return gallery.name
+    if isinstance(gallery, str):
+        return gallery
+    raise errors.InvalidArgumentError(
+        f"gallery must be a name (str), a GalleryInfo or a Gallery handle, got "
+        f"{type(gallery).__name__}")
+
+
+def gallery_data(b: ArrayLike) -> Tuple[np.ndarray, int]:
+    """A gallery's bytes to register and their wire dtype: float16 arrays are sent as
+    FLOAT16 (half the bytes), everything else as float32; C-contiguous little-endian. No
+    copy when `b` already is a C-contiguous float32 or float16 array."""
+    arr = np.asarray(b)
+    if arr.dtype.kind not in "fiu":
+        raise errors.InvalidArgumentError(f"gallery has dtype {arr.dtype}; expected floats")
+    if arr.ndim not in (2, 3):
+        raise errors.InvalidArgumentError(
+            f"gallery must be 2D [M, dim] or 3D [batch, M, dim], got shape {arr.shape}")
+    if arr.dtype == np.float16:
+        return np.ascontiguousarray(arr, dtype=np.dtype("<f2")), pb.FLOAT16
+    return np.ascontiguousarray(arr, dtype=np.dtype("<f4")), pb.FLOAT32
+
+
+def storage_dtype(value: Union[str, int]) -> int:
+    """The DataType of a storage_dtype argument ("float32", "bfloat16", "float16", ...)."""
+    return _enum("storage_dtype", value, OUTPUT_DTYPES)
+
+
+def register_requests(name: str, data: np.ndarray, wire_dtype: int, storage: int,
+                      piece_bytes: int) -> Iterator[bytes]:
+    """The RegisterGallery request stream, serialised: the header, then the bytes of `data`
+    in pieces of piece_bytes (one copy each)."""
+    header = pb.RegisterGalleryRequest(header=pb.GalleryHeader(
+        name=name, shape=list(data.shape), dtype=wire_dtype, storage_dtype=storage))
+    yield header.SerializeToString()
+    view = memoryview(data).cast("B") if data.size else memoryview(b"")
+    for off in range(0, len(view), piece_bytes):
+        yield _wire.upload_piece(_wire.F_GALLERY_DATA, view[off:off + piece_bytes])
+
+
+def register_method(channel) -> Any:
+    """The RegisterGallery callable on `channel` (sync or aio), taking serialised requests
+    (register_requests) so the gallery's bytes are copied once, not three times."""
+    return channel.stream_unary(SERVICE + "RegisterGallery", request_serializer=_wire.identity,
+                                response_deserializer=pb.GalleryInfo.FromString)
+
+
+def top_k_args(b: Any, k: Any, gallery: Any) -> Tuple[Any, int]:
+    """(b, k) of a top_k call: top_k(A, B, k) or top_k(A, k, gallery=...)."""
+    if gallery is not None and k is None and b is not None and (
+            isinstance(b, (int, np.integer)) and not isinstance(b, bool)):
+        b, k = None, b
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise errors.InvalidArgumentError(f"k must be a positive int, got {k!r}")
+    return b, int(k)
+
+
+@dataclasses.dataclass(frozen=True)
+class GalleryTarget:
+    """The gallery a compute call names: its name, the version it sends
+    (ComputeRequest.gallery_version, 0 = current), its shape (sizes the result; None until
+    looked up with GetGallery) and the handle it came from, if any."""
+
+    name: str
+    version: int = 0
+    shape: Optional[Tuple[int, ...]] = None
+    handle: Optional["GalleryBase"] = None
+
+    def b_shape_like(self, a_shape: Sequence[int]) -> Tuple[int, ...]:
+        """The shape a `b` of a's rank would have: what output_size() needs. A 2D gallery
+        [M, D] plays B for every batch entry of a 3D `a`."""
+        g = tuple(self.shape or ())
+        if len(g) not in (2, 3):
+            raise errors.InvalidArgumentError(
+                f"gallery {self.name!r} has shape {list(g)}; expected [M, D] or [batch, M, D]")
+        return tuple(a_shape[:-2]) + g[-2:]
+
+    def with_info(self, info: GalleryInfo) -> "GalleryTarget":
+        return dataclasses.replace(self, shape=info.shape)
+
+
+def gallery_target(gallery: Any, gallery_version: Optional[int]) -> GalleryTarget:
+    """What a compute call's gallery= / gallery_version= arguments name.
+
+    A str needs a GetGallery for its shape (GalleryTarget.shape None); a GalleryInfo or a
+    handle already knows it. A handle sends its own version if pinned, else 0; it does not
+    take gallery_version= as well (its pin decides)."""
+    if gallery_version is not None and (isinstance(gallery_version, bool) or not isinstance(
+            gallery_version, (int, np.integer)) or gallery_version < 0):
+        raise errors.InvalidArgumentError(
+            f"gallery_version must be a non-negative int, got {gallery_version!r}")
+    if isinstance(gallery, GalleryBase):
+        if gallery_version is not None:
+            raise errors.InvalidArgumentError(
+                "a Gallery handle sends its own version (pin=True) or the current one; "
+                "gallery_version= goes with a gallery name")
+        return GalleryTarget(gallery.name, gallery.version if gallery.pin else 0,
+                             gallery.shape, gallery)
+    name = gallery_name(gallery)
+    shape = gallery.shape if isinstance(gallery, GalleryInfo) else None
+    return GalleryTarget(name, int(gallery_version or 0), shape)
+
+
+def compute_target(b: Any, gallery: Any, gallery_version: Optional[int]
+                   ) -> Optional[GalleryTarget]:
+    """The gallery of a similarity/top_k call, None for a call with `b`; rejects b together
+    with gallery=, or gallery_version= without it."""
+    if gallery is None:
+        if gallery_version is not None:
+            raise errors.InvalidArgumentError("gallery_version= needs gallery=")
+        if b is None:
+            raise errors.InvalidArgumentError("pass b or gallery=")
+        return None
+    if b is not None:
+        raise errors.InvalidArgumentError("pass exactly one of b and gallery=")
+    return gallery_target(gallery, gallery_version)
+
+
+def reregisters(err: errors.Error, handle: Optional["GalleryBase"]) -> bool:
+    """Whether a failed call re-registers its gallery and retries once: NOT_FOUND through
+    a handle that still holds its data (a restarted server, another replica, an eviction).
+    A pinned version that is not current (FAILED_PRECONDITION) is not retried: the name
+    holds someone else's gallery, which the handle must not overwrite behind their back."""
+    return isinstance(err, errors.NotFoundError) and handle is not None and handle.holds_data
+
+
+def retarget(prep: Prepared, target: GalleryTarget) -> None:
+    """Points a prepared gallery request at target's (new) version, after a handle
+    re-registered its gallery (same data, so the same shape)."""
+    prep.options.gallery_version = target.version
+
+
+def gallery_error(err: errors.Error, target: GalleryTarget) -> errors.Error:
+    """`err` of a call through `target`, with what a handle's user needs to know added."""
+    handle = target.handle
+    hint = ""
+    if handle is not None and isinstance(err, errors.NotFoundError) and not handle.holds_data:
+        hint = (f"the Gallery handle for {target.name!r} holds no data (keep=False or "
+                f"released) and cannot re-register it")
+    elif handle is not None and isinstance(err, errors.FailedPreconditionError) and handle.pin:
+        hint = (f"the Gallery handle pins version {target.version} of {target.name!r} and the "
+                f"server holds another one (replaced by someone else, or another replica): "
+                f"handle.refresh() follows the server's version, handle.register() puts this "
+                f"handle's data back")
+    if not hint:
+        return err
+    return type(err)(f"{err.details} ({hint})", err.code)
+
+
+class GalleryBase:
+    """The state of a gallery handle, shared by simserve.Gallery and simserve.aio.Gallery:
+    the server's GalleryInfo as last seen, and (unless released) the data it was registered
+    from, so that a call that finds the name gone (NOT_FOUND: a restarted server, another
+    replica, an eviction) re-registers it and retries once."""
+
+    def __init__(self, client: Any, info: GalleryInfo, data: Optional[np.ndarray],
+                 wire_dtype: int, storage: int, pin: bool) -> None:
+        self._client = client
+        self.info = info
+        """GalleryInfo from the last registration or refresh()."""
+        self.pin = pin
+        """True: calls send this handle's version (FAILED_PRECONDITION if the server holds
+        another); False: they use whatever version the server holds."""
+        self._data = data
+        self._wire_dtype = wire_dtype
+        self._storage = storage
+        self._thread_lock = threading.Lock()
+        self._async_lock: Any = None  # asyncio.Lock, made inside the running loop
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def version(self) -> int:
+        return self.info.version
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return self.info.shape
+
+    @property
+    def holds_data(self) -> bool:
+        """Whether the handle can re-register its gallery (keeps B in client memory)."""
+        return self._data is not None
+
+    def release(self) -> None:
+        """Drops the held data: the handle then no longer re-registers on NOT_FOUND."""
+        self._data = None
+
+    def _registration(self) -> Tuple[str, np.ndarray, int, int]:
+        """(name, data, wire dtype, storage dtype) to register the held data again."""
+        if self._data is None:
+            raise errors.FailedPreconditionError(
+                f"the Gallery handle for {self.name!r} holds no data (keep=False or released)")
+        return self.name, self._data, self._wire_dtype, self._storage
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__module__}.{type(self).__name__}(name={self.name!r}, "
+                f"version={self.version}, shape={list(self.shape)}, "
+                f"storage_dtype={self.info.storage_dtype!r}, pin={self.pin}, "
+                f"holds_data={self.holds_data})")

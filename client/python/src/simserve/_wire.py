@@ -13,7 +13,7 @@ silently break this; the tests run both paths against the real server.
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from simserve.v1 import similarity_pb2 as pb
 
@@ -34,6 +34,7 @@ R_SHAPE, R_DTYPE, R_VALUES, R_INDICES = (
 F_A_DATA, F_B_DATA = _num(pb.UploadRequest, "a_data"), _num(pb.UploadRequest, "b_data")
 REQ_A, REQ_B = _num(pb.ComputeRequest, "a"), _num(pb.ComputeRequest, "b")
 TENSOR_RAW = _num(pb.Tensor, "raw")
+F_GALLERY_DATA = _num(pb.RegisterGalleryRequest, "data")
 
 
 def encode_varint(n: int) -> bytes:
@@ -148,12 +149,15 @@ def _len_field(field: int, size: int) -> bytes:
     return encode_varint(field << 3 | _WIRE_LEN) + encode_varint(size)
 
 
-def compute_request(header: pb.ComputeRequest, a: memoryview, b: memoryview) -> bytes:
+def compute_request(header: pb.ComputeRequest, a: memoryview,
+                    b: Optional[memoryview]) -> bytes:
     """Serialised ComputeRequest: `header` (shapes, dtypes, options; tensors without data)
     with `a` and `b` as the tensors' raw bytes, copied once (protobuf accepts the fields in
-    any order, so the options follow the tensors)."""
+    any order, so the options follow the tensors). b=None (a gallery request) leaves the
+    `b` field out entirely."""
     parts = []
-    for field, tensor, data in ((REQ_A, header.a, a), (REQ_B, header.b, b)):
+    tensors = [(REQ_A, header.a, a)] + ([(REQ_B, header.b, b)] if b is not None else [])
+    for field, tensor, data in tensors:
         prefix = tensor.SerializeToString() + _len_field(TENSOR_RAW, len(data))
         parts += [_len_field(field, len(prefix) + len(data)), prefix, data]
     options = pb.ComputeRequest()
@@ -165,7 +169,9 @@ def compute_request(header: pb.ComputeRequest, a: memoryview, b: memoryview) -> 
 
 
 def upload_piece(field: int, piece: memoryview) -> bytes:
-    """Serialised UploadRequest with the bytes `piece` in field `field` (a_data / b_data)."""
+    """Serialised UploadRequest with the bytes `piece` in field `field` (a_data / b_data), or
+    RegisterGalleryRequest with it in `data` (F_GALLERY_DATA): a message whose only field is
+    one bytes field."""
     return b"".join((_len_field(field, len(piece)), piece))
 
 

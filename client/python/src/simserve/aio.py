@@ -2,13 +2,15 @@
 
     async with simserve.aio.Client("localhost:50051") as c:
         S = await c.similarity(A, B)
+        g = await c.register_gallery("faces", B)
+        S = await g.similarity(A)           # or await c.similarity(A, gallery="faces")
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import grpc
 import grpc.aio
@@ -16,9 +18,12 @@ import numpy as np
 
 from simserve import _common as common
 from simserve import errors
-from simserve._common import ArrayLike, Info, ProgressCallback, RetryPolicy, Timings
+from simserve._common import (ArrayLike, GalleryInfo, Info, ProgressCallback, RetryPolicy,
+                              Timings)
 from simserve.v1 import similarity_pb2 as pb
 from simserve.v1 import similarity_pb2_grpc as pb_grpc
+
+GalleryArg = Union[str, GalleryInfo, common.GalleryBase, None]
 
 
 class Client:
@@ -40,8 +45,9 @@ class Client:
         self._channel = (grpc.aio.secure_channel(target, credentials, options=opts)
                          if credentials else grpc.aio.insecure_channel(target, options=opts))
         self._stub = pb_grpc.SimilarityStub(self._channel)
-        self._compute, self._compute_stream, self._compute_upload = common.bulk_methods(
+        self._compute_unary, self._compute_stream, self._compute_upload = common.bulk_methods(
             self._channel)
+        self._register_gallery = common.register_method(self._channel)
         self.timeout = timeout
         self.retry = retry
         self.chunk_bytes = chunk_bytes
@@ -74,7 +80,8 @@ class Client:
         self._info = Info.from_proto(resp)
         return self._info
 
-    async def similarity(self, a: ArrayLike, b: ArrayLike, *,
+    async def similarity(self, a: ArrayLike, b: Optional[ArrayLike] = None, *,
+                         gallery: GalleryArg = None, gallery_version: Optional[int] = None,
                          metric: Union[str, int] = "cosine",
                          output_dtype: Union[str, int] = "float32",
                          precision: Union[str, int] = "fp32", epsilon: float = 0.0,
@@ -82,25 +89,54 @@ class Client:
                          progress: Optional[ProgressCallback] = None,
                          out: Optional[np.ndarray] = None) -> np.ndarray:
         """As `simserve.Client.similarity`."""
-        prep = common.prepare(a, b, metric=metric, output_dtype=output_dtype,
-                              precision=precision, epsilon=epsilon, top_k=0,
-                              chunk_bytes=self.chunk_bytes)
-        return await self._run(prep, mode, timeout, progress, out)
+        return await self._compute(a, b, 0, gallery, gallery_version, mode, timeout, progress,
+                                   out, dict(metric=metric, output_dtype=output_dtype,
+                                             precision=precision, epsilon=epsilon))
 
-    async def top_k(self, a: ArrayLike, b: ArrayLike, k: int, *,
+    async def top_k(self, a: ArrayLike, b: Optional[ArrayLike] = None,
+                    k: Optional[int] = None, *, gallery: GalleryArg = None,
+                    gallery_version: Optional[int] = None,
                     metric: Union[str, int] = "cosine",
                     output_dtype: Union[str, int] = "float32",
                     precision: Union[str, int] = "fp32", epsilon: float = 0.0,
                     timeout: Optional[float] = None, mode: str = "auto",
                     progress: Optional[ProgressCallback] = None
                     ) -> Tuple[np.ndarray, np.ndarray]:
-        """As `simserve.Client.top_k`."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise errors.InvalidArgumentError(f"k must be a positive int, got {k!r}")
-        prep = common.prepare(a, b, metric=metric, output_dtype=output_dtype,
-                              precision=precision, epsilon=epsilon, top_k=int(k),
-                              chunk_bytes=self.chunk_bytes)
-        return await self._run(prep, mode, timeout, progress, None)
+        """As `simserve.Client.top_k`: top_k(a, b, k) or top_k(a, k, gallery=...)."""
+        b, k = common.top_k_args(b, k, gallery)
+        return await self._compute(a, b, k, gallery, gallery_version, mode, timeout, progress,
+                                   None, dict(metric=metric, output_dtype=output_dtype,
+                                              precision=precision, epsilon=epsilon))
+
+    async def register_gallery(self, name: str, b: ArrayLike,
+                               storage_dtype: Union[str, int] = "float32", *,
+                               keep: bool = True, pin: bool = False,
+                               timeout: Optional[float] = None) -> "Gallery":
+        """As `simserve.Client.register_gallery`; returns a `simserve.aio.Gallery`."""
+        data, wire = common.gallery_data(b)
+        storage = common.storage_dtype(storage_dtype)
+        info = await self._register(name, data, wire, storage, self._deadline(timeout))
+        return Gallery(self, info, data if keep else None, wire, storage, pin)
+
+    async def get_gallery(self, name: GalleryArg, *,
+                          timeout: Optional[float] = None) -> GalleryInfo:
+        """As `simserve.Client.get_gallery`."""
+        req = pb.GetGalleryRequest(name=common.gallery_name(name))
+        return GalleryInfo.from_proto(await self._small_call(self._stub.GetGallery, req,
+                                                             timeout))
+
+    async def galleries(self, *, timeout: Optional[float] = None) -> List[GalleryInfo]:
+        """As `simserve.Client.galleries`."""
+        resp = await self._small_call(self._stub.ListGalleries, pb.ListGalleriesRequest(),
+                                      timeout)
+        return [GalleryInfo.from_proto(g) for g in resp.galleries]
+
+    async def delete_gallery(self, name: GalleryArg, *,
+                             timeout: Optional[float] = None) -> GalleryInfo:
+        """As `simserve.Client.delete_gallery`."""
+        req = pb.DeleteGalleryRequest(name=common.gallery_name(name))
+        resp = await self._small_call(self._stub.DeleteGallery, req, timeout)
+        return GalleryInfo.from_proto(resp.deleted)
 
     def _deadline(self, timeout: Optional[float]) -> Optional[float]:
         timeout = self.timeout if timeout is None else timeout
@@ -125,6 +161,83 @@ class Client:
                     raise err from None
                 await asyncio.sleep(pause)
 
+    @staticmethod
+    def _remaining(deadline: Optional[float]) -> Optional[float]:
+        return None if deadline is None else deadline - time.monotonic()
+
+    async def _small_call(self, method, request, timeout: Optional[float]):
+        async def attempt(t: Optional[float]):
+            return await method(request, timeout=t), None
+
+        resp, _, _ = await self._with_retries(attempt, self._deadline(timeout))
+        return resp
+
+    async def _register(self, name: str, data: np.ndarray, wire: int, storage: int,
+                        deadline: Optional[float]) -> GalleryInfo:
+        if not isinstance(name, str):
+            raise errors.InvalidArgumentError(f"gallery name must be a str, got {name!r}")
+        limits = (await self.info(timeout=self._remaining(deadline))).limits
+        piece = common.piece_bytes(self.upload_piece_bytes, limits)
+
+        async def attempt(t: Optional[float]):
+            requests = common.register_requests(name, data, wire, storage, piece)
+            return await self._register_gallery(requests, timeout=t), None
+
+        resp, _, _ = await self._with_retries(attempt, deadline)
+        return GalleryInfo.from_proto(resp)
+
+    async def _compute(self, a, b, k: int, gallery: GalleryArg,
+                       gallery_version: Optional[int], mode: str, timeout: Optional[float],
+                       progress: Optional[ProgressCallback], out: Optional[np.ndarray],
+                       options: dict):
+        """As simserve.Client._compute: the gallery look-up, and a handle's re-registration
+        and single retry on NOT_FOUND."""
+        target = common.compute_target(b, gallery, gallery_version)
+        if target is None:
+            prep = common.prepare(a, b, top_k=k, chunk_bytes=self.chunk_bytes, **options)
+            return await self._run(prep, mode, timeout, progress, out)
+        deadline = self._deadline(timeout)
+        if target.shape is None:
+            target = target.with_info(await self.get_gallery(
+                target.name, timeout=self._remaining(deadline)))
+        handle = target.handle
+        seen = handle.info if handle is not None else None
+        prep = common.prepare(a, None, gallery=target, top_k=k, chunk_bytes=self.chunk_bytes,
+                              **options)
+        try:
+            return await self._run(prep, mode, self._remaining(deadline), progress, out)
+        except errors.Error as e:
+            if common.status_lost(e):  # an upload too large to repeat in one message
+                e = await self._gallery_status(target, deadline, e)
+            if not common.reregisters(e, handle):
+                raise common.gallery_error(e, target) from None
+        if handle._async_lock is None:
+            handle._async_lock = asyncio.Lock()
+        async with handle._async_lock:
+            if handle.info is seen:
+                handle.info = await self._register(*handle._registration(), deadline)
+        target = common.gallery_target(handle, None)
+        common.retarget(prep, target)
+        try:
+            return await self._run(prep, mode, self._remaining(deadline), progress, out)
+        except errors.Error as e:
+            raise common.gallery_error(e, target) from None
+
+    async def _gallery_status(self, target: common.GalleryTarget, deadline: Optional[float],
+                              lost: errors.Error) -> errors.Error:
+        """The likeliest status of a gallery upload whose status grpc.aio lost: NOT_FOUND or a
+        version that is not current if GetGallery says so, else `lost` itself."""
+        try:
+            info = await self.get_gallery(target.name, timeout=self._remaining(deadline))
+        except errors.NotFoundError as e:
+            return e
+        except errors.Error:
+            return lost
+        if target.version and info.version != target.version:
+            return errors.FailedPreconditionError(
+                f"gallery {target.name!r} is at version {info.version}, not {target.version}")
+        return lost
+
     async def _run(self, prep: common.Prepared, mode: str, timeout: Optional[float],
                    progress: Optional[ProgressCallback], out: Optional[np.ndarray]):
         start = time.perf_counter()
@@ -134,6 +247,25 @@ class Client:
         mode = common.resolve_mode(prep, mode, limits, self.unary_max_bytes,
                                    self.upload_min_bytes)
         asm = common.Assembler(prep, progress, out)
+        try:
+            call, attempts = await self._attempts(prep, mode, limits, asm, deadline)
+        except errors.Error as e:
+            if mode != "upload" or not common.status_lost(e):
+                raise
+            # The server rejected the upload and grpc.aio lost its status (grpc#36066):
+            # ask again in one message, which cannot race (same checks, same result).
+            if not common.fits_one_message(prep.input_bytes, limits):
+                raise common.lost_status_error(e) from None
+            mode = "stream"
+            call, attempts = await self._attempts(prep, mode, limits, asm, deadline)
+        result = asm.result()
+        self.last_timings = common.timings(await call.trailing_metadata(), mode,
+                                           (time.perf_counter() - start) * 1e3, attempts)
+        return result
+
+    async def _attempts(self, prep: common.Prepared, mode: str, limits, asm: common.Assembler,
+                        deadline: Optional[float]):
+        """Runs the call in `mode` (with UNAVAILABLE retries) into `asm`: (call, attempts)."""
         piece = common.piece_bytes(self.upload_piece_bytes, limits)
         # As in simserve.Client: one copy of the inputs out, one of the result in.
         request = prep.request_bytes() if mode in ("unary", "stream") else b""
@@ -141,7 +273,7 @@ class Client:
         async def attempt(t: Optional[float]):
             asm.reset()
             if mode == "unary":
-                call = self._compute(request, timeout=t)
+                call = self._compute_unary(request, timeout=t)
                 asm.set_response(await call)
                 return None, call
             if mode == "stream":
@@ -159,7 +291,37 @@ class Client:
             return None, call
 
         _, call, attempts = await self._with_retries(attempt, deadline)
-        result = asm.result()
-        self.last_timings = common.timings(await call.trailing_metadata(), mode,
-                                           (time.perf_counter() - start) * 1e3, attempts)
-        return result
+        return call, attempts
+
+
+class Gallery(common.GalleryBase):
+    """asyncio counterpart of `simserve.Gallery` (same semantics; methods are awaitable)."""
+
+    async def similarity(self, a: ArrayLike, **kwargs: Any) -> np.ndarray:
+        """`await Client.similarity(a, gallery=self, **kwargs)`."""
+        return await self._client.similarity(a, gallery=self, **kwargs)
+
+    async def top_k(self, a: ArrayLike, k: int, **kwargs: Any
+                    ) -> Tuple[np.ndarray, np.ndarray]:
+        """`await Client.top_k(a, k, gallery=self, **kwargs)`."""
+        return await self._client.top_k(a, k=k, gallery=self, **kwargs)
+
+    async def refresh(self, *, timeout: Optional[float] = None) -> GalleryInfo:
+        """As `simserve.Gallery.refresh`."""
+        self.info = await self._client.get_gallery(self.name, timeout=timeout)
+        return self.info
+
+    async def register(self, *, timeout: Optional[float] = None) -> GalleryInfo:
+        """As `simserve.Gallery.register`."""
+        if self._async_lock is None:
+            self._async_lock = asyncio.Lock()
+        async with self._async_lock:
+            self.info = await self._client._register(*self._registration(),
+                                                     self._client._deadline(timeout))
+        return self.info
+
+    async def delete(self, *, timeout: Optional[float] = None) -> GalleryInfo:
+        """As `simserve.Gallery.delete`."""
+        info = await self._client.delete_gallery(self.name, timeout=timeout)
+        self.release()
+        return info

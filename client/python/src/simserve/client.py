@@ -3,24 +3,28 @@
     with simserve.Client("localhost:50051") as c:
         S = c.similarity(A, B)                 # [batch, N, M] float32
         values, indices = c.top_k(A, B, k=5)   # [batch, N, 5] float32 / int32
+        g = c.register_gallery("faces", B)     # B stays on the server
+        S = c.similarity(A, gallery=g)         # or gallery="faces", or g.similarity(A)
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import grpc
 import numpy as np
 
 from simserve import _common as common
 from simserve import errors
-from simserve._common import ArrayLike, Info, ProgressCallback, RetryPolicy, Timings
+from simserve._common import (ArrayLike, GalleryInfo, Info, ProgressCallback, RetryPolicy,
+                              Timings)
 from simserve.v1 import similarity_pb2 as pb
 from simserve.v1 import similarity_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
+GalleryArg = Union[str, GalleryInfo, "Gallery", None]
 
 
 class Client:
@@ -62,7 +66,9 @@ class Client:
                        else grpc.insecure_channel(target, options=opts))
         self._channel = channel
         self._stub = pb_grpc.SimilarityStub(channel)
-        self._compute, self._compute_stream, self._compute_upload = common.bulk_methods(channel)
+        self._compute_unary, self._compute_stream, self._compute_upload = common.bulk_methods(
+            channel)
+        self._register_gallery = common.register_method(channel)
         self.timeout = timeout
         self.retry = retry
         self.chunk_bytes = chunk_bytes
@@ -105,7 +111,9 @@ class Client:
             self._info = info
         return info
 
-    def similarity(self, a: ArrayLike, b: ArrayLike, *, metric: Union[str, int] = "cosine",
+    def similarity(self, a: ArrayLike, b: Optional[ArrayLike] = None, *,
+                   gallery: GalleryArg = None, gallery_version: Optional[int] = None,
+                   metric: Union[str, int] = "cosine",
                    output_dtype: Union[str, int] = "float32",
                    precision: Union[str, int] = "fp32", epsilon: float = 0.0,
                    timeout: Optional[float] = None, mode: str = "auto",
@@ -115,7 +123,15 @@ class Client:
 
         Args:
             a: [batch, N, D] or [N, D]; float32/float64 (converted), C or F order.
-            b: [batch, M, D] or [M, D]; same batch and D as `a`.
+            b: [batch, M, D] or [M, D]; same batch and D as `a`. Leave out with `gallery`.
+            gallery: instead of `b`, a gallery held by the server: its name (one GetGallery
+                round trip per call sizes the result), a GalleryInfo, or a Gallery handle
+                from register_gallery (re-registers and retries once on NOT_FOUND while it
+                holds its data). A 2D gallery [M, D] serves every batch entry of `a`; a 3D
+                one [batch, M, D] must match a's batch.
+            gallery_version: with a gallery name or GalleryInfo: 0/None = the server's
+                current version, else it must be the current one (FailedPreconditionError
+                otherwise). A handle decides by its `pin`.
             metric: "cosine" (sklearn semantics: zero rows give 0), "dot", "euclidean",
                 "squared_euclidean".
             output_dtype: wire type of the result, "float32", "bfloat16" or "float16"; the
@@ -123,45 +139,108 @@ class Client:
             precision: "fp32" (exact) or "bf16" (bf16 operands, AMX fast path).
             epsilon: 0 for sklearn cosine; > 0 reproduces Keras' clamp
                 x / sqrt(max(sum(x^2), epsilon)). Cosine only.
-            timeout: deadline in seconds for the whole call (default: the client's).
+            timeout: deadline in seconds for the whole call (default: the client's),
+                including a gallery look-up or re-registration.
             mode: "auto" (by size and the server's limits), "unary", "stream" or "upload".
             progress: progress(rows_done, rows_total) after every received tile.
             out: optional preallocated C-contiguous float32 array of the result's shape.
 
         Returns:
-            float32 array [batch, N, M] ([N, M] for 2D inputs).
+            float32 array [batch, N, M] ([N, M] for 2D `a`).
 
         Raises:
             simserve.InvalidArgumentError for bad input (client- or server-detected),
-            simserve.ResourceExhaustedError over server limits, other simserve.Error
-            subclasses for other gRPC failures (after retrying UNAVAILABLE).
+            simserve.ResourceExhaustedError over server limits, simserve.NotFoundError for
+            an unknown gallery, simserve.FailedPreconditionError for a gallery version that
+            is not current, other simserve.Error subclasses for other gRPC failures (after
+            retrying UNAVAILABLE).
         """
-        prep = common.prepare(a, b, metric=metric, output_dtype=output_dtype,
-                              precision=precision, epsilon=epsilon, top_k=0,
-                              chunk_bytes=self.chunk_bytes)
-        return self._run(prep, mode, timeout, progress, out)  # type: ignore[return-value]
+        return self._compute(a, b, 0, gallery, gallery_version, mode, timeout, progress, out,
+                             dict(metric=metric, output_dtype=output_dtype,
+                                  precision=precision, epsilon=epsilon))
 
-    def top_k(self, a: ArrayLike, b: ArrayLike, k: int, *, metric: Union[str, int] = "cosine",
+    def top_k(self, a: ArrayLike, b: Optional[ArrayLike] = None, k: Optional[int] = None, *,
+              gallery: GalleryArg = None, gallery_version: Optional[int] = None,
+              metric: Union[str, int] = "cosine",
               output_dtype: Union[str, int] = "float32", precision: Union[str, int] = "fp32",
               epsilon: float = 0.0, timeout: Optional[float] = None, mode: str = "auto",
               progress: Optional[ProgressCallback] = None) -> Tuple[np.ndarray, np.ndarray]:
         """Per row of `a`, the k best columns of b: largest for cosine/dot, smallest for the
         distances; ties go to the lower column index.
 
+        Call as top_k(a, b, k) or top_k(a, k, gallery=...).
+
         Args: as for `similarity`, plus k (1 <= k <= M).
 
         Returns:
-            (values float32 [batch, N, k], indices int32 [batch, N, k]); 2D for 2D inputs.
+            (values float32 [batch, N, k], indices int32 [batch, N, k]); 2D for 2D `a`.
 
         Raises:
             as `similarity`; k > M is INVALID_ARGUMENT from the server.
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise errors.InvalidArgumentError(f"k must be a positive int, got {k!r}")
-        prep = common.prepare(a, b, metric=metric, output_dtype=output_dtype,
-                              precision=precision, epsilon=epsilon, top_k=int(k),
-                              chunk_bytes=self.chunk_bytes)
-        return self._run(prep, mode, timeout, progress, None)  # type: ignore[return-value]
+        b, k = common.top_k_args(b, k, gallery)
+        return self._compute(a, b, k, gallery, gallery_version, mode, timeout, progress, None,
+                             dict(metric=metric, output_dtype=output_dtype,
+                                  precision=precision, epsilon=epsilon))
+
+    # -- galleries -------------------------------------------------------------------------
+    def register_gallery(self, name: str, b: ArrayLike,
+                         storage_dtype: Union[str, int] = "float32", *, keep: bool = True,
+                         pin: bool = False, timeout: Optional[float] = None) -> "Gallery":
+        """Uploads `b` as the server-side gallery `name` (replacing one of that name, whose
+        version then goes up by 1) and returns a handle to it.
+
+        Args:
+            name: [A-Za-z0-9._-]{1,128}.
+            b: [M, D] or [batch, M, D]; float16 is sent as float16, anything else as float32.
+            storage_dtype: how the server stores it: "float32" (exact), "bfloat16" or
+                "float16" (half the memory and the bytes a query reads; 8 / 11 significant
+                bits, ~2.4 / ~3.3 decimal digits).
+            keep: the handle keeps (a reference to) the data so that it can re-register it
+                on NOT_FOUND (a restarted server, another replica, an eviction). No copy is
+                made when b is already C-contiguous float32/float16: do not modify it then.
+                False: nothing is kept; such a handle raises NotFoundError instead.
+            pin: calls through the handle send its version (gallery_version), so a result
+                is never computed against someone else's replacement
+                (FailedPreconditionError instead). Versions count per server: with several
+                replicas leave it False.
+            timeout: deadline in seconds (default: the client's).
+
+        Returns:
+            a `simserve.Gallery` handle (name, version, shape, info, similarity, top_k, ...).
+
+        Raises:
+            simserve.InvalidArgumentError for a bad name, shape or dtype (nothing is
+            registered), simserve.ResourceExhaustedError if it does not fit the server's
+            gallery memory even after evicting least recently used uploaded galleries.
+        """
+        data, wire = common.gallery_data(b)
+        storage = common.storage_dtype(storage_dtype)
+        info = self._register(name, data, wire, storage, self._deadline(timeout))
+        return Gallery(self, info, data if keep else None, wire, storage, pin)
+
+    def get_gallery(self, name: GalleryArg, *, timeout: Optional[float] = None) -> GalleryInfo:
+        """The server's GalleryInfo for a name (or handle). Raises NotFoundError if unknown."""
+        req = pb.GetGalleryRequest(name=common.gallery_name(name))
+        return GalleryInfo.from_proto(self._small_call(self._stub.GetGallery, req, timeout))
+
+    def galleries(self, *, timeout: Optional[float] = None) -> List[GalleryInfo]:
+        """Every gallery this server holds (uploaded and directory), sorted by name."""
+        resp = self._small_call(self._stub.ListGalleries, pb.ListGalleriesRequest(), timeout)
+        return [GalleryInfo.from_proto(g) for g in resp.galleries]
+
+    def delete_gallery(self, name: GalleryArg, *, timeout: Optional[float] = None
+                       ) -> GalleryInfo:
+        """Removes an uploaded gallery; returns what was removed. A handle to it keeps its
+        data (and so re-registers it when next used); Gallery.delete() also releases it.
+
+        Raises:
+            simserve.NotFoundError if unknown, simserve.FailedPreconditionError for a
+            directory gallery (remove its file from --gallery_dir instead).
+        """
+        req = pb.DeleteGalleryRequest(name=common.gallery_name(name))
+        resp = self._small_call(self._stub.DeleteGallery, req, timeout)
+        return GalleryInfo.from_proto(resp.deleted)
 
     # -- internals -------------------------------------------------------------------------
     def _deadline(self, timeout: Optional[float]) -> Optional[float]:
@@ -189,6 +268,60 @@ class Client:
                     raise err from None
                 time.sleep(pause)
 
+    @staticmethod
+    def _remaining(deadline: Optional[float]) -> Optional[float]:
+        return None if deadline is None else deadline - time.monotonic()
+
+    def _small_call(self, method: Callable, request: Any, timeout: Optional[float]) -> Any:
+        resp, _, _ = self._with_retries(lambda t: (method(request, timeout=t), None),
+                                        self._deadline(timeout))
+        return resp
+
+    def _register(self, name: str, data: np.ndarray, wire: int, storage: int,
+                  deadline: Optional[float]) -> GalleryInfo:
+        if not isinstance(name, str):
+            raise errors.InvalidArgumentError(f"gallery name must be a str, got {name!r}")
+        limits = self.info(timeout=self._remaining(deadline)).limits
+        piece = common.piece_bytes(self.upload_piece_bytes, limits)
+        resp, _, _ = self._with_retries(
+            lambda t: (self._register_gallery(
+                common.register_requests(name, data, wire, storage, piece), timeout=t), None),
+            deadline)
+        return GalleryInfo.from_proto(resp)
+
+    def _compute(self, a: ArrayLike, b: Optional[ArrayLike], k: int, gallery: GalleryArg,
+                 gallery_version: Optional[int], mode: str, timeout: Optional[float],
+                 progress: Optional[ProgressCallback], out: Optional[np.ndarray],
+                 options: dict):
+        target = common.compute_target(b, gallery, gallery_version)
+        if target is None:
+            prep = common.prepare(a, b, top_k=k, chunk_bytes=self.chunk_bytes, **options)
+            return self._run(prep, mode, timeout, progress, out)
+        deadline = self._deadline(timeout)
+        if target.shape is None:
+            target = target.with_info(self.get_gallery(target.name,
+                                                       timeout=self._remaining(deadline)))
+        handle = target.handle
+        seen = handle.info if handle is not None else None
+        prep = common.prepare(a, None, gallery=target, top_k=k, chunk_bytes=self.chunk_bytes,
+                              **options)
+        try:
+            return self._run(prep, mode, self._remaining(deadline), progress, out)
+        except errors.Error as e:
+            if not common.reregisters(e, handle):
+                raise common.gallery_error(e, target) from None
+        # NOT_FOUND through a handle that holds its data: register it again (once, if
+        # concurrent calls all found it gone) and retry once.
+        with handle._thread_lock:
+            if handle.info is seen:
+                handle.info = self._register(*handle._registration(), deadline)
+        target = common.gallery_target(handle, None)
+        common.retarget(prep, target)
+        try:
+            return self._run(prep, mode, self._remaining(deadline), progress, out)
+        except errors.Error as e:
+            raise common.gallery_error(e, target) from None
+
     def _run(self, prep: common.Prepared, mode: str, timeout: Optional[float],
              progress: Optional[ProgressCallback], out: Optional[np.ndarray]):
         start = time.perf_counter()
@@ -204,7 +337,7 @@ class Client:
 
         def unary(t: Optional[float]):
             asm.reset()
-            resp, call = self._compute.with_call(request, timeout=t)
+            resp, call = self._compute_unary.with_call(request, timeout=t)
             asm.set_response(resp)
             return None, call
 
@@ -229,3 +362,46 @@ class Client:
         self.last_timings = common.timings(call.trailing_metadata(), mode,
                                            (time.perf_counter() - start) * 1e3, attempts)
         return result
+
+
+class Gallery(common.GalleryBase):
+    """A handle to a gallery registered by `Client.register_gallery`: its name, version,
+    shape and GalleryInfo (`info`), and unless released the data it was registered from.
+
+    Use it as `client.similarity(A, gallery=g)` / `client.top_k(A, k, gallery=g)` or
+    `g.similarity(A)` / `g.top_k(A, k)` (same keyword arguments). A call that finds the
+    gallery gone (NOT_FOUND: the server restarted, the call reached another replica, or the
+    gallery was evicted or deleted) registers the held data again under the same name and
+    retries once. With `pin=True` calls send the handle's version: if the server holds
+    another version of the name (someone replaced it) the call fails with
+    FailedPreconditionError and nothing is re-registered; `refresh()` follows the server's
+    version, `register()` puts the handle's data back. Thread-safe.
+    """
+
+    def similarity(self, a: ArrayLike, **kwargs: Any) -> np.ndarray:
+        """`Client.similarity(a, gallery=self, **kwargs)`."""
+        return self._client.similarity(a, gallery=self, **kwargs)
+
+    def top_k(self, a: ArrayLike, k: int, **kwargs: Any) -> Tuple[np.ndarray, np.ndarray]:
+        """`Client.top_k(a, k, gallery=self, **kwargs)`."""
+        return self._client.top_k(a, k=k, gallery=self, **kwargs)
+
+    def refresh(self, *, timeout: Optional[float] = None) -> GalleryInfo:
+        """Fetches the server's GalleryInfo of this name into `info` (and so its version).
+        Raises NotFoundError if the server does not hold it."""
+        self.info = self._client.get_gallery(self.name, timeout=timeout)
+        return self.info
+
+    def register(self, *, timeout: Optional[float] = None) -> GalleryInfo:
+        """Registers the held data again (a new version on the server); FailedPrecondition-
+        Error if the handle holds none."""
+        with self._thread_lock:
+            self.info = self._client._register(*self._registration(),
+                                               self._client._deadline(timeout))
+        return self.info
+
+    def delete(self, *, timeout: Optional[float] = None) -> GalleryInfo:
+        """Deletes the gallery on the server and releases the held data."""
+        info = self._client.delete_gallery(self.name, timeout=timeout)
+        self.release()
+        return info

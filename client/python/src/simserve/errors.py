@@ -58,6 +58,12 @@ class UnavailableError(Error):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class NotFoundError(Error):
+    """A named object does not exist on the server (e.g. an unknown or evicted gallery)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
 class UnimplementedError(Error):
     """The server does not implement this RPC or option."""
 
@@ -65,7 +71,8 @@ class UnimplementedError(Error):
 
 
 class FailedPreconditionError(Error):
-    """The server is not in a state to run the request."""
+    """The server is not in a state to run the request (e.g. a pinned gallery version that
+    is no longer current, or deleting a directory gallery)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
 
@@ -83,8 +90,8 @@ class ProtocolError(InternalError):
 _BY_CODE: Dict[grpc.StatusCode, Type[Error]] = {
     cls.code: cls
     for cls in (InvalidArgumentError, ResourceExhaustedError, DeadlineExceededError,
-                CancelledError, UnavailableError, UnimplementedError, FailedPreconditionError,
-                InternalError)
+                CancelledError, UnavailableError, NotFoundError, UnimplementedError,
+                FailedPreconditionError, InternalError)
 }
 
 
