@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """End-to-end test of simserve-cli: starts a real `simserve` on a free loopback port, runs
 the CLI on .npy files written by numpy, and checks the .npy results against numpy/sklearn.
+GalleryCliTest starts a second server with a --gallery_dir of numpy-written files.
 
 Usage: cli_test.py --cli path/to/simserve-cli --server path/to/simserve
 """
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -25,46 +27,61 @@ def free_port():
         return s.getsockname()[1]
 
 
-class CliTest(unittest.TestCase):
+def start_server(workdir, extra_args=()):
+    """Starts simserve on a free loopback port; returns (process, target, --info text)."""
+    for _ in range(3):  # the free port may be taken between probe and bind: retry
+        port = free_port()
+        target = f"127.0.0.1:{port}"
+        with open(os.path.join(workdir, "server.log"), "w") as log:
+            server = subprocess.Popen(
+                [ARGS.server, f"--listen={target}", "--metrics_listen=",
+                 "--workers=1", "--threads_per_worker=2", *extra_args],
+                stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and server.poll() is None:
+            probe = subprocess.run([ARGS.cli, f"--target={target}", "--info",
+                                    "--connect_timeout_ms=500", "--timeout_ms=2000"],
+                                   capture_output=True, text=True)
+            if probe.returncode == 0:
+                return server, target, probe.stdout
+            time.sleep(0.2)
+        server.kill()
+        server.wait()
+    raise RuntimeError("simserve did not start: " +
+                       open(os.path.join(workdir, "server.log")).read()[-2000:])
+
+
+def stop_server(server):
+    server.terminate()
+    try:
+        code = server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+        raise
+    assert code == 0, f"simserve exited with {code} after SIGTERM"
+
+
+class ServerTestCase(unittest.TestCase):
+    """One simserve (started with SERVER_ARGS) for all tests of a class, and CLI helpers."""
+    SERVER_ARGS = ()
+
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory(prefix="simserve_cli_test_")
         cls.dir = cls.tmp.name
+        cls.prepare()
         cls.server = None
-        for _ in range(3):  # the free port may be taken between probe and bind: retry
-            port = free_port()
-            cls.target = f"127.0.0.1:{port}"
-            with open(os.path.join(cls.dir, "server.log"), "w") as log:
-                server = subprocess.Popen(
-                    [ARGS.server, f"--listen={cls.target}", "--metrics_listen=",
-                     "--workers=1", "--threads_per_worker=2"],
-                    stdout=subprocess.DEVNULL, stderr=log)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and server.poll() is None:
-                probe = subprocess.run([ARGS.cli, f"--target={cls.target}", "--info",
-                                        "--connect_timeout_ms=500", "--timeout_ms=2000"],
-                                       capture_output=True, text=True)
-                if probe.returncode == 0:
-                    cls.server = server
-                    cls.info = probe.stdout
-                    return
-                time.sleep(0.2)
-            server.kill()
-            server.wait()
-        raise RuntimeError("simserve did not start: " +
-                           open(os.path.join(cls.dir, "server.log")).read()[-2000:])
+        cls.server, cls.target, cls.info = start_server(cls.dir, cls.SERVER_ARGS)
+
+    @classmethod
+    def prepare(cls):
+        """Runs before the server starts (subclasses write files it loads)."""
 
     @classmethod
     def tearDownClass(cls):
         if cls.server is not None:
-            cls.server.terminate()
-            try:
-                code = cls.server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                cls.server.kill()
-                cls.server.wait()
-                raise
-            assert code == 0, f"simserve exited with {code} after SIGTERM"
+            stop_server(cls.server)
         cls.tmp.cleanup()
 
     def path(self, name):
@@ -82,6 +99,8 @@ class CliTest(unittest.TestCase):
                          f"stderr: {proc.stderr}")
         return proc
 
+
+class CliTest(ServerTestCase):
     def test_info_prints_server_facts(self):
         self.assertIn("onednn_version", self.info)
         self.assertIn("max_receive_message_bytes", self.info)
@@ -230,8 +249,209 @@ class CliTest(unittest.TestCase):
         proc = subprocess.run([ARGS.cli, "--help"], capture_output=True, text=True, timeout=60)
         text = proc.stdout + proc.stderr
         for flag in ("--target", "--metric", "--output_dtype", "--precision", "--top_k",
-                     "--epsilon", "--timeout_ms", "--mode", "--info"):
+                     "--epsilon", "--timeout_ms", "--mode", "--info", "--gallery",
+                     "--gallery_version", "--register_gallery", "--storage_dtype",
+                     "--list_galleries", "--get_gallery", "--delete_gallery", "--json"):
             self.assertIn(flag.lstrip("-"), text)
+
+
+def cosine_each(a, g):
+    """sklearn cosine of every batch entry of a [batch, N, D] with g [M, D] or [batch, M, D]."""
+    a64, g64 = a.astype(np.float64), g.astype(np.float64)
+    return np.stack([cosine_similarity(a64[k], g64 if g.ndim == 2 else g64[k])
+                     for k in range(a.shape[0])])
+
+
+class GalleryCliTest(ServerTestCase):
+    """Galleries through simserve-cli: uploaded ones, and the server's --gallery_dir."""
+    MEMORY_BYTES = 4 << 20
+    SERVER_ARGS = ()  # set in prepare(): the gallery dir lives in the class's temp dir
+
+    @classmethod
+    def prepare(cls):
+        rng = np.random.default_rng(100)
+        cls.gallery_dir = os.path.join(cls.dir, "galleries")
+        os.mkdir(cls.gallery_dir)
+        cls.dir_g3 = rng.standard_normal((2, 12, 8), dtype=np.float32)
+        cls.dir_h = rng.standard_normal((9, 8)).astype(np.float16)
+        np.save(os.path.join(cls.gallery_dir, "dir-3d.npy"), cls.dir_g3)
+        np.save(os.path.join(cls.gallery_dir, "dir-half.npy"), cls.dir_h)
+        # Not NAME.npy: must be ignored (how a new file is staged before its rename).
+        with open(os.path.join(cls.gallery_dir, "staged.npy.tmp"), "wb") as f:
+            np.save(f, cls.dir_g3)
+        cls.SERVER_ARGS = (f"--gallery_dir={cls.gallery_dir}", "--gallery_rescan_seconds=1",
+                           f"--gallery_memory_bytes={cls.MEMORY_BYTES}")
+
+    def json_cli(self, *flags, expect=0):
+        return json.loads(self.cli("--json", *flags, expect=expect).stdout)
+
+    def test_register_compute_list_get_delete(self):
+        rng = np.random.default_rng(101)
+        g = rng.standard_normal((40, 16), dtype=np.float32)
+        g[3] = 0  # a zero gallery row: cosine 0
+        a = rng.standard_normal((3, 25, 16), dtype=np.float32)
+        fg, fa = self.save("g.npy", g), self.save("q.npy", a)
+        proc = self.cli("--register_gallery=cli-g", f"--b={fg}")
+        self.assertRegex(proc.stdout, r"registered .*g\.npy")
+        self.assertRegex(proc.stdout, r"version +1\b")
+        self.assertRegex(proc.stdout, r"source +UPLOADED")
+        self.assertIn("[40, 16]", proc.stdout)
+        want = cosine_each(a, g)
+        outputs = {}
+        for mode in ("auto", "unary", "stream", "upload"):
+            out = self.path(f"sg_{mode}.npy")
+            proc = self.cli(f"--a={fa}", "--gallery=cli-g", f"--out={out}", f"--mode={mode}",
+                            "--max_chunk_bytes=1000")
+            self.assertIn("against gallery cli-g", proc.stdout)
+            got = np.load(out)
+            self.assertEqual(got.shape, (3, 25, 40))
+            np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+            self.assertTrue(np.all(got[:, :, 3] == 0))
+            outputs[mode] = got
+        # Not bit-identical across modes here (unlike with --b): the server's gallery path
+        # picks its kernel by tile height (1000-byte chunks = 6-row tiles), a few ulp apart.
+        for mode in ("stream", "upload"):
+            np.testing.assert_allclose(outputs[mode], outputs["unary"], atol=1e-6, rtol=0)
+        # Top-k against the gallery.
+        out = self.path("gtop.npy")
+        self.cli(f"--a={fa}", "--gallery=cli-g", f"--out={out}", "--top_k=4",
+                 "--metric=euclidean")
+        d = np.stack([euclidean_distances(a[k].astype(np.float64), g.astype(np.float64))
+                      for k in range(3)])
+        want_idx = np.argsort(d, axis=-1, kind="stable")[..., :4]
+        np.testing.assert_array_equal(np.load(self.path("gtop.indices.npy")), want_idx)
+        np.testing.assert_allclose(np.load(out), np.take_along_axis(d, want_idx, -1),
+                                   rtol=1e-4, atol=1e-4)
+        # JSON answers: int64 fields are strings in the protobuf JSON mapping.
+        info = self.json_cli("--get_gallery=cli-g")
+        self.assertEqual(info["name"], "cli-g")
+        self.assertEqual([int(x) for x in info["shape"]], [40, 16])
+        self.assertEqual(info["source"], "UPLOADED")
+        self.assertEqual(info["storage_dtype"], "FLOAT32")
+        self.assertEqual(int(info["version"]), 1)
+        self.assertGreater(int(info["bytes"]), 40 * 16 * 4 - 1)
+        # Pinned versions.
+        self.cli(f"--a={fa}", "--gallery=cli-g", "--gallery_version=1")
+        proc = self.cli(f"--a={fa}", "--gallery=cli-g", "--gallery_version=2", expect=1)
+        self.assertIn("FAILED_PRECONDITION", proc.stderr)
+        again = self.json_cli("--register_gallery=cli-g", f"--b={fg}")
+        self.assertEqual(int(again["version"]), 2)
+        self.cli(f"--a={fa}", "--gallery=cli-g", "--gallery_version=2")
+        # List (text and JSON), delete, then it is gone.
+        listed = self.json_cli("--list_galleries")["galleries"]
+        names = [x["name"] for x in listed]
+        self.assertEqual(names, sorted(names))
+        self.assertIn("cli-g", names)
+        proc = self.cli("--list_galleries")
+        self.assertRegex(proc.stdout, r"(?m)^NAME +SHAPE")
+        self.assertRegex(proc.stdout, r"(?m)^cli-g +\[40,16\] +FLOAT32 +2 ")
+        self.assertRegex(proc.stdout, r"\d+ galleries, \d+ bytes")
+        deleted = self.json_cli("--delete_gallery=cli-g")["deleted"]
+        self.assertEqual((deleted["name"], int(deleted["version"])), ("cli-g", 2))
+        proc = self.cli("--get_gallery=cli-g", expect=1)
+        self.assertIn("NOT_FOUND", proc.stderr)
+        out = self.path("never.npy")
+        proc = self.cli(f"--a={fa}", "--gallery=cli-g", f"--out={out}", expect=1)
+        self.assertIn("NOT_FOUND", proc.stderr)
+        self.assertFalse(os.path.exists(out))
+
+    def test_storage_dtypes_and_float16_files(self):
+        rng = np.random.default_rng(102)
+        g = rng.standard_normal((30, 64), dtype=np.float32)
+        a = rng.standard_normal((2, 10, 64), dtype=np.float32)
+        fg, fa = self.save("g32.npy", g), self.save("qa.npy", a)
+        want = cosine_each(a, g)
+        sizes = {}
+        for storage, atol in (("float32", 2e-6), ("bfloat16", 1.5e-2), ("float16", 2e-3)):
+            info = self.json_cli("--register_gallery=cli-s", f"--b={fg}",
+                                 f"--storage_dtype={storage}")
+            self.assertEqual(info["storage_dtype"], storage.upper())
+            sizes[storage] = int(info["bytes"])
+            out = self.path(f"s_{storage}.npy")
+            self.cli(f"--a={fa}", "--gallery=cli-s", f"--out={out}")
+            np.testing.assert_allclose(np.load(out), want, atol=atol, rtol=0)
+        self.assertLess(sizes["bfloat16"], sizes["float32"] * 3 // 4)
+        self.assertLess(sizes["float16"], sizes["float32"] * 3 // 4)
+        # A float16 .npy is uploaded as float16 (dtype FLOAT16), queried with float16 A too.
+        g16, a16 = g.astype(np.float16), a.astype(np.float16)
+        info = self.json_cli("--register_gallery=cli-s", f"--b={self.save('g16.npy', g16)}")
+        self.assertEqual(info["dtype"], "FLOAT16")
+        out = self.path("s16.npy")
+        self.cli(f"--a={self.save('a16.npy', a16)}", "--gallery=cli-s", f"--out={out}")
+        np.testing.assert_allclose(np.load(out), cosine_each(a16, g16), atol=2e-6, rtol=0)
+        self.cli("--delete_gallery=cli-s")
+
+    def test_directory_galleries_load_refuse_delete_and_roll_out(self):
+        listed = {x["name"]: x for x in self.json_cli("--list_galleries")["galleries"]}
+        self.assertIn("dir-3d", listed)
+        self.assertIn("dir-half", listed)
+        self.assertNotIn("staged.npy.tmp", listed)
+        self.assertNotIn("staged", listed)
+        d3 = listed["dir-3d"]
+        self.assertEqual(d3["source"], "DIRECTORY")
+        self.assertEqual([int(x) for x in d3["shape"]], [2, 12, 8])
+        self.assertTrue(d3["path"].endswith("dir-3d.npy"), d3["path"])
+        self.assertEqual(listed["dir-half"]["dtype"], "FLOAT16")
+        rng = np.random.default_rng(103)
+        a = rng.standard_normal((2, 7, 8), dtype=np.float32)
+        fa = self.save("qd.npy", a)
+        for name, g in (("dir-3d", self.dir_g3), ("dir-half", self.dir_h)):
+            out = self.path(f"{name}.out.npy")
+            self.cli(f"--a={fa}", f"--gallery={name}", f"--out={out}", "--metric=dot")
+            want = np.einsum("kid,kjd->kij" if g.ndim == 3 else "kid,jd->kij",
+                             a.astype(np.float64), g.astype(np.float64))
+            np.testing.assert_allclose(np.load(out), want, rtol=1e-5, atol=1e-4)
+        proc = self.cli("--delete_gallery=dir-3d", expect=1)
+        self.assertIn("FAILED_PRECONDITION", proc.stderr)
+        # Roll out a new version the documented way: write NAME.npy.tmp, then rename.
+        new = rng.standard_normal((2, 15, 8), dtype=np.float32)
+        staged = os.path.join(self.gallery_dir, "dir-3d.npy.tmp")
+        with open(staged, "wb") as f:
+            np.save(f, new)
+        os.replace(staged, os.path.join(self.gallery_dir, "dir-3d.npy"))
+        version = int(d3["version"])
+        deadline = time.monotonic() + 30
+        info = d3
+        while time.monotonic() < deadline and int(info["version"]) == version:
+            time.sleep(0.3)
+            info = self.json_cli("--get_gallery=dir-3d")
+        self.assertGreater(int(info["version"]), version, "the rescan did not pick up the file")
+        self.assertEqual([int(x) for x in info["shape"]], [2, 15, 8])
+        out = self.path("rolled.npy")
+        self.cli(f"--a={fa}", "--gallery=dir-3d", f"--out={out}", "--metric=dot")
+        np.testing.assert_allclose(
+            np.load(out), np.einsum("kid,kjd->kij", a.astype(np.float64), new.astype(np.float64)),
+            rtol=1e-5, atol=1e-4)
+
+    def test_gallery_errors(self):
+        rng = np.random.default_rng(104)
+        fg = self.save("ge.npy", rng.standard_normal((6, 8), dtype=np.float32))
+        fa9 = self.save("q9.npy", rng.standard_normal((2, 3, 9), dtype=np.float32))
+        proc = self.cli("--register_gallery=bad/name", f"--b={fg}", expect=1)
+        self.assertIn("INVALID_ARGUMENT", proc.stderr)
+        # One gallery over the whole --gallery_memory_bytes budget.
+        big = self.save("big.npy", np.ones((self.MEMORY_BYTES // 64 + 1, 16), dtype=np.float32))
+        proc = self.cli("--register_gallery=cli-big", f"--b={big}", expect=1)
+        self.assertIn("RESOURCE_EXHAUSTED", proc.stderr)
+        # An upload cannot take the name of a --gallery_dir gallery.
+        proc = self.cli("--register_gallery=dir-half", f"--b={fg}", expect=1)
+        self.assertIn("FAILED_PRECONDITION", proc.stderr)
+        self.cli("--register_gallery=cli-e", f"--b={fg}")
+        proc = self.cli(f"--a={fa9}", "--gallery=cli-e", expect=1)
+        self.assertIn("INVALID_ARGUMENT", proc.stderr)
+        self.cli("--delete_gallery=cli-e")
+        # Usage errors (exit 2).
+        for flags, message in (
+                (("--register_gallery=x",), "--register_gallery needs --b"),
+                ((f"--a={fa9}", f"--b={fg}", "--gallery=x"), "--b and --gallery both name B"),
+                (("--list_galleries", "--get_gallery=x"), "one command at a time"),
+                (("--list_galleries", f"--a={fa9}"), "are for computing"),
+                (("--get_gallery=x", f"--b={fg}"), "--b is for computing"),
+                ((f"--a={fa9}", f"--b={fg}", "--gallery_version=3"), "--gallery_version needs"),
+                (("--register_gallery=x", f"--b={fg}", "--storage_dtype=int8"),
+                 "--storage_dtype")):
+            proc = self.cli(*flags, expect=2)
+            self.assertIn(message, proc.stderr)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 // and decodes the received ByteBuffers itself, so that every result byte is copied exactly
 // once, from the received slices into its final place (the caller's OutputRef or the
 // Result's buffers). Calls run on grpc::GenericStub's async API (PrepareUnaryCall,
-// PrepareCall), each on a private CompletionQueue driven by the calling thread.
+// PrepareCall), each on a private CompletionQueue driven by the calling thread. RegisterGallery
+// is a client stream on the same machinery; the other gallery calls are small typed unary
+// calls.
 #include "client/client.h"
 
 #include <algorithm>
@@ -56,14 +58,19 @@ void SetDeadline(grpc::ClientContext& context, absl::Duration timeout) {
 }
 
 // A ComputeRequest with shapes, dtypes and options but no tensor data (the data goes into
-// the wire encoding by reference).
+// the wire encoding by reference); without `b` for a gallery call.
 v1::ComputeRequest RequestHeader(const TensorRef& a, const TensorRef& b,
                                  const ComputeOptions& options) {
   v1::ComputeRequest request;
   request.mutable_a()->mutable_shape()->Assign(a.shape.begin(), a.shape.end());
   request.mutable_a()->set_dtype(a.dtype);
-  request.mutable_b()->mutable_shape()->Assign(b.shape.begin(), b.shape.end());
-  request.mutable_b()->set_dtype(b.dtype);
+  if (options.gallery.empty()) {
+    request.mutable_b()->mutable_shape()->Assign(b.shape.begin(), b.shape.end());
+    request.mutable_b()->set_dtype(b.dtype);
+  } else {  // the gallery plays B: `b` stays absent
+    request.set_gallery(options.gallery);
+    request.set_gallery_version(options.gallery_version);
+  }
   request.set_metric(options.metric);
   request.set_output_dtype(options.output_dtype);
   request.set_precision(options.precision);
@@ -110,117 +117,53 @@ absl::Status CheckOutputRef(const OutputSpec& spec, const OutputRef& out) {
   return absl::OkStatus();
 }
 
-// Checks result messages (one unary response, or a stream of chunks that must cover the
-// output exactly once in (batch, row) order) against the expected OutputSpec and copies
-// their payloads from the received slices straight into `out`.
-class ResultWriter {
- public:
-  ResultWriter(const OutputSpec& spec, OutputRef out)
-      : spec_(spec),
-        out_(out),
-        batches_(spec.shape.size() == 3 ? spec.shape[0] : 1),
-        rows_(spec.shape[spec.shape.size() - 2]),
-        cols_(spec.shape.back()) {}
-
-  // The whole result in one ComputeResponse.
-  absl::Status AddResponse(const wire::ResultView& view, const wire::ResultDecoder& decoder) {
-    ++chunks_;
-    if (absl::Status s = CheckHeader(view, "response"); !s.ok()) return s;
-    if (absl::Status s = CheckSizes(view, spec_.elements); !s.ok()) return s;
-    decoder.CopyValues(view, out_.values.data());
-    if (view.indices_size > 0) {
-      decoder.CopyIndices(view, reinterpret_cast<std::byte*>(out_.indices.data()));
+// The sizes of a result of `shape` and `dtype` (top-k adds an int32 index per element).
+// RESOURCE_EXHAUSTED when a partial product of the shape or the byte total overflows int64.
+absl::StatusOr<OutputSpec> SizedSpec(std::vector<int64_t> shape, v1::DataType dtype, bool top_k) {
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  const int64_t per_element = ElementBytes(dtype) + (top_k ? 4 : 0);
+  int64_t elements = 1;
+  bool overflow = false;
+  for (const int64_t dim : shape) {
+    if (dim > 0 && elements > kMax / dim) {
+      overflow = true;
+      break;
     }
-    next_batch_ = batches_;
-    return absl::OkStatus();
+    elements *= dim;
   }
-
-  // The next ComputeChunk of a stream.
-  absl::Status AddChunk(const wire::ResultView& chunk, const wire::ResultDecoder& decoder) {
-    if (chunks_++ == 0) {
-      if (absl::Status s = CheckHeader(chunk, "first chunk"); !s.ok()) return s;
-    } else if (chunk.dtype != spec_.dtype) {
-      return Malformed(absl::StrCat("chunk dtype ", chunk.dtype, " differs from the first"));
-    }
-    if (next_batch_ >= batches_ || chunk.batch_index != next_batch_ ||
-        chunk.row_offset != next_row_) {
-      return Malformed(absl::StrCat("chunk at batch ", chunk.batch_index, " row ", chunk.row_offset,
-                                    ", expected batch ", next_batch_, " row ", next_row_));
-    }
-    const int64_t count = chunk.row_count;
-    if (count <= 0 || count > rows_ - next_row_) {
-      return Malformed(
-          absl::StrCat("chunk row_count ", count, " at row ", next_row_, " of ", rows_));
-    }
-    if (absl::Status s = CheckSizes(chunk, count * cols_); !s.ok()) return s;
-    const int64_t first_element = (next_batch_ * rows_ + next_row_) * cols_;
-    decoder.CopyValues(chunk, out_.values.data() + first_element * ElementBytes(spec_.dtype));
-    if (chunk.indices_size > 0) {
-      decoder.CopyIndices(chunk, reinterpret_cast<std::byte*>(out_.indices.data() + first_element));
-    }
-    next_row_ += count;
-    if (next_row_ == rows_) {
-      next_row_ = 0;
-      ++next_batch_;
-    }
-    return absl::OkStatus();
+  if (overflow || elements > kMax / per_element) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the result [", absl::StrJoin(shape, ","), "] would exceed 2^63 bytes"));
   }
+  OutputSpec spec;
+  spec.shape = std::move(shape);
+  spec.dtype = dtype;
+  spec.elements = elements;
+  spec.values_bytes = elements * ElementBytes(dtype);
+  spec.indices_bytes = top_k ? elements * 4 : 0;
+  return spec;
+}
 
-  // Checks that every row arrived.
-  absl::Status Finish() const {
-    if (chunks_ == 0) return Malformed("the call ended without any result message");
-    if (next_batch_ != batches_) {
-      return Malformed(absl::StrCat("the stream ended at batch ", next_batch_, " row ", next_row_,
-                                    " of ", batches_, " batches"));
-    }
-    return absl::OkStatus();
+// The result a request gives. For a dense gallery call the gallery's M is not known here:
+// the spec's last dimension is then -1 (and its sizes 0) until the result's first message.
+absl::StatusOr<OutputSpec> ExpectedOutput(const TensorRef& a, const TensorRef& b,
+                                          const ComputeOptions& options) {
+  if (options.gallery.empty()) return OutputSize(a.shape, b.shape, options);
+  if (!b.shape.empty() || !b.data.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("b must be empty (TensorRef{}) when ComputeOptions::gallery names the "
+                     "gallery that plays B (gallery '",
+                     options.gallery, "', b of shape [", absl::StrJoin(b.shape, ","), "] and ",
+                     b.data.size(), " bytes)"));
   }
-
-  int64_t chunks() const { return chunks_; }
-
- private:
-  static absl::Status Malformed(absl::string_view what) {
-    return absl::InternalError(absl::StrCat("malformed result: ", what));
-  }
-
-  // The full shape and the dtype, stated by a response and by the first chunk.
-  absl::Status CheckHeader(const wire::ResultView& view, const char* what) const {
-    if (!std::equal(view.shape.begin(), view.shape.end(), spec_.shape.begin(), spec_.shape.end())) {
-      return Malformed(absl::StrCat(what, " has shape [", absl::StrJoin(view.shape, ","),
-                                    "], expected [", absl::StrJoin(spec_.shape, ","), "]"));
-    }
-    if (view.dtype != spec_.dtype) {
-      return Malformed(absl::StrCat(what, " has dtype ", view.dtype, ", expected ",
-                                    v1::DataType_Name(spec_.dtype)));
-    }
-    return absl::OkStatus();
-  }
-
-  // Payload sizes of a message holding `elements` result elements.
-  absl::Status CheckSizes(const wire::ResultView& view, int64_t elements) const {
-    const auto value_bytes = static_cast<size_t>(elements * ElementBytes(spec_.dtype));
-    if (view.values_size != value_bytes) {
-      return Malformed(
-          absl::StrCat("message has ", view.values_size, " value bytes, expected ", value_bytes));
-    }
-    const size_t index_bytes =
-        spec_.indices_bytes > 0 ? static_cast<size_t>(elements) * sizeof(int32_t) : 0;
-    if (view.indices_size != index_bytes) {
-      return Malformed(
-          absl::StrCat("message has ", view.indices_size, " index bytes, expected ", index_bytes));
-    }
-    return absl::OkStatus();
-  }
-
-  const OutputSpec& spec_;
-  OutputRef out_;
-  int64_t batches_;
-  int64_t rows_;
-  int64_t cols_;
-  int64_t next_batch_ = 0;
-  int64_t next_row_ = 0;
-  int64_t chunks_ = 0;
-};
+  const int64_t dim = a.shape.empty() ? 0 : a.shape.back();
+  auto spec = OutputSize(a.shape, std::vector<int64_t>{0, dim}, options);
+  if (!spec.ok() || options.top_k > 0) return spec;
+  spec->shape.back() = -1;
+  spec->elements = 0;
+  spec->values_bytes = 0;
+  return spec;
+}
 
 // A CompletionQueue private to one call, driven by the calling thread: gRPC's async API.
 // The thread that waits in Next() also polls the connection, as with the synchronous API,
@@ -258,15 +201,18 @@ class CallQueue {
   std::array<char, 4> tags_{};
 };
 
-// Runs one ComputeStream or ComputeUpload call (any server-streaming method is a bidi stream
-// with one request on the wire) on `queue`. The requests (encoded, referencing the
-// caller's tensors) are written one after another, the last one with the half-close,
-// while the next result chunk is always being read: each is decoded and copied into place
-// by `writer` as soon as it arrives (full duplex, one thread). A malformed result cancels
-// the call and is returned in place of the gRPC status.
+// Runs one streaming call — ComputeStream, ComputeUpload or RegisterGallery (on the wire
+// every streaming method is a bidi stream; a server stream has one request, a client stream
+// one response). The requests (encoded, referencing the caller's tensors) are written one
+// after another, the last one with the half-close, while the next response is always being
+// read: each is handed to `on_message(grpc::ByteBuffer&)` as soon as it arrives (full
+// duplex, one thread), which decodes it and copies its payload into place. A non-OK status
+// from `on_message` (a malformed result) cancels the call and is returned in place of the
+// gRPC status.
+template <typename OnMessage>
 absl::Status RunStream(grpc::GenericStub& stub, const std::string& method,
                        grpc::ClientContext* context, const std::vector<grpc::ByteBuffer>& requests,
-                       ResultWriter* writer) {
+                       OnMessage on_message) {
   using Op = CallQueue::Op;
   CallQueue queue;
   const auto call = stub.PrepareCall(context, method, queue.get());
@@ -288,8 +234,6 @@ absl::Status RunStream(grpc::GenericStub& stub, const std::string& method,
     writing = true;
   };
   grpc::ByteBuffer response;
-  wire::ResultDecoder decoder;
-  wire::ResultView view;
   absl::Status assembly_status;
   if (ok) {  // else the call never started: Finish says why
     write_next();
@@ -304,8 +248,7 @@ absl::Status RunStream(grpc::GenericStub& stub, const std::string& method,
       reading = false;
       if (!ok) continue;  // end of the stream (or a failed call)
       if (assembly_status.ok()) {
-        assembly_status = decoder.DecodeChunk(response, &view);
-        if (assembly_status.ok()) assembly_status = writer->AddChunk(view, decoder);
+        assembly_status = on_message(response);
         if (!assembly_status.ok()) context->TryCancel();
       }
       call->Read(&response, queue.Tag(Op::kRead));  // drain after a cancel too
@@ -351,23 +294,198 @@ std::vector<grpc::ByteBuffer> UploadRequests(const TensorRef& a, const TensorRef
   return requests;
 }
 
-// Allocates the buffers of a Result for `a` x `b` (uninitialised: every byte is written
-// exactly once by the call) and runs `call(OutputRef)` into them.
+// Runs `call(Result*)`, which places the result in buffers it allocates in the Result
+// (uninitialised: every byte is written exactly once by the call), and completes the Result.
 template <typename Call>
-absl::StatusOr<Result> IntoNewResult(const TensorRef& a, const TensorRef& b,
-                                     const ComputeOptions& options, Call call) {
-  auto spec = OutputSize(a.shape, b.shape, options);
-  if (!spec.ok()) return spec.status();
+absl::StatusOr<Result> IntoNewResult(Call call) {
   Result result;
-  result.values.resize(static_cast<size_t>(spec->values_bytes));
-  result.indices.resize(static_cast<size_t>(spec->indices_bytes) / sizeof(int32_t));
-  absl::StatusOr<CallInfo> info = call(OutputRef{result.values, result.indices});
+  absl::StatusOr<CallInfo> info = call(&result);
   if (!info.ok()) return info.status();
   static_cast<CallInfo&>(result) = *std::move(info);
   return result;
 }
 
+// The requests of a RegisterGallery call: the header, then the gallery's bytes in pieces of
+// at most `piece` bytes that reference the caller's memory.
+std::vector<grpc::ByteBuffer> GalleryRequests(const std::string& name, const TensorRef& gallery,
+                                              const GalleryOptions& options, size_t piece) {
+  std::vector<grpc::ByteBuffer> requests;
+  requests.reserve(2 + gallery.data.size() / piece);
+  v1::RegisterGalleryRequest header;
+  v1::GalleryHeader* fields = header.mutable_header();
+  fields->set_name(name);
+  fields->mutable_shape()->Assign(gallery.shape.begin(), gallery.shape.end());
+  fields->set_dtype(gallery.dtype);
+  fields->set_storage_dtype(options.storage_dtype);
+  requests.push_back(wire::EncodeMessage(header));
+  for (size_t offset = 0; offset < gallery.data.size(); offset += piece) {
+    const size_t n = std::min(piece, gallery.data.size() - offset);
+    requests.push_back(
+        wire::EncodeUploadPiece(wire::UploadField::kGalleryData, gallery.data.subspan(offset, n)));
+  }
+  return requests;
+}
+
+// The rows M of a gallery of `shape` ([M, D] or [batch, M, D]); -1 for any other rank.
+int64_t GalleryRowsOf(const v1::GalleryInfo& info) {
+  const int n = info.shape_size();
+  return n == 2 || n == 3 ? info.shape(n - 2) : -1;
+}
+
 }  // namespace
+
+// Checks result messages (one unary response, or a stream of chunks that must cover the
+// output exactly once in (batch, row) order) against the expected OutputSpec and copies
+// their payloads from the received slices straight into place: the caller's OutputRef, or
+// buffers allocated in a Result when the first message arrives. A dense gallery call's M is
+// taken from that first message (its shape must be the expected one but for M).
+class Client::ResultWriter {
+ public:
+  // `expected`: see ExpectedOutput (a last dimension of -1 = the gallery's M, still unknown).
+  // The result goes to `out` (already checked against `expected` when that is complete) or,
+  // with `result` set, into buffers allocated in *result.
+  ResultWriter(OutputSpec expected, OutputRef out, Result* result)
+      : spec_(std::move(expected)),
+        out_(out),
+        result_(result),
+        batches_(spec_.shape.size() == 3 ? spec_.shape[0] : 1),
+        rows_(spec_.shape[spec_.shape.size() - 2]),
+        cols_(spec_.shape.back()) {}
+
+  // The whole result in one ComputeResponse.
+  absl::Status AddResponse(const wire::ResultView& view, const wire::ResultDecoder& decoder) {
+    ++chunks_;
+    if (absl::Status s = Begin(view, "response"); !s.ok()) return s;
+    if (absl::Status s = CheckSizes(view, spec_.elements); !s.ok()) return s;
+    decoder.CopyValues(view, out_.values.data());
+    if (view.indices_size > 0) {
+      decoder.CopyIndices(view, reinterpret_cast<std::byte*>(out_.indices.data()));
+    }
+    next_batch_ = batches_;
+    return absl::OkStatus();
+  }
+
+  // The next ComputeChunk of a stream.
+  absl::Status AddChunk(const wire::ResultView& chunk, const wire::ResultDecoder& decoder) {
+    if (chunks_++ == 0) {
+      if (absl::Status s = Begin(chunk, "first chunk"); !s.ok()) return s;
+    } else if (chunk.dtype != spec_.dtype) {
+      return Malformed(absl::StrCat("chunk dtype ", chunk.dtype, " differs from the first"));
+    }
+    if (next_batch_ >= batches_ || chunk.batch_index != next_batch_ ||
+        chunk.row_offset != next_row_) {
+      return Malformed(absl::StrCat("chunk at batch ", chunk.batch_index, " row ", chunk.row_offset,
+                                    ", expected batch ", next_batch_, " row ", next_row_));
+    }
+    const int64_t count = chunk.row_count;
+    if (count <= 0 || count > rows_ - next_row_) {
+      return Malformed(
+          absl::StrCat("chunk row_count ", count, " at row ", next_row_, " of ", rows_));
+    }
+    if (absl::Status s = CheckSizes(chunk, count * cols_); !s.ok()) return s;
+    const int64_t first_element = (next_batch_ * rows_ + next_row_) * cols_;
+    decoder.CopyValues(chunk, out_.values.data() + first_element * ElementBytes(spec_.dtype));
+    if (chunk.indices_size > 0) {
+      decoder.CopyIndices(chunk, reinterpret_cast<std::byte*>(out_.indices.data() + first_element));
+    }
+    next_row_ += count;
+    if (next_row_ == rows_) {
+      next_row_ = 0;
+      ++next_batch_;
+    }
+    return absl::OkStatus();
+  }
+
+  // Checks that every row arrived.
+  absl::Status Finish() const {
+    if (chunks_ == 0) return Malformed("the call ended without any result message");
+    if (next_batch_ != batches_) {
+      return Malformed(absl::StrCat("the stream ended at batch ", next_batch_, " row ", next_row_,
+                                    " of ", batches_, " batches"));
+    }
+    return absl::OkStatus();
+  }
+
+  // The result's spec (complete once the first message was added).
+  const OutputSpec& spec() const { return spec_; }
+  int64_t chunks() const { return chunks_; }
+
+ private:
+  static absl::Status Malformed(absl::string_view what) {
+    return absl::InternalError(absl::StrCat("malformed result: ", what));
+  }
+
+  // The first message: completes a gallery call's spec, checks the full shape and dtype it
+  // states and places the result.
+  absl::Status Begin(const wire::ResultView& view, const char* what) {
+    if (cols_ < 0) {
+      const auto& want = spec_.shape;
+      if (view.shape.size() != want.size() || view.shape.back() < 0 ||
+          !std::equal(want.begin(), want.end() - 1, view.shape.begin())) {
+        return Malformed(absl::StrCat(what, " has shape [", absl::StrJoin(view.shape, ","),
+                                      "], expected [",
+                                      absl::StrJoin(want.begin(), want.end() - 1, ","), ",M]"));
+      }
+      auto sized = SizedSpec(view.shape, spec_.dtype, /*top_k=*/false);
+      if (!sized.ok()) return Malformed(sized.status().message());
+      spec_ = *std::move(sized);
+      cols_ = spec_.shape.back();
+      if (result_ == nullptr) {
+        if (absl::Status s = CheckOutputRef(spec_, out_); !s.ok()) {
+          return absl::FailedPreconditionError(
+              absl::StrCat("the gallery's result does not fit the OutputRef: ", s.message(),
+                           " (was the gallery replaced? pin ComputeOptions::gallery_version)"));
+        }
+      }
+    }
+    if (absl::Status s = CheckHeader(view, what); !s.ok()) return s;
+    if (result_ != nullptr) {
+      result_->values.resize(static_cast<size_t>(spec_.values_bytes));
+      result_->indices.resize(static_cast<size_t>(spec_.indices_bytes) / sizeof(int32_t));
+      out_ = OutputRef{result_->values, result_->indices};
+    }
+    return absl::OkStatus();
+  }
+
+  // The full shape and the dtype, stated by a response and by the first chunk.
+  absl::Status CheckHeader(const wire::ResultView& view, const char* what) const {
+    if (!std::equal(view.shape.begin(), view.shape.end(), spec_.shape.begin(), spec_.shape.end())) {
+      return Malformed(absl::StrCat(what, " has shape [", absl::StrJoin(view.shape, ","),
+                                    "], expected [", absl::StrJoin(spec_.shape, ","), "]"));
+    }
+    if (view.dtype != spec_.dtype) {
+      return Malformed(absl::StrCat(what, " has dtype ", view.dtype, ", expected ",
+                                    v1::DataType_Name(spec_.dtype)));
+    }
+    return absl::OkStatus();
+  }
+
+  // Payload sizes of a message holding `elements` result elements.
+  absl::Status CheckSizes(const wire::ResultView& view, int64_t elements) const {
+    const auto value_bytes = static_cast<size_t>(elements * ElementBytes(spec_.dtype));
+    if (view.values_size != value_bytes) {
+      return Malformed(
+          absl::StrCat("message has ", view.values_size, " value bytes, expected ", value_bytes));
+    }
+    const size_t index_bytes =
+        spec_.indices_bytes > 0 ? static_cast<size_t>(elements) * sizeof(int32_t) : 0;
+    if (view.indices_size != index_bytes) {
+      return Malformed(
+          absl::StrCat("message has ", view.indices_size, " index bytes, expected ", index_bytes));
+    }
+    return absl::OkStatus();
+  }
+
+  OutputSpec spec_;
+  OutputRef out_;
+  Result* result_;
+  int64_t batches_;
+  int64_t rows_;
+  int64_t cols_;
+  int64_t next_batch_ = 0;
+  int64_t next_row_ = 0;
+  int64_t chunks_ = 0;
+};
 
 const char* Name(CallMode mode) {
   switch (mode) {
@@ -398,9 +516,16 @@ int64_t ElementBytes(v1::DataType dtype) {
 absl::StatusOr<OutputSpec> OutputSize(std::span<const int64_t> a_shape,
                                       std::span<const int64_t> b_shape,
                                       const ComputeOptions& options) {
-  if ((a_shape.size() != 2 && a_shape.size() != 3) || b_shape.size() != a_shape.size()) {
+  const auto rank_ok = [](size_t rank) { return rank == 2 || rank == 3; };
+  if (options.gallery.empty() && (!rank_ok(a_shape.size()) || b_shape.size() != a_shape.size())) {
     return absl::InvalidArgumentError(
         absl::StrCat("a and b must both be 2D [rows, dim] or both 3D [batch, rows, dim], got [",
+                     absl::StrJoin(a_shape, ","), "] and [", absl::StrJoin(b_shape, ","), "]"));
+  }
+  if (!options.gallery.empty() && (!rank_ok(a_shape.size()) || !rank_ok(b_shape.size()))) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a must be 2D [rows, dim] or 3D [batch, rows, dim] and gallery '",
+                     options.gallery, "' [M, dim] or [batch, M, dim], got [",
                      absl::StrJoin(a_shape, ","), "] and [", absl::StrJoin(b_shape, ","), "]"));
   }
   for (const auto shape : {a_shape, b_shape}) {
@@ -409,28 +534,11 @@ absl::StatusOr<OutputSpec> OutputSize(std::span<const int64_t> a_shape,
           absl::StrCat("negative dimension in shape [", absl::StrJoin(shape, ","), "]"));
     }
   }
-  OutputSpec spec;
-  const bool three_d = a_shape.size() == 3;
-  const int64_t batch = three_d ? a_shape[0] : 1;
-  const int64_t rows = a_shape[a_shape.size() - 2];
-  const int64_t cols =
-      options.top_k > 0 ? static_cast<int64_t>(options.top_k) : b_shape[b_shape.size() - 2];
-  if (three_d) spec.shape.push_back(batch);
-  spec.shape.push_back(rows);
-  spec.shape.push_back(cols);
-  spec.dtype = options.output_dtype;
-  // Per element: the value plus, for top-k, an int32 index; the largest total must fit.
-  const int64_t per_element = ElementBytes(spec.dtype) + (options.top_k > 0 ? 4 : 0);
-  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
-  if ((rows > 0 && batch > kMax / rows) || (cols > 0 && batch * rows > kMax / cols) ||
-      batch * rows * cols > kMax / per_element) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("the result [", absl::StrJoin(spec.shape, ","), "] would exceed 2^63 bytes"));
-  }
-  spec.elements = batch * rows * cols;
-  spec.values_bytes = spec.elements * ElementBytes(spec.dtype);
-  spec.indices_bytes = options.top_k > 0 ? spec.elements * 4 : 0;
-  return spec;
+  // [batch, N, cols] or [N, cols], following A (a 2D gallery serves every batch entry).
+  std::vector<int64_t> shape(a_shape.begin(), a_shape.end() - 1);
+  shape.push_back(options.top_k > 0 ? static_cast<int64_t>(options.top_k)
+                                    : b_shape[b_shape.size() - 2]);
+  return SizedSpec(std::move(shape), options.output_dtype, options.top_k > 0);
 }
 
 int64_t Result::element_count() const {
@@ -492,8 +600,7 @@ absl::StatusOr<v1::GetInfoResponse> Client::GetInfo(std::optional<absl::Duration
 }
 
 absl::StatusOr<CallInfo> Client::Unary(const TensorRef& a, const TensorRef& b,
-                                       const ComputeOptions& options, const OutputSpec& spec,
-                                       OutputRef out) {
+                                       const ComputeOptions& options, ResultWriter& writer) {
   const auto start = std::chrono::steady_clock::now();
   grpc::ClientContext context;
   SetDeadline(context, options.timeout.value_or(options_.default_timeout));
@@ -515,14 +622,13 @@ absl::StatusOr<CallInfo> Client::Unary(const TensorRef& a, const TensorRef& b,
     }
   }
   if (!status.ok()) return ToAbsl(status);
-  ResultWriter writer(spec, out);
   wire::ResultDecoder decoder;
   wire::ResultView view;
   if (absl::Status s = decoder.DecodeResponse(response, &view); !s.ok()) return s;
   if (absl::Status s = writer.AddResponse(view, decoder); !s.ok()) return s;
   CallInfo info;
-  info.shape = spec.shape;
-  info.dtype = spec.dtype;
+  info.shape = writer.spec().shape;
+  info.dtype = writer.spec().dtype;
   info.mode = CallMode::kUnary;
   info.chunks = 1;
   info.server = ParseTimings(context);
@@ -531,8 +637,7 @@ absl::StatusOr<CallInfo> Client::Unary(const TensorRef& a, const TensorRef& b,
 }
 
 absl::StatusOr<CallInfo> Client::Streamed(CallMode mode, const TensorRef& a, const TensorRef& b,
-                                          const ComputeOptions& options, const OutputSpec& spec,
-                                          OutputRef out) {
+                                          const ComputeOptions& options, ResultWriter& writer) {
   const auto start = std::chrono::steady_clock::now();
   const absl::Duration timeout = options.timeout.value_or(options_.default_timeout);
   std::vector<grpc::ByteBuffer> requests;
@@ -547,17 +652,22 @@ absl::StatusOr<CallInfo> Client::Streamed(CallMode mode, const TensorRef& a, con
   }
   grpc::ClientContext context;
   SetDeadline(context, timeout);
-  ResultWriter writer(spec, out);
+  wire::ResultDecoder decoder;
+  wire::ResultView view;
+  const auto on_chunk = [&](grpc::ByteBuffer& chunk) {
+    if (absl::Status s = decoder.DecodeChunk(chunk, &view); !s.ok()) return s;
+    return writer.AddChunk(view, decoder);
+  };
   if (absl::Status s = RunStream(
           generic_stub_, MethodName(mode == CallMode::kStream ? "ComputeStream" : "ComputeUpload"),
-          &context, requests, &writer);
+          &context, requests, on_chunk);
       !s.ok()) {
     return s;
   }
   if (absl::Status s = writer.Finish(); !s.ok()) return s;
   CallInfo info;
-  info.shape = spec.shape;
-  info.dtype = spec.dtype;
+  info.shape = writer.spec().shape;
+  info.dtype = writer.spec().dtype;
   info.mode = mode;
   info.chunks = writer.chunks();
   info.server = ParseTimings(context);
@@ -566,45 +676,55 @@ absl::StatusOr<CallInfo> Client::Streamed(CallMode mode, const TensorRef& a, con
 }
 
 absl::StatusOr<CallInfo> Client::Run(CallMode mode, const TensorRef& a, const TensorRef& b,
-                                     const ComputeOptions& options, OutputRef out) {
-  auto spec = OutputSize(a.shape, b.shape, options);
-  if (!spec.ok()) return spec.status();
-  if (absl::Status s = CheckOutputRef(*spec, out); !s.ok()) return s;
-  if (mode == CallMode::kUnary) return Unary(a, b, options, *spec, out);
-  return Streamed(mode, a, b, options, *spec, out);
+                                     const ComputeOptions& options, OutputRef out, Result* result) {
+  auto expected = ExpectedOutput(a, b, options);
+  if (!expected.ok()) return expected.status();
+  // A complete spec is checked before anything is sent; a gallery call's M only when the
+  // result's shape arrives (ResultWriter).
+  if (result == nullptr && expected->shape.back() >= 0) {
+    if (absl::Status s = CheckOutputRef(*expected, out); !s.ok()) return s;
+  }
+  ResultWriter writer(*std::move(expected), out, result);
+  absl::StatusOr<CallInfo> info = mode == CallMode::kUnary ? Unary(a, b, options, writer)
+                                                           : Streamed(mode, a, b, options, writer);
+  if (!options.gallery.empty() && options.top_k == 0) {
+    if (info.ok()) {
+      RememberGalleryRows(options.gallery, info->shape.back());
+    } else if (info.status().code() == absl::StatusCode::kNotFound) {
+      RememberGalleryRows(options.gallery, -1);
+    }
+  }
+  return info;
 }
 
 absl::StatusOr<Result> Client::Compute(const TensorRef& a, const TensorRef& b,
                                        const ComputeOptions& options) {
-  return IntoNewResult(a, b, options,
-                       [&](OutputRef out) { return Run(CallMode::kUnary, a, b, options, out); });
+  return IntoNewResult([&](Result* r) { return Run(CallMode::kUnary, a, b, options, {}, r); });
 }
 
 absl::StatusOr<CallInfo> Client::Compute(const TensorRef& a, const TensorRef& b,
                                          const ComputeOptions& options, OutputRef out) {
-  return Run(CallMode::kUnary, a, b, options, out);
+  return Run(CallMode::kUnary, a, b, options, out, nullptr);
 }
 
 absl::StatusOr<Result> Client::ComputeStream(const TensorRef& a, const TensorRef& b,
                                              const ComputeOptions& options) {
-  return IntoNewResult(a, b, options,
-                       [&](OutputRef out) { return Run(CallMode::kStream, a, b, options, out); });
+  return IntoNewResult([&](Result* r) { return Run(CallMode::kStream, a, b, options, {}, r); });
 }
 
 absl::StatusOr<CallInfo> Client::ComputeStream(const TensorRef& a, const TensorRef& b,
                                                const ComputeOptions& options, OutputRef out) {
-  return Run(CallMode::kStream, a, b, options, out);
+  return Run(CallMode::kStream, a, b, options, out, nullptr);
 }
 
 absl::StatusOr<Result> Client::ComputeUpload(const TensorRef& a, const TensorRef& b,
                                              const ComputeOptions& options) {
-  return IntoNewResult(a, b, options,
-                       [&](OutputRef out) { return Run(CallMode::kUpload, a, b, options, out); });
+  return IntoNewResult([&](Result* r) { return Run(CallMode::kUpload, a, b, options, {}, r); });
 }
 
 absl::StatusOr<CallInfo> Client::ComputeUpload(const TensorRef& a, const TensorRef& b,
                                                const ComputeOptions& options, OutputRef out) {
-  return Run(CallMode::kUpload, a, b, options, out);
+  return Run(CallMode::kUpload, a, b, options, out, nullptr);
 }
 
 absl::StatusOr<v1::Limits> Client::CachedLimits(absl::Duration timeout) {
@@ -649,35 +769,144 @@ CallMode Client::ChooseMode(int64_t input_bytes, int64_t output_bytes, const v1:
   return CallMode::kStream;
 }
 
+absl::StatusOr<CallInfo> Client::Choose(const TensorRef& a, const TensorRef& b,
+                                        const ComputeOptions& options, OutputRef out,
+                                        Result* result, CallMode mode) {
+  if (mode != CallMode::kAuto) return Run(mode, a, b, options, out, result);
+  const auto start = std::chrono::steady_clock::now();
+  const absl::Duration timeout = options.timeout.value_or(options_.default_timeout);
+  auto spec = ExpectedOutput(a, b, options);
+  if (!spec.ok()) return spec.status();
+  if (spec->shape.back() < 0) {
+    // A dense gallery result: sized with the gallery's M as last seen.
+    auto rows = GalleryRows(options.gallery, timeout);
+    if (!rows.ok()) return rows.status();
+    const std::vector<int64_t> gallery_shape = {*rows, a.shape.back()};
+    spec = OutputSize(a.shape, gallery_shape, options);
+    if (!spec.ok()) return spec.status();
+  }
+  auto limits = CachedLimits(timeout);
+  if (limits.status().code() == absl::StatusCode::kUnimplemented) {
+    limits = v1::Limits();  // a server without GetInfo: assume gRPC's default limits
+  }
+  if (!limits.ok()) return limits.status();
+  const auto input_bytes = static_cast<int64_t>(a.data.size() + b.data.size());
+  mode = ChooseMode(input_bytes, spec->total_bytes(), *limits, options_);
+  if (options.timeout.has_value()) {
+    // The GetInfo / GetGallery round trips (first call only) count against this call's deadline.
+    ComputeOptions remaining = options;
+    remaining.timeout =
+        *options.timeout - absl::FromChrono(std::chrono::steady_clock::now() - start);
+    return Run(mode, a, b, remaining, out, result);
+  }
+  return Run(mode, a, b, options, out, result);
+}
+
 absl::StatusOr<CallInfo> Client::Similarity(const TensorRef& a, const TensorRef& b,
                                             const ComputeOptions& options, OutputRef out,
                                             CallMode mode) {
-  if (mode == CallMode::kAuto) {
-    const auto start = std::chrono::steady_clock::now();
-    auto spec = OutputSize(a.shape, b.shape, options);
-    if (!spec.ok()) return spec.status();
-    auto limits = CachedLimits(options.timeout.value_or(options_.default_timeout));
-    if (limits.status().code() == absl::StatusCode::kUnimplemented) {
-      limits = v1::Limits();  // a server without GetInfo: assume gRPC's default limits
-    }
-    if (!limits.ok()) return limits.status();
-    const auto input_bytes = static_cast<int64_t>(a.data.size() + b.data.size());
-    mode = ChooseMode(input_bytes, spec->total_bytes(), *limits, options_);
-    if (options.timeout.has_value()) {
-      // The GetInfo round trip (first call only) counts against this call's deadline.
-      ComputeOptions remaining = options;
-      remaining.timeout =
-          *options.timeout - absl::FromChrono(std::chrono::steady_clock::now() - start);
-      return Run(mode, a, b, remaining, out);
-    }
-  }
-  return Run(mode, a, b, options, out);
+  return Choose(a, b, options, out, nullptr, mode);
 }
 
 absl::StatusOr<Result> Client::Similarity(const TensorRef& a, const TensorRef& b,
                                           const ComputeOptions& options, CallMode mode) {
-  return IntoNewResult(a, b, options,
-                       [&](OutputRef out) { return Similarity(a, b, options, out, mode); });
+  return IntoNewResult([&](Result* r) { return Choose(a, b, options, {}, r, mode); });
+}
+
+absl::StatusOr<v1::GalleryInfo> Client::RegisterGallery(const std::string& name,
+                                                        const TensorRef& gallery,
+                                                        const GalleryOptions& options) {
+  const absl::Duration timeout = options.timeout.value_or(options_.default_timeout);
+  // Pieces as ComputeUpload's: within the server's receive limit (one cached GetInfo).
+  int64_t piece = options_.upload_piece_bytes;
+  if (auto limits = CachedLimits(timeout); limits.ok()) piece = UploadPieceBytes(piece, *limits);
+  const std::vector<grpc::ByteBuffer> requests =
+      GalleryRequests(name, gallery, options, static_cast<size_t>(piece));
+  grpc::ClientContext context;
+  SetDeadline(context, timeout);
+  v1::GalleryInfo info;
+  int responses = 0;
+  const auto on_response = [&](grpc::ByteBuffer& response) {
+    if (++responses > 1) {
+      return absl::InternalError("malformed RegisterGallery answer: more than one GalleryInfo");
+    }
+    return wire::DecodeMessage(response, &info);
+  };
+  if (absl::Status s =
+          RunStream(generic_stub_, MethodName("RegisterGallery"), &context, requests, on_response);
+      !s.ok()) {
+    return s;
+  }
+  if (responses != 1) {
+    return absl::InternalError("malformed RegisterGallery answer: the call ended without one");
+  }
+  RememberGalleryRows(info.name(), GalleryRowsOf(info));
+  return info;
+}
+
+absl::StatusOr<v1::GalleryInfo> Client::GetGallery(const std::string& name,
+                                                   std::optional<absl::Duration> timeout) {
+  grpc::ClientContext context;
+  SetDeadline(context, timeout.value_or(options_.default_timeout));
+  v1::GetGalleryRequest request;
+  request.set_name(name);
+  v1::GalleryInfo info;
+  const grpc::Status status = stub_->GetGallery(&context, request, &info);
+  if (!status.ok()) {
+    if (status.error_code() == grpc::StatusCode::NOT_FOUND) RememberGalleryRows(name, -1);
+    return ToAbsl(status);
+  }
+  RememberGalleryRows(info.name(), GalleryRowsOf(info));
+  return info;
+}
+
+absl::StatusOr<std::vector<v1::GalleryInfo>> Client::ListGalleries(
+    std::optional<absl::Duration> timeout) {
+  grpc::ClientContext context;
+  SetDeadline(context, timeout.value_or(options_.default_timeout));
+  v1::ListGalleriesResponse response;
+  const grpc::Status status = stub_->ListGalleries(&context, v1::ListGalleriesRequest(), &response);
+  if (!status.ok()) return ToAbsl(status);
+  std::vector<v1::GalleryInfo> galleries(
+      std::make_move_iterator(response.mutable_galleries()->begin()),
+      std::make_move_iterator(response.mutable_galleries()->end()));
+  for (const v1::GalleryInfo& info : galleries)
+    RememberGalleryRows(info.name(), GalleryRowsOf(info));
+  return galleries;
+}
+
+absl::StatusOr<v1::GalleryInfo> Client::DeleteGallery(const std::string& name,
+                                                      std::optional<absl::Duration> timeout) {
+  grpc::ClientContext context;
+  SetDeadline(context, timeout.value_or(options_.default_timeout));
+  v1::DeleteGalleryRequest request;
+  request.set_name(name);
+  v1::DeleteGalleryResponse response;
+  const grpc::Status status = stub_->DeleteGallery(&context, request, &response);
+  if (status.ok() || status.error_code() == grpc::StatusCode::NOT_FOUND) {
+    RememberGalleryRows(name, -1);
+  }
+  if (!status.ok()) return ToAbsl(status);
+  return std::move(*response.mutable_deleted());
+}
+
+absl::StatusOr<int64_t> Client::GalleryRows(const std::string& name, absl::Duration timeout) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (const auto it = gallery_rows_.find(name); it != gallery_rows_.end()) return it->second;
+  }
+  auto info = GetGallery(name, timeout);  // remembers the rows
+  if (!info.ok()) return info.status();
+  return GalleryRowsOf(*info);
+}
+
+void Client::RememberGalleryRows(const std::string& name, int64_t rows) {
+  absl::MutexLock lock(&mu_);
+  if (rows < 0) {
+    gallery_rows_.erase(name);
+  } else {
+    gallery_rows_[name] = rows;
+  }
 }
 
 }  // namespace simserve

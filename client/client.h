@@ -1,12 +1,14 @@
 // simserve::Client — the C++ client library of the simserve.v1.Similarity service: unary,
 // streamed and full-duplex upload calls that write the result straight into one buffer
 // (the caller's, or one they allocate), an automatic mode that picks the RPC by size,
-// top-k, deadlines and server timings. Public gRPC API only (grpc::GenericStub).
+// top-k, deadlines and server timings; galleries (a B kept on the server, queried by name).
+// Public gRPC API only (grpc::GenericStub).
 #ifndef SIMSERVE_CLIENT_CLIENT_H_
 #define SIMSERVE_CLIENT_CLIENT_H_
 
 #include <cstddef>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <span>
@@ -83,7 +85,26 @@ struct ComputeOptions {
   float epsilon = 0.0F;
   // Streaming calls: max bytes per result chunk; 0 = server default (1 MiB).
   uint32_t max_chunk_bytes = 0;
+  // Name of a gallery on the server (Client::RegisterGallery, or a NAME.npy in the server's
+  // --gallery_dir) that plays B instead of sending it; `b` must then be empty (TensorRef{}),
+  // else INVALID_ARGUMENT before anything is sent. A 2D gallery [M, D] is compared with every
+  // batch entry of A, a 3D one [batch, M, D] must match A's batch. Unknown name: NOT_FOUND.
+  // Empty (the default): B is the `b` argument.
+  std::string gallery;
+  // With `gallery`: 0 = the version that is current when the call starts; any other value
+  // must be the current version, else FAILED_PRECONDITION (pin what you registered, e.g.
+  // GalleryInfo::version from RegisterGallery).
+  int64_t gallery_version = 0;
   // Deadline of this call; nullopt = ClientOptions::default_timeout.
+  std::optional<absl::Duration> timeout;
+};
+
+// How RegisterGallery stores a gallery (mirrors GalleryHeader; see similarity.proto).
+struct GalleryOptions {
+  // Element type of the prepared gallery on the server: FLOAT32 (exact, the default);
+  // BFLOAT16 / FLOAT16 halve its memory and the bytes every query reads.
+  v1::DataType storage_dtype = v1::FLOAT32;
+  // Deadline of the call; nullopt = ClientOptions::default_timeout.
   std::optional<absl::Duration> timeout;
 };
 
@@ -109,6 +130,8 @@ int64_t ElementBytes(v1::DataType dtype);
 // both rank 3 with no negative dimension; RESOURCE_EXHAUSTED if the sizes overflow int64.
 // Everything else (batch or D mismatch, top_k > M, zero dimensions, ...) is the server's
 // to reject, with its own message.
+// With options.gallery set, `b_shape` is the gallery's shape (GalleryInfo::shape): a 2D
+// gallery [M, D] is allowed with a 3D A (result [batch, N, M]); the result's rank is A's.
 absl::StatusOr<OutputSpec> OutputSize(std::span<const int64_t> a_shape,
                                       std::span<const int64_t> b_shape,
                                       const ComputeOptions& options);
@@ -183,6 +206,13 @@ class Client {
   // input, RESOURCE_EXHAUSTED over a limit, DEADLINE_EXCEEDED, ...); INVALID_ARGUMENT
   // from OutputSize() or for a wrongly sized OutputRef; INTERNAL for a malformed result
   // (shape or dtype not the requested one, wrong sizes, gaps or overlaps of tiles).
+  //
+  // With options.gallery, pass an empty `b` (TensorRef{}): the server's gallery plays B and
+  // only A is sent. The Result form learns M from the first result message. The OutputRef
+  // form must be sized with OutputSize(a.shape, <the gallery's GalleryInfo::shape>,
+  // options); for a dense result it is checked when the result's shape arrives, and a result
+  // that does not fit it (the gallery was replaced by one of another M; pin gallery_version
+  // to rule that out) cancels the call with FAILED_PRECONDITION.
 
   // Unary Compute: the whole result in one response message, decoded from the received
   // slices. RESOURCE_EXHAUSTED when the result exceeds one message (use ComputeStream).
@@ -206,13 +236,38 @@ class Client {
                                          const ComputeOptions& options, OutputRef out);
 
   // Picks the RPC with ChooseMode (kAuto; the server's limits come from one cached GetInfo
-  // call) or uses `mode` as given, then calls it.
+  // call) or uses `mode` as given, then calls it. A dense gallery call sizes its result from
+  // the gallery's shape as this client last saw it (RegisterGallery, GetGallery,
+  // ListGalleries or a previous call's result; one GetGallery on the first use of a name);
+  // a stale shape only affects the choice, never the result.
   absl::StatusOr<Result> Similarity(const TensorRef& a, const TensorRef& b,
                                     const ComputeOptions& options = {},
                                     CallMode mode = CallMode::kAuto);
   absl::StatusOr<CallInfo> Similarity(const TensorRef& a, const TensorRef& b,
                                       const ComputeOptions& options, OutputRef out,
                                       CallMode mode = CallMode::kAuto);
+
+  // Galleries: a B that lives on the server (per pod for uploaded galleries; see
+  // deploy/README.md). Errors carry the server's gRPC code and message.
+
+  // Uploads `gallery` ([M, D] or [batch, M, D], elements of gallery.dtype) as `name`
+  // ([A-Za-z0-9._-]{1,128}): the header, then the bytes in pieces of
+  // ClientOptions::upload_piece_bytes clamped to the server's receive limit (as
+  // ComputeUpload), referenced, not copied. Registering an existing name replaces it and bumps
+  // its version. Returns what the server holds now. INVALID_ARGUMENT for a bad name, shape,
+  // byte count or NaN/Inf; RESOURCE_EXHAUSTED over the server's gallery memory budget (after
+  // it evicted what it could); FAILED_PRECONDITION for the name of a --gallery_dir gallery.
+  absl::StatusOr<v1::GalleryInfo> RegisterGallery(const std::string& name, const TensorRef& gallery,
+                                                  const GalleryOptions& options = {});
+  // One gallery (NOT_FOUND for an unknown name), all of them sorted by name, and removing an
+  // uploaded one (returns what was removed; NOT_FOUND, or FAILED_PRECONDITION for a gallery
+  // loaded from the server's --gallery_dir: remove its file instead).
+  absl::StatusOr<v1::GalleryInfo> GetGallery(const std::string& name,
+                                             std::optional<absl::Duration> timeout = {});
+  absl::StatusOr<std::vector<v1::GalleryInfo>> ListGalleries(
+      std::optional<absl::Duration> timeout = {});
+  absl::StatusOr<v1::GalleryInfo> DeleteGallery(const std::string& name,
+                                                std::optional<absl::Duration> timeout = {});
 
   // The rule kAuto applies, exposed for tests and tools. `input_bytes` = A + B payload,
   // `output_bytes` = OutputSpec::total_bytes(), `limits` = the server's (GetInfo; a limit
@@ -247,25 +302,39 @@ class Client {
   Client(PassKey key, std::shared_ptr<grpc::Channel> channel, const ClientOptions& options);
 
  private:
+  // Checks and places the result messages of one call (client.cc).
+  class ResultWriter;
+
   absl::StatusOr<v1::Limits> CachedLimits(absl::Duration timeout);
-  // The calls behind both forms of Compute / ComputeStream / ComputeUpload, after
-  // `spec` = OutputSize() and `out` were checked against each other.
+  // The rows M of gallery `name` as this client last saw them (one GetGallery on a miss):
+  // kAuto's estimate of a dense gallery call's result size.
+  absl::StatusOr<int64_t> GalleryRows(const std::string& name, absl::Duration timeout);
+  void RememberGalleryRows(const std::string& name, int64_t rows);
+  // The calls behind both forms of Compute / ComputeStream / ComputeUpload, after the
+  // expected result was worked out and the destination checked (Run).
   absl::StatusOr<CallInfo> Unary(const TensorRef& a, const TensorRef& b,
-                                 const ComputeOptions& options, const OutputSpec& spec,
-                                 OutputRef out);
+                                 const ComputeOptions& options, ResultWriter& writer);
   absl::StatusOr<CallInfo> Streamed(CallMode mode, const TensorRef& a, const TensorRef& b,
-                                    const ComputeOptions& options, const OutputSpec& spec,
-                                    OutputRef out);
+                                    const ComputeOptions& options, ResultWriter& writer);
+  // Runs `mode` (never kAuto) with the result going to `out`, or with `result` set into
+  // buffers allocated in *result once the result's shape is known.
   absl::StatusOr<CallInfo> Run(CallMode mode, const TensorRef& a, const TensorRef& b,
-                               const ComputeOptions& options, OutputRef out);
+                               const ComputeOptions& options, OutputRef out, Result* result);
+  // Similarity's choice of the RPC for kAuto, then Run.
+  absl::StatusOr<CallInfo> Choose(const TensorRef& a, const TensorRef& b,
+                                  const ComputeOptions& options, OutputRef out, Result* result,
+                                  CallMode mode);
 
   ClientOptions options_;
   std::shared_ptr<grpc::Channel> channel_;
-  std::unique_ptr<v1::Similarity::Stub> stub_;  // GetInfo (protobuf messages)
+  // GetInfo and the unary gallery calls (small protobuf messages).
+  std::unique_ptr<v1::Similarity::Stub> stub_;
   // Compute calls go through grpc::ByteBuffer: zero-copy requests, direct placement.
   grpc::GenericStub generic_stub_;
   absl::Mutex mu_;
   std::optional<v1::Limits> limits_ ABSL_GUARDED_BY(mu_);
+  // Gallery name -> its rows M as last seen (see GalleryRows).
+  std::map<std::string, int64_t, std::less<>> gallery_rows_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace simserve

@@ -8,9 +8,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <numeric>
 #include <random>
 #include <sstream>
@@ -19,7 +21,10 @@
 #include <tuple>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
 #include "client/dtype.h"
 #include "gmock/gmock.h"
 #include "google/protobuf/struct.pb.h"
@@ -610,6 +615,419 @@ TEST_F(ClientTest, ConcurrentCallsAllGetTheirOwnCorrectResult) {
   EXPECT_EQ(std::accumulate(failures.begin(), failures.end(), 0), 0);
 }
 
+// ---- Galleries on the real server ----
+
+// A query A [batch, n, d] against a gallery [m, d] (shared by every batch entry) or
+// [batch, m, d]. `p.b` holds the gallery repeated for each batch entry, so that
+// ComputeReference(p, ...) is the independent reference of a gallery call.
+struct GalleryProblem {
+  Problem p;
+  std::vector<float> gallery;
+  std::vector<int64_t> gallery_shape;
+
+  TensorRef Gallery() const { return TensorRef::Float32(gallery_shape, gallery); }
+};
+
+GalleryProblem MakeGalleryProblem(int64_t batch, int64_t n, int64_t m, int64_t d, uint32_t seed,
+                                  bool shared) {
+  GalleryProblem g{MakeProblem(batch, n, m, d, seed), {}, {}};
+  if (shared) {
+    g.gallery.assign(g.p.b.begin(), g.p.b.begin() + m * d);
+    for (int64_t k = 1; k < batch; ++k) {
+      std::copy(g.gallery.begin(), g.gallery.end(), g.p.b.begin() + k * m * d);
+    }
+    g.gallery_shape = {m, d};
+  } else {
+    g.gallery = g.p.b;
+    g.gallery_shape = {batch, m, d};
+  }
+  return g;
+}
+
+// Whether every element of `result` is within `tol` of `ref` (ExpectMatchesReference's rule).
+bool MatchesReference(const Result& result, const Reference& ref, double tol) {
+  const std::vector<float> got = result.ValuesAsFloat();
+  if (got.size() != ref.values.size()) return false;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!(std::abs(got[i] - ref.values[i]) <= tol * (ref.scale[i] + std::abs(ref.values[i])))) {
+      return false;
+    }
+  }
+  return true;
+}
+
+ComputeOptions GalleryOptionsFor(const std::string& name, v1::Metric metric = v1::COSINE) {
+  ComputeOptions options;
+  options.gallery = name;
+  options.metric = metric;
+  return options;
+}
+
+TEST_F(ClientTest, GalleryMatchesDoubleReferenceInEveryModeAndMetric) {
+  for (const bool shared : {true, false}) {
+    GalleryProblem g = MakeGalleryProblem(3, 17, 13, 24, shared ? 21 : 22, shared);
+    // A zero gallery row: cosine gives 0 for it, never NaN.
+    std::fill_n(g.gallery.begin() + 24, 24, 0.0F);
+    for (int64_t k = 0; k < (shared ? 3 : 1); ++k) {
+      std::fill_n(g.p.b.begin() + (k * 13 + 1) * 24, 24, 0.0F);
+    }
+    const std::string name = shared ? "ct-ref-2d" : "ct-ref-3d";
+    auto info = client_->RegisterGallery(name, g.Gallery());
+    ASSERT_TRUE(info.ok()) << info.status();
+    EXPECT_EQ(info->name(), name);
+    EXPECT_EQ(std::vector<int64_t>(info->shape().begin(), info->shape().end()), g.gallery_shape);
+    EXPECT_EQ(info->source(), v1::UPLOADED);
+    EXPECT_EQ(info->dtype(), v1::FLOAT32);
+    EXPECT_EQ(info->storage_dtype(), v1::FLOAT32);
+    EXPECT_GE(info->version(), 1);
+    EXPECT_GT(info->bytes(), 0);
+    for (const v1::Metric metric : {v1::COSINE, v1::DOT, v1::EUCLIDEAN, v1::SQUARED_EUCLIDEAN}) {
+      const Reference ref = ComputeReference(g.p, metric);
+      for (const CallMode mode :
+           {CallMode::kUnary, CallMode::kStream, CallMode::kUpload, CallMode::kAuto}) {
+        SCOPED_TRACE(absl::StrCat(name, " ", v1::Metric_Name(metric), " ", Name(mode)));
+        ComputeOptions options = GalleryOptionsFor(name, metric);
+        options.max_chunk_bytes = 200;
+        auto result = client_->Similarity(g.p.A(), {}, options, mode);
+        ASSERT_TRUE(result.ok()) << result.status();
+        EXPECT_EQ(result->shape, (std::vector<int64_t>{3, 17, 13}));
+        ExpectMatchesReference(*result, ref, Tolerance(v1::FLOAT32, v1::FP32));
+        if (metric == v1::COSINE) {
+          const std::vector<float> values = result->ValuesAsFloat();
+          // Column 1 is the zero row: in every batch entry (2D), in entry 0 (3D).
+          for (size_t row = 0; row < (shared ? size_t{3} : size_t{1}) * 17; ++row) {
+            EXPECT_EQ(values[row * 13 + 1], 0.0F) << "row " << row;
+          }
+        }
+      }
+    }
+    ASSERT_TRUE(client_->DeleteGallery(name).ok());
+  }
+}
+
+TEST_F(ClientTest, GalleryTopKMatchesReferenceOrderInEveryMode) {
+  const GalleryProblem g = MakeGalleryProblem(2, 23, 40, 16, 23, /*shared=*/true);
+  ASSERT_TRUE(client_->RegisterGallery("ct-topk", g.Gallery()).ok());
+  for (const v1::Metric metric : {v1::COSINE, v1::EUCLIDEAN}) {
+    const Reference ref = ComputeReference(g.p, metric);
+    for (const CallMode mode : {CallMode::kUnary, CallMode::kStream, CallMode::kUpload}) {
+      ComputeOptions options = GalleryOptionsFor("ct-topk", metric);
+      options.top_k = 5;
+      options.max_chunk_bytes = 100;
+      auto result = client_->Similarity(g.p.A(), {}, options, mode);
+      ASSERT_TRUE(result.ok()) << result.status();
+      ASSERT_EQ(result->shape, (std::vector<int64_t>{2, 23, 5}));
+      const std::vector<float> values = result->ValuesAsFloat();
+      for (size_t row = 0; row < size_t{2} * 23; ++row) {
+        const auto expected = ReferenceTopK(ref, row, 40, 5, metric == v1::COSINE);
+        for (size_t j = 0; j < 5; ++j) {
+          EXPECT_EQ(result->indices[row * 5 + j], expected[j]) << Name(mode) << " row " << row;
+          const double want = ref.values[row * 40 + expected[j]];
+          EXPECT_NEAR(values[row * 5 + j], want, 1e-4 * (1 + std::abs(want)));
+        }
+      }
+    }
+  }
+  ASSERT_TRUE(client_->DeleteGallery("ct-topk").ok());
+}
+
+TEST_F(ClientTest, GalleryTopKTiesGoToTheLowerColumnInEveryModeAndTileSize) {
+  // Small integers make the dot products exact, and gallery row 4 repeats row 1: real ties,
+  // which the lower column must win in every mode and with tiles of any height (the
+  // interop vector topk_dot_ties_3d, as a 2D gallery).
+  GalleryProblem g = MakeGalleryProblem(2, 4, 6, 5, 34, /*shared=*/true);
+  std::mt19937 rng(34);
+  std::uniform_int_distribution<int> small(-3, 3);
+  for (float& x : g.p.a) x = static_cast<float>(small(rng));
+  for (float& x : g.gallery) x = static_cast<float>(small(rng));
+  std::copy_n(g.gallery.begin() + 5, 5, g.gallery.begin() + 4 * 5);
+  for (int64_t k = 0; k < 2; ++k)
+    std::copy(g.gallery.begin(), g.gallery.end(), g.p.b.begin() + k * 30);
+  ASSERT_TRUE(client_->RegisterGallery("ct-ties", g.Gallery()).ok());
+  const Reference ref = ComputeReference(g.p, v1::DOT);
+  for (const CallMode mode : {CallMode::kUnary, CallMode::kStream, CallMode::kUpload}) {
+    for (const uint32_t chunk : {0U, 24U, 64U}) {
+      ComputeOptions options = GalleryOptionsFor("ct-ties", v1::DOT);
+      options.top_k = 3;
+      options.max_chunk_bytes = chunk;
+      auto result = client_->Similarity(g.p.A(), {}, options, mode);
+      ASSERT_TRUE(result.ok()) << result.status();
+      for (size_t row = 0; row < size_t{2} * 4; ++row) {
+        const auto expected = ReferenceTopK(ref, row, 6, 3, /*largest=*/true);
+        const std::vector<int32_t> got(result->indices.begin() + row * 3,
+                                       result->indices.begin() + row * 3 + 3);
+        EXPECT_EQ(got, expected) << Name(mode) << ", max_chunk_bytes " << chunk << ", row " << row;
+      }
+    }
+  }
+  ASSERT_TRUE(client_->DeleteGallery("ct-ties").ok());
+}
+
+TEST_F(ClientTest, GalleryStorageDtypesHalveTheMemoryAndStayCloseToTheReference) {
+  const GalleryProblem g = MakeGalleryProblem(2, 16, 64, 96, 24, /*shared=*/true);
+  const Reference ref = ComputeReference(g.p, v1::COSINE);
+  int64_t fp32_bytes = 0;
+  for (const v1::DataType storage : {v1::FLOAT32, v1::BFLOAT16, v1::FLOAT16}) {
+    SCOPED_TRACE(v1::DataType_Name(storage));
+    GalleryOptions gallery_options;
+    gallery_options.storage_dtype = storage;
+    auto info = client_->RegisterGallery("ct-storage", g.Gallery(), gallery_options);
+    ASSERT_TRUE(info.ok()) << info.status();
+    EXPECT_EQ(info->storage_dtype(), storage);
+    EXPECT_EQ(info->dtype(), v1::FLOAT32);
+    if (storage == v1::FLOAT32) {
+      fp32_bytes = info->bytes();
+    } else {
+      EXPECT_LT(info->bytes(), fp32_bytes * 3 / 4) << "fp32 held " << fp32_bytes;
+    }
+    auto result = client_->Similarity(g.p.A(), {}, GalleryOptionsFor("ct-storage"));
+    ASSERT_TRUE(result.ok()) << result.status();
+    // Rounding the gallery to 8 (bfloat16) or 11 (float16) mantissa bits.
+    const double tol = storage == v1::FLOAT32 ? 2e-5 : storage == v1::BFLOAT16 ? 1.6e-2 : 2e-3;
+    ExpectMatchesReference(*result, ref, tol);
+    if (storage != v1::FLOAT32) {
+      EXPECT_FALSE(MatchesReference(*result, ref, 1e-7)) << "no rounding visible at all";
+    }
+  }
+  // A float16 gallery upload (2 bytes per element on the wire).
+  std::vector<uint16_t> half(g.gallery.size());
+  GalleryProblem rounded = g;
+  for (size_t i = 0; i < half.size(); ++i) {
+    half[i] = kernels::FloatToF16(g.gallery[i]);
+    rounded.gallery[i] = kernels::F16ToFloat(half[i]);
+  }
+  for (int64_t k = 0; k < 2; ++k) {
+    std::copy(rounded.gallery.begin(), rounded.gallery.end(), rounded.p.b.begin() + k * 64 * 96);
+  }
+  auto info = client_->RegisterGallery(
+      "ct-storage", TensorRef{g.gallery_shape, v1::FLOAT16, std::as_bytes(std::span(half))});
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->dtype(), v1::FLOAT16);
+  auto result = client_->Similarity(g.p.A(), {}, GalleryOptionsFor("ct-storage"));
+  ASSERT_TRUE(result.ok()) << result.status();
+  ExpectMatchesReference(*result, ComputeReference(rounded.p, v1::COSINE), 2e-5);
+  ASSERT_TRUE(client_->DeleteGallery("ct-storage").ok());
+}
+
+TEST_F(ClientTest, GalleryLargerThanOneMessageIsRegisteredInPieces) {
+  // 600 x 512 float32 = 1.2 MB, over the server's 1 MiB receive limit.
+  const GalleryProblem g = MakeGalleryProblem(1, 4, 600, 512, 25, /*shared=*/true);
+  ASSERT_GT(g.gallery.size() * 4, static_cast<size_t>(kMiB));
+  auto info = client_->RegisterGallery("ct-large", g.Gallery());
+  ASSERT_TRUE(info.ok()) << info.status();
+  auto result = client_->Similarity(g.p.A(), {}, GalleryOptionsFor("ct-large", v1::DOT));
+  ASSERT_TRUE(result.ok()) << result.status();
+  ExpectMatchesReference(*result, ComputeReference(g.p, v1::DOT), 2e-5);
+  ASSERT_TRUE(client_->DeleteGallery("ct-large").ok());
+}
+
+TEST_F(ClientTest, GalleryVersionsPinReplaceAndOutliveDeletes) {
+  const GalleryProblem first = MakeGalleryProblem(2, 6, 5, 8, 26, /*shared=*/true);
+  GalleryProblem second = MakeGalleryProblem(2, 6, 8, 8, 27, /*shared=*/true);
+  second.p.a = first.p.a;  // the same queries against the replacement
+  auto v1_info = client_->RegisterGallery("ct-version", first.Gallery());
+  ASSERT_TRUE(v1_info.ok()) << v1_info.status();
+  const int64_t v1 = v1_info->version();
+  ComputeOptions pinned = GalleryOptionsFor("ct-version");
+  pinned.gallery_version = v1;
+  auto before = client_->Similarity(first.p.A(), {}, pinned);
+  ASSERT_TRUE(before.ok()) << before.status();
+  ExpectMatchesReference(*before, ComputeReference(first.p, v1::COSINE), 2e-5);
+
+  auto v2_info = client_->RegisterGallery("ct-version", second.Gallery());
+  ASSERT_TRUE(v2_info.ok()) << v2_info.status();
+  EXPECT_EQ(v2_info->version(), v1 + 1);
+  for (const CallMode mode : {CallMode::kUnary, CallMode::kStream, CallMode::kUpload}) {
+    SCOPED_TRACE(Name(mode));
+    auto stale = client_->Similarity(first.p.A(), {}, pinned, mode);
+    EXPECT_EQ(stale.status().code(), absl::StatusCode::kFailedPrecondition) << stale.status();
+    // Version 0 follows the replacement, whose M is 8.
+    auto current = client_->Similarity(first.p.A(), {}, GalleryOptionsFor("ct-version"), mode);
+    ASSERT_TRUE(current.ok()) << current.status();
+    EXPECT_EQ(current->shape, (std::vector<int64_t>{2, 6, 8}));
+    ExpectMatchesReference(*current, ComputeReference(second.p, v1::COSINE), 2e-5);
+    // A buffer sized for the old M no longer fits.
+    ByteVector old_size(before->values.size());
+    auto no_fit = client_->Similarity(first.p.A(), {}, GalleryOptionsFor("ct-version"),
+                                      OutputRef{old_size, {}}, mode);
+    EXPECT_EQ(no_fit.status().code(), absl::StatusCode::kFailedPrecondition) << no_fit.status();
+  }
+  auto deleted = client_->DeleteGallery("ct-version");
+  ASSERT_TRUE(deleted.ok()) << deleted.status();
+  EXPECT_EQ(deleted->version(), v1 + 1);
+  EXPECT_EQ(client_->GetGallery("ct-version").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(client_->Similarity(first.p.A(), {}, GalleryOptionsFor("ct-version")).status().code(),
+            absl::StatusCode::kNotFound);
+  auto v3_info = client_->RegisterGallery("ct-version", first.Gallery());
+  ASSERT_TRUE(v3_info.ok()) << v3_info.status();
+  EXPECT_EQ(v3_info->version(), v1 + 2);  // versions continue across deletes
+  ASSERT_TRUE(client_->DeleteGallery("ct-version").ok());
+}
+
+TEST_F(ClientTest, ListAndGetGalleriesReportWhatWasRegistered) {
+  const GalleryProblem g = MakeGalleryProblem(1, 3, 6, 4, 28, /*shared=*/true);
+  const int64_t now_ms = absl::ToUnixMillis(absl::Now());
+  for (const char* name : {"ct-list-b", "ct-list-a", "ct-list-c"}) {
+    ASSERT_TRUE(client_->RegisterGallery(name, g.Gallery()).ok()) << name;
+  }
+  auto list = client_->ListGalleries();
+  ASSERT_TRUE(list.ok()) << list.status();
+  std::vector<std::string> names;
+  for (const v1::GalleryInfo& info : *list) names.push_back(info.name());
+  EXPECT_TRUE(std::is_sorted(names.begin(), names.end()));
+  EXPECT_THAT(names, ::testing::IsSupersetOf({"ct-list-a", "ct-list-b", "ct-list-c"}));
+  auto got = client_->GetGallery("ct-list-a");
+  ASSERT_TRUE(got.ok()) << got.status();
+  const auto listed = std::find_if(
+      list->begin(), list->end(), [](const v1::GalleryInfo& i) { return i.name() == "ct-list-a"; });
+  ASSERT_NE(listed, list->end());
+  EXPECT_EQ(got->version(), listed->version());
+  EXPECT_EQ(got->bytes(), listed->bytes());
+  EXPECT_THAT(got->shape(), ::testing::ElementsAre(6, 4));
+  EXPECT_EQ(got->source(), v1::UPLOADED);
+  EXPECT_TRUE(got->path().empty());
+  EXPECT_GE(got->prepare_seconds(), 0.0);
+  EXPECT_NEAR(static_cast<double>(got->registered_unix_ms()), static_cast<double>(now_ms), 60e3);
+  EXPECT_GE(got->last_used_unix_ms(), got->registered_unix_ms());
+  ASSERT_TRUE(client_->Similarity(g.p.A(), {}, GalleryOptionsFor("ct-list-a")).ok());
+  auto used = client_->GetGallery("ct-list-a");
+  ASSERT_TRUE(used.ok());
+  EXPECT_GE(used->last_used_unix_ms(), got->last_used_unix_ms());
+  for (const char* name : {"ct-list-a", "ct-list-b", "ct-list-c"}) {
+    auto deleted = client_->DeleteGallery(name);
+    ASSERT_TRUE(deleted.ok()) << deleted.status();
+    EXPECT_EQ(deleted->name(), name);
+  }
+  auto after = client_->ListGalleries();
+  ASSERT_TRUE(after.ok());
+  for (const v1::GalleryInfo& info : *after) EXPECT_FALSE(absl::StartsWith(info.name(), "ct-list"));
+}
+
+TEST_F(ClientTest, GalleryErrorsHaveTheDocumentedCodes) {
+  const GalleryProblem g = MakeGalleryProblem(2, 3, 6, 4, 29, /*shared=*/true);
+  const auto code = [](const auto& status_or) { return status_or.status().code(); };
+  using Code = absl::StatusCode;
+  // Unknown names.
+  for (const CallMode mode :
+       {CallMode::kUnary, CallMode::kStream, CallMode::kUpload, CallMode::kAuto}) {
+    EXPECT_EQ(code(client_->Similarity(g.p.A(), {}, GalleryOptionsFor("ct-missing"), mode)),
+              Code::kNotFound)
+        << Name(mode);
+  }
+  EXPECT_EQ(code(client_->GetGallery("ct-missing")), Code::kNotFound);
+  EXPECT_EQ(code(client_->DeleteGallery("ct-missing")), Code::kNotFound);
+  // Names: [A-Za-z0-9._-]{1,128}.
+  for (const std::string& bad : {std::string(), std::string("a/b"), std::string("two words"),
+                                 std::string(129, 'x'), std::string("caf\xc3\xa9")}) {
+    auto registered = client_->RegisterGallery(bad, g.Gallery());
+    EXPECT_EQ(code(registered), Code::kInvalidArgument)
+        << "'" << bad << "' " << registered.status();
+  }
+  const std::string longest(128, 'x');
+  ASSERT_TRUE(client_->RegisterGallery(longest, g.Gallery()).ok());
+  ASSERT_TRUE(client_->DeleteGallery(longest).ok());
+  // Shapes and byte counts.
+  const auto bytes = std::as_bytes(std::span(g.gallery));
+  for (const std::vector<int64_t>& shape :
+       std::vector<std::vector<int64_t>>{{24}, {1, 1, 6, 4}, {-6, -4}, {0, 24}, {6, 0}, {}}) {
+    auto registered = client_->RegisterGallery("ct-bad", TensorRef{shape, v1::FLOAT32, bytes});
+    EXPECT_EQ(code(registered), Code::kInvalidArgument)
+        << "[" << absl::StrJoin(shape, ",") << "] " << registered.status();
+  }
+  for (const size_t size : {bytes.size() - 4, bytes.size() - 1}) {
+    auto registered = client_->RegisterGallery(
+        "ct-bad", TensorRef{g.gallery_shape, v1::FLOAT32, bytes.first(size)});
+    EXPECT_EQ(code(registered), Code::kInvalidArgument) << size << " " << registered.status();
+  }
+  std::vector<float> longer = g.gallery;
+  longer.push_back(1.0F);
+  EXPECT_EQ(code(client_->RegisterGallery("ct-bad", TensorRef::Float32(g.gallery_shape, longer))),
+            Code::kInvalidArgument);
+  std::vector<float> nan = g.gallery;
+  nan[5] = std::nanf("");
+  EXPECT_EQ(code(client_->RegisterGallery("ct-bad", TensorRef::Float32(g.gallery_shape, nan))),
+            Code::kInvalidArgument);
+  EXPECT_EQ(code(client_->GetGallery("ct-bad")), Code::kNotFound) << "a failed register left it";
+  // The header must come first (sent with the typed stub: our client cannot get this wrong).
+  {
+    auto stub = v1::Similarity::NewStub(client_->channel());
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+    v1::GalleryInfo info;
+    auto writer = stub->RegisterGallery(&context, &info);
+    v1::RegisterGalleryRequest data;
+    data.set_data(std::string(16, '\0'));
+    writer->Write(data);
+    v1::RegisterGalleryRequest header;
+    header.mutable_header()->set_name("ct-bad");
+    header.mutable_header()->add_shape(1);
+    header.mutable_header()->add_shape(4);
+    writer->Write(header);
+    writer->WritesDone();
+    const grpc::Status status = writer->Finish();
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  }
+  // Mismatches between A and the gallery.
+  ASSERT_TRUE(client_->RegisterGallery("ct-errors", g.Gallery()).ok());
+  const GalleryProblem other_d = MakeGalleryProblem(2, 3, 6, 5, 30, /*shared=*/true);
+  const GalleryProblem batch3 = MakeGalleryProblem(3, 3, 6, 4, 31, /*shared=*/false);
+  ASSERT_TRUE(client_->RegisterGallery("ct-errors-3d", batch3.Gallery()).ok());
+  for (const CallMode mode : {CallMode::kUnary, CallMode::kStream, CallMode::kUpload}) {
+    SCOPED_TRACE(Name(mode));
+    auto d = client_->Similarity(other_d.p.A(), {}, GalleryOptionsFor("ct-errors"), mode);
+    EXPECT_EQ(code(d), Code::kInvalidArgument) << d.status();
+    auto batch = client_->Similarity(g.p.A(), {}, GalleryOptionsFor("ct-errors-3d"), mode);
+    EXPECT_EQ(code(batch), Code::kInvalidArgument) << batch.status();
+    ComputeOptions too_many = GalleryOptionsFor("ct-errors");
+    too_many.top_k = 7;  // M = 6
+    EXPECT_EQ(code(client_->Similarity(g.p.A(), {}, too_many, mode)), Code::kInvalidArgument);
+    // b and a gallery at once: refused by the client before anything is sent.
+    auto both = client_->Similarity(g.p.A(), g.p.B(), GalleryOptionsFor("ct-errors"), mode);
+    EXPECT_EQ(code(both), Code::kInvalidArgument);
+    EXPECT_THAT(both.status().message(), HasSubstr("b must be empty"));
+  }
+  // The server keeps serving, the gallery too.
+  auto ok = client_->Similarity(g.p.A(), {}, GalleryOptionsFor("ct-errors"));
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  ExpectMatchesReference(*ok, ComputeReference(g.p, v1::COSINE), 2e-5);
+  ASSERT_TRUE(client_->DeleteGallery("ct-errors").ok());
+  ASSERT_TRUE(client_->DeleteGallery("ct-errors-3d").ok());
+}
+
+TEST_F(ClientTest, CallsDuringAReplacementSeeOneWholeVersion) {
+  // Two galleries of the same shape swapped under running calls: every result must be
+  // entirely one of them, never a mix.
+  const GalleryProblem x = MakeGalleryProblem(4, 64, 96, 32, 32, /*shared=*/true);
+  GalleryProblem y = MakeGalleryProblem(4, 64, 96, 32, 33, /*shared=*/true);
+  y.p.a = x.p.a;
+  const Reference ref_x = ComputeReference(x.p, v1::DOT);
+  const Reference ref_y = ComputeReference(y.p, v1::DOT);
+  ASSERT_TRUE(client_->RegisterGallery("ct-swap", x.Gallery()).ok());
+  std::atomic<bool> stop{false};
+  std::atomic<int> calls{0};
+  std::atomic<int> bad{0};
+  std::thread reader([&] {
+    for (int i = 0; !stop.load() || i < 4; ++i) {
+      ComputeOptions options = GalleryOptionsFor("ct-swap", v1::DOT);
+      options.max_chunk_bytes = 4096;
+      const CallMode mode = i % 2 == 0 ? CallMode::kStream : CallMode::kUpload;
+      auto result = client_->Similarity(x.p.A(), {}, options, mode);
+      ++calls;
+      if (!result.ok() ||
+          (!MatchesReference(*result, ref_x, 2e-5) && !MatchesReference(*result, ref_y, 2e-5))) {
+        ++bad;
+      }
+    }
+  });
+  for (int i = 0; i < 10; ++i) {
+    ASSERT_TRUE(client_->RegisterGallery("ct-swap", (i % 2 == 0 ? y : x).Gallery()).ok());
+  }
+  stop = true;
+  reader.join();
+  EXPECT_EQ(bad.load(), 0) << "of " << calls.load() << " calls";
+  ASSERT_TRUE(client_->DeleteGallery("ct-swap").ok());
+}
+
 TEST(ClientConnectTest, UnreachableServerIsUnavailable) {
   // A port that nobody listens on: bind an ephemeral port, then close it.
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -846,6 +1264,397 @@ TEST(MalformedResultTest, GapsShortStreamsWrongShapesAndBadSizesAreInternalError
     EXPECT_THAT(result.status().message(), HasSubstr(message));
   }
   server->Shutdown();
+}
+
+// ---- Galleries against a stand-in server: the client's side of the protocol ----
+
+// Records what the gallery RPCs receive and answers them like a server would, but without
+// computing: a gallery computation's result has the registered gallery's M and every value
+// is its own flat index in the output (so placement can be checked exactly). A gallery
+// named "bad-shape" answers with one row too many.
+class FakeGalleryService final : public v1::Similarity::Service {
+ public:
+  static constexpr int64_t kReceiveLimit = 64 << 10;
+  static constexpr int64_t kOverhead = 4096;
+
+  struct Registration {
+    std::vector<v1::RegisterGalleryRequest::PartCase> parts;
+    std::vector<size_t> piece_bytes;
+    std::string data;
+    v1::GalleryHeader header;
+  };
+  struct ComputeSeen {
+    std::string method;
+    bool has_b = false;
+    std::string gallery;
+    int64_t gallery_version = 0;
+    int64_t b_pieces = 0;
+  };
+
+  grpc::Status GetInfo(grpc::ServerContext* /*context*/, const v1::GetInfoRequest* /*request*/,
+                       v1::GetInfoResponse* response) override {
+    response->mutable_limits()->set_max_receive_message_bytes(kReceiveLimit);
+    response->mutable_limits()->set_max_send_message_bytes(int64_t{64} << 20);
+    response->mutable_limits()->set_message_overhead_bytes(kOverhead);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status RegisterGallery(grpc::ServerContext* /*context*/,
+                               grpc::ServerReader<v1::RegisterGalleryRequest>* reader,
+                               v1::GalleryInfo* info) override {
+    Registration seen;
+    v1::RegisterGalleryRequest request;
+    while (reader->Read(&request)) {
+      seen.parts.push_back(request.part_case());
+      if (request.has_header()) {
+        seen.header = request.header();
+      } else {
+        seen.piece_bytes.push_back(request.data().size());
+        seen.data += request.data();
+      }
+    }
+    absl::MutexLock lock(&mu_);
+    const v1::GalleryHeader& h = seen.header;
+    info->set_name(h.name());
+    info->mutable_shape()->CopyFrom(h.shape());
+    info->set_dtype(h.dtype());
+    info->set_storage_dtype(h.storage_dtype());
+    info->set_version(++versions_[h.name()]);
+    info->set_bytes(static_cast<int64_t>(seen.data.size()));
+    galleries_[h.name()] = *info;
+    registrations_.push_back(std::move(seen));
+    return grpc::Status::OK;
+  }
+
+  grpc::Status GetGallery(grpc::ServerContext* /*context*/, const v1::GetGalleryRequest* request,
+                          v1::GalleryInfo* info) override {
+    absl::MutexLock lock(&mu_);
+    ++get_gallery_calls_;
+    const auto it = galleries_.find(request->name());
+    if (it == galleries_.end()) return {grpc::StatusCode::NOT_FOUND, "no such gallery"};
+    *info = it->second;
+    return grpc::Status::OK;
+  }
+
+  grpc::Status Compute(grpc::ServerContext* /*context*/, const v1::ComputeRequest* request,
+                       v1::ComputeResponse* response) override {
+    std::vector<int64_t> shape;
+    if (grpc::Status s = Answer("Compute", *request, 0, &shape); !s.ok()) return s;
+    response->mutable_shape()->Assign(shape.begin(), shape.end());
+    response->set_values_raw(Values(0, Elements(shape)));
+    if (request->top_k() > 0) {
+      response->set_indices_raw(std::string(static_cast<size_t>(Elements(shape)) * 4, '\0'));
+    }
+    return grpc::Status::OK;
+  }
+
+  grpc::Status ComputeStream(grpc::ServerContext* /*context*/, const v1::ComputeRequest* request,
+                             grpc::ServerWriter<v1::ComputeChunk>* writer) override {
+    std::vector<int64_t> shape;
+    if (grpc::Status s = Answer("ComputeStream", *request, 0, &shape); !s.ok()) return s;
+    WriteRows(shape, request->top_k() > 0, writer);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status ComputeUpload(
+      grpc::ServerContext* /*context*/,
+      grpc::ServerReaderWriter<v1::ComputeChunk, v1::UploadRequest>* stream) override {
+    v1::UploadRequest message;
+    v1::ComputeRequest request;
+    int64_t b_pieces = 0;
+    while (stream->Read(&message)) {
+      if (message.has_header()) request = message.header().request();
+      if (message.part_case() == v1::UploadRequest::kBData) ++b_pieces;
+    }
+    std::vector<int64_t> shape;
+    if (grpc::Status s = Answer("ComputeUpload", request, b_pieces, &shape); !s.ok()) return s;
+    WriteRows(shape, request.top_k() > 0, stream);
+    return grpc::Status::OK;
+  }
+
+  std::vector<Registration> registrations() {
+    absl::MutexLock lock(&mu_);
+    return registrations_;
+  }
+  std::vector<ComputeSeen> computes() {
+    absl::MutexLock lock(&mu_);
+    return computes_;
+  }
+  int get_gallery_calls() {
+    absl::MutexLock lock(&mu_);
+    return get_gallery_calls_;
+  }
+
+ private:
+  static int64_t Elements(const std::vector<int64_t>& shape) {
+    return std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<>());
+  }
+  // float32 values first, first + 1, ... as raw bytes.
+  static std::string Values(int64_t first, int64_t count) {
+    std::string raw(static_cast<size_t>(count) * 4, '\0');
+    for (int64_t i = 0; i < count; ++i) {
+      const auto value = static_cast<float>(first + i);
+      std::memcpy(raw.data() + 4 * i, &value, 4);
+    }
+    return raw;
+  }
+
+  // Records the request; the result shape [.., N, M or k] from A and the gallery.
+  grpc::Status Answer(const char* method, const v1::ComputeRequest& request, int64_t b_pieces,
+                      std::vector<int64_t>* shape) {
+    absl::MutexLock lock(&mu_);
+    computes_.push_back(
+        {method, request.has_b(), request.gallery(), request.gallery_version(), b_pieces});
+    const auto it = galleries_.find(request.gallery());
+    if (it == galleries_.end()) return {grpc::StatusCode::NOT_FOUND, "no such gallery"};
+    if (request.gallery_version() != 0 && request.gallery_version() != it->second.version()) {
+      return {grpc::StatusCode::FAILED_PRECONDITION, "version mismatch"};
+    }
+    shape->assign(request.a().shape().begin(), request.a().shape().end() - 1);
+    shape->push_back(request.top_k() > 0 ? request.top_k()
+                                         : it->second.shape(it->second.shape_size() - 2));
+    if (request.gallery() == "bad-shape") ++(*shape)[shape->size() - 2];
+    return grpc::Status::OK;
+  }
+
+  // One chunk per row, the first with the full shape (top-k: all indices 0).
+  template <typename Writer>
+  static void WriteRows(const std::vector<int64_t>& shape, bool top_k, Writer* writer) {
+    const int64_t batches = shape.size() == 3 ? shape[0] : 1;
+    const int64_t rows = shape[shape.size() - 2];
+    const int64_t cols = shape.back();
+    for (int64_t k = 0; k < batches; ++k) {
+      for (int64_t i = 0; i < rows; ++i) {
+        v1::ComputeChunk chunk;
+        if (k == 0 && i == 0) chunk.mutable_shape()->Assign(shape.begin(), shape.end());
+        chunk.set_batch_index(k);
+        chunk.set_row_offset(i);
+        chunk.set_row_count(1);
+        chunk.set_values_raw(Values((k * rows + i) * cols, cols));
+        if (top_k) chunk.set_indices_raw(std::string(static_cast<size_t>(cols) * 4, '\0'));
+        writer->Write(chunk);
+      }
+    }
+  }
+
+  absl::Mutex mu_;
+  std::map<std::string, int64_t> versions_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, v1::GalleryInfo> galleries_ ABSL_GUARDED_BY(mu_);
+  std::vector<Registration> registrations_ ABSL_GUARDED_BY(mu_);
+  std::vector<ComputeSeen> computes_ ABSL_GUARDED_BY(mu_);
+  int get_gallery_calls_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+class FakeGalleryTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port_);
+    builder.RegisterService(&service_);
+    server_ = builder.BuildAndStart();
+    ASSERT_NE(server_, nullptr);
+    auto client = Connect();
+    ASSERT_TRUE(client.ok()) << client.status();
+    client_ = *std::move(client);
+  }
+  void TearDown() override {
+    client_.reset();
+    if (server_ != nullptr) server_->Shutdown();
+  }
+  absl::StatusOr<std::unique_ptr<Client>> Connect(const ClientOptions& options = {}) const {
+    return Client::Connect(absl::StrCat("127.0.0.1:", port_), options);
+  }
+  // Registers a float32 gallery [m, d] (values irrelevant to the stand-in).
+  v1::GalleryInfo Register(Client& client, const std::string& name, int64_t m, int64_t d) {
+    gallery_data_.assign(static_cast<size_t>(m * d), 0.5F);
+    auto info = client.RegisterGallery(name, TensorRef::Float32({m, d}, gallery_data_));
+    EXPECT_TRUE(info.ok()) << info.status();
+    return info.ok() ? *info : v1::GalleryInfo();
+  }
+
+  FakeGalleryService service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<Client> client_;
+  int port_ = 0;
+  std::vector<float> gallery_data_;
+};
+
+// What the stand-in answers for a result of `shape`: value = flat index.
+void ExpectFlatIndexValues(const Result& result, const std::vector<int64_t>& shape) {
+  EXPECT_EQ(result.shape, shape);
+  const std::vector<float> values = result.ValuesAsFloat();
+  ASSERT_EQ(static_cast<int64_t>(values.size()), result.element_count());
+  for (size_t i = 0; i < values.size(); ++i) {
+    ASSERT_EQ(values[i], static_cast<float>(i)) << "element " << i;
+  }
+}
+
+TEST_F(FakeGalleryTest, RegisterSendsTheHeaderFirstThenPiecesWithinTheReceiveLimit) {
+  ClientOptions big_pieces;
+  big_pieces.upload_piece_bytes = 8 * kMiB;  // clamped to 64 KiB - 4096 by the server's limits
+  auto client = Connect(big_pieces);
+  ASSERT_TRUE(client.ok());
+  const Problem p = MakeProblem(1, 1, 500, 100, 3);  // B: 500 x 100 float32 = 200000 bytes
+  GalleryOptions options;
+  options.storage_dtype = v1::BFLOAT16;
+  auto info = (*client)->RegisterGallery("faces-1", p.B(), options);
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->name(), "faces-1");
+  EXPECT_THAT(info->shape(), ::testing::ElementsAre(1, 500, 100));
+  EXPECT_EQ(info->storage_dtype(), v1::BFLOAT16);
+  EXPECT_EQ(info->version(), 1);
+  const auto registrations = service_.registrations();
+  ASSERT_EQ(registrations.size(), 1U);
+  const auto& r = registrations[0];
+  ASSERT_FALSE(r.parts.empty());
+  EXPECT_EQ(r.parts[0], v1::RegisterGalleryRequest::kHeader);
+  EXPECT_EQ(std::count(r.parts.begin(), r.parts.end(), v1::RegisterGalleryRequest::kHeader), 1);
+  EXPECT_EQ(r.header.name(), "faces-1");
+  EXPECT_THAT(r.header.shape(), ::testing::ElementsAre(1, 500, 100));
+  EXPECT_EQ(r.header.dtype(), v1::FLOAT32);
+  EXPECT_EQ(r.header.storage_dtype(), v1::BFLOAT16);
+  constexpr size_t kPiece = FakeGalleryService::kReceiveLimit - FakeGalleryService::kOverhead;
+  EXPECT_THAT(r.piece_bytes, ::testing::ElementsAre(kPiece, kPiece, kPiece, 200000 - 3 * kPiece));
+  ASSERT_EQ(r.data.size(), p.b.size() * 4);
+  EXPECT_EQ(std::memcmp(r.data.data(), p.b.data(), r.data.size()), 0);
+  // Registering again replaces it: version 2.
+  auto again = (*client)->RegisterGallery("faces-1", p.B());
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->version(), 2);
+  // An empty gallery is a header alone (the server judges it).
+  ASSERT_TRUE((*client)->RegisterGallery("empty", TensorRef{{0, 4}, v1::FLOAT32, {}}).ok());
+  EXPECT_THAT(service_.registrations().back().parts,
+              ::testing::ElementsAre(v1::RegisterGalleryRequest::kHeader));
+}
+
+TEST_F(FakeGalleryTest, ComputeWithAGallerySendsNoBAndLearnsMFromTheResult) {
+  Register(*client_, "g", 7, 4);
+  const Problem p = MakeProblem(2, 3, 1, 4, 1);
+  ComputeOptions options;
+  options.gallery = "g";
+  options.gallery_version = 1;
+  for (const CallMode mode :
+       {CallMode::kUnary, CallMode::kStream, CallMode::kUpload, CallMode::kAuto}) {
+    SCOPED_TRACE(Name(mode));
+    auto result = client_->Similarity(p.A(), TensorRef{}, options, mode);
+    ASSERT_TRUE(result.ok()) << result.status();
+    ExpectFlatIndexValues(*result, {2, 3, 7});
+    const auto seen = service_.computes().back();
+    EXPECT_FALSE(seen.has_b);
+    EXPECT_EQ(seen.gallery, "g");
+    EXPECT_EQ(seen.gallery_version, 1);
+    EXPECT_EQ(seen.b_pieces, 0);
+    if (mode != CallMode::kAuto) {
+      EXPECT_EQ(seen.method, mode == CallMode::kUnary    ? "Compute"
+                             : mode == CallMode::kStream ? "ComputeStream"
+                                                         : "ComputeUpload");
+    }
+  }
+  // 2D A: a 2D result.
+  const Problem q = MakeProblem(1, 5, 1, 4, 2, /*two_d=*/true);
+  auto two_d = client_->Compute(q.A(), {}, options);
+  ASSERT_TRUE(two_d.ok()) << two_d.status();
+  ExpectFlatIndexValues(*two_d, {5, 7});
+  // The stand-in's errors come through as they are.
+  options.gallery_version = 5;
+  EXPECT_EQ(client_->Compute(p.A(), {}, options).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  options.gallery = "nope";
+  options.gallery_version = 0;
+  EXPECT_EQ(client_->ComputeStream(p.A(), {}, options).status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+TEST_F(FakeGalleryTest, BWithAGalleryIsInvalidArgumentBeforeAnyCall) {
+  Register(*client_, "g", 7, 4);
+  const Problem p = MakeProblem(2, 3, 7, 4, 1);
+  ComputeOptions options;
+  options.gallery = "g";
+  for (const CallMode mode :
+       {CallMode::kAuto, CallMode::kUnary, CallMode::kStream, CallMode::kUpload}) {
+    auto result = client_->Similarity(p.A(), p.B(), options, mode);
+    EXPECT_EQ(result.status().code(), absl::StatusCode::kInvalidArgument) << Name(mode);
+    EXPECT_THAT(result.status().message(), HasSubstr("b must be empty"));
+  }
+  const TensorRef rank1 = TensorRef::Float32({static_cast<int64_t>(p.a.size())}, p.a);
+  auto rank = client_->Similarity(rank1, {}, options);
+  EXPECT_EQ(rank.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(rank.status().message(), HasSubstr("a must be 2D"));
+  EXPECT_TRUE(service_.computes().empty());
+}
+
+TEST_F(FakeGalleryTest, OutputRefThatDoesNotFitTheGallerysResultIsFailedPrecondition) {
+  const v1::GalleryInfo info = Register(*client_, "g", 7, 4);
+  const Problem p = MakeProblem(2, 3, 1, 4, 1);
+  ComputeOptions options;
+  options.gallery = "g";
+  const std::vector<int64_t> gallery_shape(info.shape().begin(), info.shape().end());
+  auto spec = OutputSize(p.AShape(), gallery_shape, options);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->shape, (std::vector<int64_t>{2, 3, 7}));  // a 2D gallery with a 3D A
+  ByteVector values(static_cast<size_t>(spec->values_bytes));
+  for (const CallMode mode : {CallMode::kUnary, CallMode::kStream, CallMode::kUpload}) {
+    auto fits = client_->Similarity(p.A(), {}, options, OutputRef{values, {}}, mode);
+    ASSERT_TRUE(fits.ok()) << Name(mode) << ": " << fits.status();
+    EXPECT_EQ(fits->shape, spec->shape);
+    float last = 0;
+    std::memcpy(&last, values.data() + values.size() - 4, 4);
+    EXPECT_EQ(last, 41.0F);
+  }
+  Register(*client_, "g", 9, 4);  // replaced by one of another M
+  for (const CallMode mode : {CallMode::kUnary, CallMode::kStream, CallMode::kUpload}) {
+    auto stale = client_->Similarity(p.A(), {}, options, OutputRef{values, {}}, mode);
+    EXPECT_EQ(stale.status().code(), absl::StatusCode::kFailedPrecondition) << Name(mode);
+    EXPECT_THAT(stale.status().message(), HasSubstr("does not fit the OutputRef"));
+    EXPECT_THAT(stale.status().message(), HasSubstr("needs 216"));
+  }
+  // Top-k is sized without the gallery: checked before the call, as always.
+  options.top_k = 2;
+  auto top = client_->Similarity(p.A(), {}, options, OutputRef{values, {}});
+  EXPECT_EQ(top.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(FakeGalleryTest, ResultShapeOtherThanAsRowsIsInternal) {
+  Register(*client_, "bad-shape", 7, 4);
+  const Problem p = MakeProblem(2, 3, 1, 4, 1);
+  ComputeOptions options;
+  options.gallery = "bad-shape";
+  for (const CallMode mode : {CallMode::kUnary, CallMode::kStream, CallMode::kUpload}) {
+    auto result = client_->Similarity(p.A(), {}, options, mode);
+    EXPECT_EQ(result.status().code(), absl::StatusCode::kInternal) << Name(mode);
+    EXPECT_THAT(result.status().message(), HasSubstr("shape [2,4,7], expected [2,3,M]"));
+  }
+}
+
+TEST_F(FakeGalleryTest, AutoSizesAGalleryResultFromItsLastSeenShape) {
+  // Registered by another client: this one asks GetGallery once, then uses what it saw.
+  auto other = Connect();
+  ASSERT_TRUE(other.ok());
+  Register(**other, "wide", 3000, 4);
+  Register(**other, "narrow", 5, 4);
+  const Problem p = MakeProblem(1, 100, 1, 4, 1);  // dense result 100 x 3000 floats = 1.2 MB
+  ComputeOptions options;
+  options.gallery = "wide";
+  auto wide = client_->Similarity(p.A(), {}, options);
+  ASSERT_TRUE(wide.ok()) << wide.status();
+  EXPECT_EQ(wide->mode, CallMode::kStream);  // over auto_unary_max_bytes (1 MiB)
+  ExpectFlatIndexValues(*wide, {1, 100, 3000});
+  EXPECT_EQ(service_.get_gallery_calls(), 1);
+  options.gallery = "narrow";
+  auto narrow = client_->Similarity(p.A(), {}, options);
+  ASSERT_TRUE(narrow.ok()) << narrow.status();
+  EXPECT_EQ(narrow->mode, CallMode::kUnary);
+  EXPECT_EQ(service_.get_gallery_calls(), 2);
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(client_->Similarity(p.A(), {}, options).ok());
+  EXPECT_EQ(service_.get_gallery_calls(), 2);  // cached
+  // Top-k needs no gallery shape; an unknown gallery is the server's NOT_FOUND.
+  options.top_k = 3;
+  options.gallery = "wide";
+  ASSERT_TRUE(client_->Similarity(p.A(), {}, options).ok());
+  EXPECT_EQ(service_.get_gallery_calls(), 2);
+  options.top_k = 0;
+  options.gallery = "missing";
+  EXPECT_EQ(client_->Similarity(p.A(), {}, options).status().code(), absl::StatusCode::kNotFound);
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
-// simserve-cli: computes the similarity of two .npy tensors on a simserve server and writes
-// the .npy result, printing client and server timings. `simserve-cli --help` lists flags.
+// simserve-cli: computes the similarity of two .npy tensors (or of one and a gallery kept on
+// the server) on a simserve server and writes the .npy result, printing client and server
+// timings; registers, lists, shows and deletes galleries. `simserve-cli --help` lists flags.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -20,9 +21,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/time/time.h"
 #include "client/client.h"
 #include "client/dtype.h"
 #include "client/npy.h"
+#include "google/protobuf/util/json_util.h"
 #include "kernels/dtype.h"
 
 ABSL_FLAG(std::string, target, "localhost:50051", "Server address, host:port.");
@@ -30,7 +33,9 @@ ABSL_FLAG(std::string, a, "",
           "Input A: .npy of shape [batch, N, D] or [N, D] "
           "(float32; float64 is converted to float32; float16 is sent as float16 if the "
           "server accepts it, else converted).");
-ABSL_FLAG(std::string, b, "", "Input B: .npy of shape [batch, M, D] or [M, D].");
+ABSL_FLAG(std::string, b, "",
+          "Input B: .npy of shape [batch, M, D] or [M, D]; with --register_gallery the "
+          "gallery to upload. Not with --gallery.");
 ABSL_FLAG(std::string, out, "",
           "Output .npy for the result S [batch, N, M] (or [.., k] with --top_k): float32, "
           "float16 for --output_dtype float16, bfloat16 output is widened to float32. "
@@ -57,6 +62,23 @@ ABSL_FLAG(int, repeat, 1,
           "Run the computation this many times on one connection and print the median "
           "(benchmarking); the result of the last run is written.");
 ABSL_FLAG(bool, info, false, "Print the server's GetInfo (version, ISA, limits) and exit.");
+ABSL_FLAG(std::string, gallery, "",
+          "Compute A against this gallery on the server (registered with --register_gallery "
+          "or loaded from the server's --gallery_dir) instead of sending --b.");
+ABSL_FLAG(int64_t, gallery_version, 0,
+          "With --gallery: 0 = the current version; else it must be the current one "
+          "(FAILED_PRECONDITION otherwise).");
+ABSL_FLAG(std::string, register_gallery, "",
+          "Upload --b as the gallery of this name ([A-Za-z0-9._-]{1,128}; an existing one is "
+          "replaced and its version bumped), print what the server holds and exit.");
+ABSL_FLAG(std::string, storage_dtype, "float32",
+          "With --register_gallery: float32 (exact) | bfloat16 | float16 (half the memory).");
+ABSL_FLAG(bool, list_galleries, false, "List the server's galleries and exit.");
+ABSL_FLAG(std::string, get_gallery, "", "Print the gallery of this name and exit.");
+ABSL_FLAG(std::string, delete_gallery, "",
+          "Delete the uploaded gallery of this name, print what was removed and exit.");
+ABSL_FLAG(bool, json, false,
+          "Print --info and the gallery commands' answers as JSON (proto field names).");
 
 namespace {
 
@@ -81,13 +103,13 @@ absl::StatusOr<v1::Metric> ParseMetric(std::string name) {
       absl::StrCat("--metric: '", name, "' is not cosine|dot|euclidean|sqeuclidean"));
 }
 
-absl::StatusOr<v1::DataType> ParseDataType(std::string name) {
+absl::StatusOr<v1::DataType> ParseDataType(std::string name, const char* flag) {
   absl::AsciiStrToLower(&name);
   if (name == "float32" || name == "fp32" || name == "f32") return v1::FLOAT32;
   if (name == "bfloat16" || name == "bf16") return v1::BFLOAT16;
   if (name == "float16" || name == "fp16" || name == "f16" || name == "half") return v1::FLOAT16;
   return absl::InvalidArgumentError(
-      absl::StrCat("--output_dtype: '", name, "' is not float32|bfloat16|float16"));
+      absl::StrCat(flag, ": '", name, "' is not float32|bfloat16|float16"));
 }
 
 absl::StatusOr<v1::Precision> ParsePrecision(std::string name) {
@@ -291,10 +313,68 @@ void PrintInfo(const v1::GetInfoResponse& info) {
       "  default_chunk_bytes        %d\n"
       "  max_queued_requests        %d\n"
       "  max_inflight_bytes         %d\n"
-      "  message_overhead_bytes     %d\n",
+      "  message_overhead_bytes     %d\n"
+      "  max_gallery_bytes          %d\n",
       l.max_receive_message_bytes(), l.max_send_message_bytes(), l.max_input_elements(),
       l.max_output_bytes(), l.max_flops(), l.max_chunk_bytes(), l.default_chunk_bytes(),
-      l.max_queued_requests(), l.max_inflight_bytes(), l.message_overhead_bytes());
+      l.max_queued_requests(), l.max_inflight_bytes(), l.message_overhead_bytes(),
+      l.max_gallery_bytes());
+}
+
+// A Unix-milliseconds time as UTC ISO 8601, or "-" for 0 (never).
+std::string UnixMs(int64_t ms) {
+  if (ms == 0) return "-";
+  return absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::FromUnixMillis(ms), absl::UTCTimeZone());
+}
+
+void PrintGallery(const v1::GalleryInfo& g) {
+  absl::PrintF(
+      "name             %s\n"
+      "shape            [%s]\n"
+      "dtype            %s\n"
+      "storage_dtype    %s\n"
+      "version          %d\n"
+      "bytes            %d\n"
+      "source           %s\n"
+      "path             %s\n"
+      "registered       %s\n"
+      "last_used        %s\n"
+      "prepare_seconds  %.6f\n",
+      g.name(), absl::StrJoin(g.shape(), ", "), v1::DataType_Name(g.dtype()),
+      v1::DataType_Name(g.storage_dtype()), g.version(), g.bytes(),
+      v1::GallerySource_Name(g.source()), g.path().empty() ? "-" : g.path(),
+      UnixMs(g.registered_unix_ms()), UnixMs(g.last_used_unix_ms()), g.prepare_seconds());
+}
+
+void PrintGalleryTable(const std::vector<v1::GalleryInfo>& galleries) {
+  absl::PrintF("%-24s %-18s %-9s %7s %12s %-9s %s\n", "NAME", "SHAPE", "STORAGE", "VERSION",
+               "BYTES", "SOURCE", "LAST_USED");
+  int64_t total = 0;
+  for (const v1::GalleryInfo& g : galleries) {
+    absl::PrintF("%-24s %-18s %-9s %7d %12d %-9s %s\n", g.name(),
+                 absl::StrCat("[", absl::StrJoin(g.shape(), ","), "]"),
+                 v1::DataType_Name(g.storage_dtype()), g.version(), g.bytes(),
+                 v1::GallerySource_Name(g.source()), UnixMs(g.last_used_unix_ms()));
+    total += g.bytes();
+  }
+  absl::PrintF("%d galler%s, %d bytes\n", galleries.size(), galleries.size() == 1 ? "y" : "ies",
+               total);
+}
+
+// Prints `message` as one JSON object (proto field names, defaults included).
+int PrintJson(const google::protobuf::Message& message) {
+  google::protobuf::util::JsonPrintOptions options;
+  options.preserve_proto_field_names = true;
+  options.always_print_primitive_fields = true;
+  options.add_whitespace = true;
+  std::string json;
+  const auto status = google::protobuf::util::MessageToJsonString(message, &json, options);
+  if (!status.ok()) {
+    absl::FPrintF(stderr, "simserve-cli: JSON: %s\n", status.ToString());
+    return 1;
+  }
+  absl::PrintF("%s", json);
+  return 0;
 }
 
 int Fail(const absl::Status& status, const char* what) {
@@ -307,12 +387,84 @@ int UsageError(const absl::Status& status) {
   return kExitUsage;
 }
 
+// Whether the server accepts float16 inputs (GetInfo), asked only when a file is float16.
+absl::StatusOr<bool> AcceptsFloat16(simserve::Client& client) {
+  auto info = client.GetInfo();
+  if (!info.ok()) return info.status();
+  return std::find(info->input_dtypes().begin(), info->input_dtypes().end(), v1::FLOAT16) !=
+         info->input_dtypes().end();
+}
+
+bool IsFloat16(const simserve::npy::MappedFile& file) {
+  return file.layout().dtype == simserve::npy::DType::kFloat16;
+}
+
+// --register_gallery, --get_gallery, --delete_gallery, --list_galleries: one call, its answer
+// printed as text or JSON.
+int GalleryCommand(simserve::Client& client, absl::Duration timeout, v1::DataType storage_dtype) {
+  const bool json = absl::GetFlag(FLAGS_json);
+  if (absl::GetFlag(FLAGS_list_galleries)) {
+    auto galleries = client.ListGalleries(timeout);
+    if (!galleries.ok()) return Fail(galleries.status(), "ListGalleries");
+    if (!json) {
+      PrintGalleryTable(*galleries);
+      return 0;
+    }
+    v1::ListGalleriesResponse response;
+    for (v1::GalleryInfo& g : *galleries) *response.add_galleries() = std::move(g);
+    return PrintJson(response);
+  }
+  if (const std::string name = absl::GetFlag(FLAGS_delete_gallery); !name.empty()) {
+    auto deleted = client.DeleteGallery(name, timeout);
+    if (!deleted.ok()) return Fail(deleted.status(), "DeleteGallery");
+    if (json) {
+      v1::DeleteGalleryResponse response;
+      *response.mutable_deleted() = *std::move(deleted);
+      return PrintJson(response);
+    }
+    absl::PrintF("deleted:\n");
+    PrintGallery(*deleted);
+    return 0;
+  }
+  absl::StatusOr<v1::GalleryInfo> info;
+  if (const std::string name = absl::GetFlag(FLAGS_get_gallery); !name.empty()) {
+    info = client.GetGallery(name, timeout);
+    if (!info.ok()) return Fail(info.status(), "GetGallery");
+  } else {
+    const std::string path = absl::GetFlag(FLAGS_b);
+    auto file = simserve::npy::MappedFile::Open(path);
+    if (!file.ok()) return Fail(file.status(), "reading --b");
+    bool send_fp16 = false;
+    if (IsFloat16(*file)) {
+      auto accepts = AcceptsFloat16(client);
+      if (!accepts.ok()) return Fail(accepts.status(), "GetInfo");
+      send_fp16 = *accepts;
+    }
+    auto gallery = MakeInput(*std::move(file), path, send_fp16);
+    if (!gallery.ok()) return Fail(gallery.status(), "reading --b");
+    const auto start = std::chrono::steady_clock::now();
+    info = client.RegisterGallery(absl::GetFlag(FLAGS_register_gallery), gallery->Ref(),
+                                  simserve::GalleryOptions{storage_dtype, timeout});
+    if (!info.ok()) return Fail(info.status(), "RegisterGallery");
+    if (!json) {
+      absl::PrintF("registered %s (%.3f MB as %s) in %.2f ms:\n", path,
+                   static_cast<double>(gallery->Ref().data.size()) / 1e6,
+                   DataTypeName(gallery->dtype), MillisSince(start));
+    }
+  }
+  if (json) return PrintJson(*info);
+  PrintGallery(*info);
+  return 0;
+}
+
 int Run() {
   simserve::ComputeOptions options;
   auto metric = ParseMetric(absl::GetFlag(FLAGS_metric));
   if (!metric.ok()) return UsageError(metric.status());
-  auto output_dtype = ParseDataType(absl::GetFlag(FLAGS_output_dtype));
+  auto output_dtype = ParseDataType(absl::GetFlag(FLAGS_output_dtype), "--output_dtype");
   if (!output_dtype.ok()) return UsageError(output_dtype.status());
+  auto storage_dtype = ParseDataType(absl::GetFlag(FLAGS_storage_dtype), "--storage_dtype");
+  if (!storage_dtype.ok()) return UsageError(storage_dtype.status());
   auto precision = ParsePrecision(absl::GetFlag(FLAGS_precision));
   if (!precision.ok()) return UsageError(precision.status());
   auto mode = ParseMode(absl::GetFlag(FLAGS_mode));
@@ -334,10 +486,49 @@ int Run() {
   options.epsilon = static_cast<float>(absl::GetFlag(FLAGS_epsilon));
   options.max_chunk_bytes = static_cast<uint32_t>(max_chunk);
   options.timeout = absl::Milliseconds(timeout_ms);
+  options.gallery = absl::GetFlag(FLAGS_gallery);
+  options.gallery_version = absl::GetFlag(FLAGS_gallery_version);
 
-  const bool info_only = absl::GetFlag(FLAGS_info);
-  if (!info_only && (absl::GetFlag(FLAGS_a).empty() || absl::GetFlag(FLAGS_b).empty())) {
-    return UsageError(absl::InvalidArgumentError("--a and --b are required (or --info)"));
+  // One command per run: a computation (the default) or one of these.
+  std::vector<std::string> commands;
+  if (absl::GetFlag(FLAGS_info)) commands.emplace_back("--info");
+  if (absl::GetFlag(FLAGS_list_galleries)) commands.emplace_back("--list_galleries");
+  for (const auto& [flag, value] :
+       {std::pair{"--get_gallery", absl::GetFlag(FLAGS_get_gallery)},
+        std::pair{"--delete_gallery", absl::GetFlag(FLAGS_delete_gallery)},
+        std::pair{"--register_gallery", absl::GetFlag(FLAGS_register_gallery)}}) {
+    if (!value.empty()) commands.emplace_back(flag);
+  }
+  if (commands.size() > 1) {
+    return UsageError(absl::InvalidArgumentError(
+        absl::StrCat("one command at a time, got ", absl::StrJoin(commands, " and "))));
+  }
+  const bool has_a = !absl::GetFlag(FLAGS_a).empty();
+  const bool has_b = !absl::GetFlag(FLAGS_b).empty();
+  const bool registering = !absl::GetFlag(FLAGS_register_gallery).empty();
+  if (!commands.empty() && (has_a || !options.gallery.empty())) {
+    return UsageError(absl::InvalidArgumentError(
+        absl::StrCat("--a and --gallery are for computing, not for ", commands[0])));
+  }
+  if (registering != has_b && !commands.empty()) {
+    return UsageError(absl::InvalidArgumentError(
+        registering
+            ? "--register_gallery needs --b (the .npy to upload)"
+            : absl::StrCat("--b is for computing or --register_gallery, not for ", commands[0])));
+  }
+  if (commands.empty()) {
+    if (has_b && !options.gallery.empty()) {
+      return UsageError(absl::InvalidArgumentError(
+          "--b and --gallery both name B: give one (the gallery plays B on the server)"));
+    }
+    if (!has_a || (!has_b && options.gallery.empty())) {
+      return UsageError(absl::InvalidArgumentError(
+          "--a and --b are required (or --a and --gallery; or --info, --list_galleries, "
+          "--get_gallery, --delete_gallery, --register_gallery)"));
+    }
+  }
+  if (options.gallery_version != 0 && options.gallery.empty()) {
+    return UsageError(absl::InvalidArgumentError("--gallery_version needs --gallery"));
   }
 
   simserve::ClientOptions client_options;
@@ -347,36 +538,56 @@ int Run() {
   auto client = simserve::Client::Connect(target, client_options);
   if (!client.ok()) return Fail(client.status(), "connect");
 
-  if (info_only) {
+  if (absl::GetFlag(FLAGS_info)) {
     auto info = (*client)->GetInfo();
     if (!info.ok()) return Fail(info.status(), "GetInfo");
+    if (absl::GetFlag(FLAGS_json)) return PrintJson(*info);
     PrintInfo(*info);
     return 0;
+  }
+  if (!commands.empty()) {
+    return GalleryCommand(**client, absl::Milliseconds(timeout_ms), *storage_dtype);
   }
 
   const auto load_start = std::chrono::steady_clock::now();
   auto a_array = simserve::npy::MappedFile::Open(absl::GetFlag(FLAGS_a));
   if (!a_array.ok()) return Fail(a_array.status(), "reading --a");
-  auto b_array = simserve::npy::MappedFile::Open(absl::GetFlag(FLAGS_b));
-  if (!b_array.ok()) return Fail(b_array.status(), "reading --b");
-  // float16 files go over the wire as float16 only if both are float16 and the server
-  // accepts float16 inputs; otherwise they are widened to float32 (exactly).
+  std::optional<simserve::npy::MappedFile> b_array;
+  // B's shape: the second file's, or the gallery's as the server reports it (the result is
+  // sized from it; a gallery replaced by one of another M before the call fails cleanly).
+  std::vector<int64_t> b_shape;
+  if (options.gallery.empty()) {
+    auto opened = simserve::npy::MappedFile::Open(absl::GetFlag(FLAGS_b));
+    if (!opened.ok()) return Fail(opened.status(), "reading --b");
+    b_array = *std::move(opened);
+  } else {
+    auto gallery = (*client)->GetGallery(options.gallery);
+    if (!gallery.ok()) return Fail(gallery.status(), "GetGallery");
+    b_shape.assign(gallery->shape().begin(), gallery->shape().end());
+  }
+  // float16 files go over the wire as float16 only if every file sent is float16 and the
+  // server accepts float16 inputs; otherwise they are widened to float32 (exactly).
   bool send_fp16 = false;
-  if (a_array->layout().dtype == simserve::npy::DType::kFloat16 &&
-      b_array->layout().dtype == simserve::npy::DType::kFloat16) {
-    auto info = (*client)->GetInfo();
-    if (!info.ok()) return Fail(info.status(), "GetInfo");
-    send_fp16 = std::find(info->input_dtypes().begin(), info->input_dtypes().end(), v1::FLOAT16) !=
-                info->input_dtypes().end();
+  if (IsFloat16(*a_array) && (!b_array.has_value() || IsFloat16(*b_array))) {
+    auto accepts = AcceptsFloat16(**client);
+    if (!accepts.ok()) return Fail(accepts.status(), "GetInfo");
+    send_fp16 = *accepts;
   }
   auto a = MakeInput(*std::move(a_array), absl::GetFlag(FLAGS_a), send_fp16);
   if (!a.ok()) return Fail(a.status(), "reading --a");
-  auto b = MakeInput(*std::move(b_array), absl::GetFlag(FLAGS_b), send_fp16);
-  if (!b.ok()) return Fail(b.status(), "reading --b");
+  std::optional<Input> b;
+  if (b_array.has_value()) {
+    auto made = MakeInput(*std::move(b_array), absl::GetFlag(FLAGS_b), send_fp16);
+    if (!made.ok()) return Fail(made.status(), "reading --b");
+    b = *std::move(made);
+    b_shape = b->Ref().shape;
+  }
+  // With --gallery, B is empty: the gallery on the server plays it.
+  const simserve::TensorRef b_ref = b.has_value() ? b->Ref() : simserve::TensorRef{};
   const double load_ms = MillisSince(load_start);
 
   const std::string out = absl::GetFlag(FLAGS_out);
-  auto spec = simserve::OutputSize(a->Ref().shape, b->Ref().shape, options);
+  auto spec = simserve::OutputSize(a->Ref().shape, b_shape, options);
   if (!spec.ok()) return Fail(spec.status(), "Similarity");
   const auto create_start = std::chrono::steady_clock::now();
   auto output = Output::Create(*spec, out, absl::GetFlag(FLAGS_indices_out));
@@ -386,7 +597,7 @@ int Run() {
   std::vector<double> walls;
   absl::StatusOr<simserve::CallInfo> result;
   for (int i = 0; i < repeat; ++i) {
-    result = (*client)->Similarity(a->Ref(), b->Ref(), options, output->ref(), *mode);
+    result = (*client)->Similarity(a->Ref(), b_ref, options, output->ref(), *mode);
     if (!result.ok()) {
       output->Discard();
       return Fail(result.status(), "Similarity");
@@ -404,13 +615,14 @@ int Run() {
   }
   save_ms += MillisSince(finish_start);
 
-  const double in_mb = static_cast<double>(a->Ref().data.size() + b->Ref().data.size()) / 1e6;
+  const double in_mb = static_cast<double>(a->Ref().data.size() + b_ref.data.size()) / 1e6;
   const double out_mb = static_cast<double>(output->wire_bytes()) / 1e6;
   std::sort(walls.begin(), walls.end());
   const double median = walls[walls.size() / 2];
-  absl::PrintF("result: shape [%s] %s via %s (%d message%s)%s%s\n",
+  absl::PrintF("result: shape [%s] %s via %s (%d message%s)%s%s%s\n",
                absl::StrJoin(result->shape, ", "), DataTypeName(result->dtype),
                simserve::Name(result->mode), result->chunks, result->chunks == 1 ? "" : "s",
+               options.gallery.empty() ? "" : absl::StrCat(" against gallery ", options.gallery),
                out.empty() ? "" : " -> ", out);
   const std::string median_note =
       repeat > 1 ? absl::StrFormat(" (median of %d: %.2f ms)", repeat, median) : "";
@@ -436,6 +648,9 @@ int main(int argc, char** argv) {
       "  simserve-cli --target localhost:50051 --a a.npy --b b.npy --out s.npy "
       "--metric cosine\n"
       "  simserve-cli --target localhost:50051 --info\n"
+      "  simserve-cli --register_gallery faces --b faces.npy --storage_dtype bfloat16\n"
+      "  simserve-cli --a queries.npy --gallery faces --top_k 10 --out top.npy\n"
+      "  simserve-cli --list_galleries | --get_gallery faces | --delete_gallery faces\n"
       "Exit status: 0 success, 1 call or file error, 2 usage error.");
   const std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
   if (positional.size() > 1) {

@@ -120,7 +120,8 @@ grpc::ByteBuffer EncodeComputeRequest(const v1::ComputeRequest& request,
     if (!data.empty()) slices.push_back(StaticSlice(data));
   };
   add_tensor(v1::ComputeRequest::kAFieldNumber, request.a(), a_data);
-  add_tensor(v1::ComputeRequest::kBFieldNumber, request.b(), b_data);
+  // A gallery plays B: then `b` must be absent from the message, not an empty tensor.
+  if (request.has_b()) add_tensor(v1::ComputeRequest::kBFieldNumber, request.b(), b_data);
   v1::ComputeRequest options = request;
   options.clear_a();
   options.clear_b();
@@ -141,6 +142,22 @@ grpc::ByteBuffer EncodeUploadPiece(UploadField field, std::span<const std::byte>
 grpc::ByteBuffer EncodeMessage(const google::protobuf::MessageLite& message) {
   const grpc::Slice slice = CopySlice(message.SerializeAsString());
   return grpc::ByteBuffer(&slice, 1);
+}
+
+absl::Status DecodeMessage(const grpc::ByteBuffer& buffer, google::protobuf::MessageLite* message) {
+  std::vector<grpc::Slice> slices;
+  if (!buffer.Dump(&slices).ok()) {
+    return Malformed(message->GetTypeName().c_str(), "cannot read the message buffer");
+  }
+  std::string bytes;
+  bytes.reserve(buffer.Length());
+  for (const grpc::Slice& slice : slices) {
+    bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+  }
+  if (!message->ParseFromString(bytes)) {
+    return Malformed(message->GetTypeName().c_str(), "not a valid protobuf message");
+  }
+  return absl::OkStatus();
 }
 
 struct ResultDecoder::Fields {

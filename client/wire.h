@@ -21,21 +21,28 @@ namespace simserve::wire {
 
 // A serialized ComputeRequest with `a_data` / `b_data` as the tensors' raw bytes.
 // `request` carries everything else (shapes, dtypes, options) and must have no tensor data.
+// A request without `b` (a gallery plays B) encodes no `b` at all and ignores `b_data`.
 // The data is referenced, not copied: it must outlive the call that sends the buffer.
 grpc::ByteBuffer EncodeComputeRequest(const v1::ComputeRequest& request,
                                       std::span<const std::byte> a_data,
                                       std::span<const std::byte> b_data);
 
-// A serialized UploadRequest whose `a_data` (field 2) or `b_data` (field 3) holds `piece`,
-// referenced, not copied (same lifetime rule as above).
+// A serialized piece of a client stream: an UploadRequest whose `a_data` or `b_data`, or a
+// RegisterGalleryRequest whose `data` holds `piece`, referenced, not copied (same lifetime
+// rule as above).
 enum class UploadField {
   kAData = v1::UploadRequest::kADataFieldNumber,
   kBData = v1::UploadRequest::kBDataFieldNumber,
+  kGalleryData = v1::RegisterGalleryRequest::kDataFieldNumber,
 };
 grpc::ByteBuffer EncodeUploadPiece(UploadField field, std::span<const std::byte> piece);
 
 // Serializes any message into a buffer (copying; for small messages such as headers).
 grpc::ByteBuffer EncodeMessage(const google::protobuf::MessageLite& message);
+
+// Parses a received buffer into `message` (copying; for small messages such as GalleryInfo).
+// INTERNAL if the bytes are not a valid `message`.
+absl::Status DecodeMessage(const grpc::ByteBuffer& buffer, google::protobuf::MessageLite* message);
 
 // A position inside a received message, for copying a bytes field out of it later.
 struct SlicePosition {

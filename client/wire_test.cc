@@ -88,6 +88,53 @@ TEST(WireTest, EncodedUploadPiecesParseWithProtobuf) {
   EXPECT_EQ(parsed.header().request().top_k(), 3U);
 }
 
+TEST(WireTest, GalleryComputeRequestHasNoBAtAll) {
+  // A gallery plays B: `b` must be absent (has_b() false on the server), not an empty tensor.
+  v1::ComputeRequest header;
+  header.mutable_a()->add_shape(3);
+  header.mutable_a()->add_shape(4);
+  header.set_gallery("faces.v2");
+  header.set_gallery_version(7);
+  header.set_top_k(2);
+  const std::string a_data(48, 'a');
+  v1::ComputeRequest parsed;
+  ASSERT_TRUE(parsed.ParseFromString(Flatten(EncodeComputeRequest(header, Bytes(a_data), {}))));
+  EXPECT_FALSE(parsed.has_b());
+  EXPECT_EQ(parsed.a().raw(), a_data);
+  EXPECT_EQ(parsed.gallery(), "faces.v2");
+  EXPECT_EQ(parsed.gallery_version(), 7);
+  EXPECT_EQ(parsed.top_k(), 2U);
+  // Data offered for an absent b is not encoded either.
+  ASSERT_TRUE(parsed.ParseFromString(
+      Flatten(EncodeComputeRequest(header, Bytes(a_data), Bytes(std::string(8, 'b'))))));
+  EXPECT_FALSE(parsed.has_b());
+}
+
+TEST(WireTest, GalleryPiecesAndMessagesRoundTrip) {
+  const std::string big(200000, 'g');
+  v1::RegisterGalleryRequest parsed;
+  ASSERT_TRUE(
+      parsed.ParseFromString(Flatten(EncodeUploadPiece(UploadField::kGalleryData, Bytes(big)))));
+  EXPECT_EQ(parsed.part_case(), v1::RegisterGalleryRequest::kData);
+  EXPECT_EQ(parsed.data(), big);
+
+  v1::GalleryInfo info;
+  info.set_name("g");
+  info.add_shape(1000);
+  info.add_shape(64);
+  info.set_version(3);
+  info.set_source(v1::DIRECTORY);
+  info.set_prepare_seconds(0.25);
+  const std::string bytes = info.SerializeAsString();
+  v1::GalleryInfo decoded;
+  ASSERT_TRUE(DecodeMessage(Split(bytes, {1, 5}), &decoded).ok());
+  EXPECT_EQ(decoded.SerializeAsString(), bytes);
+  const absl::Status truncated =
+      DecodeMessage(Split(bytes.substr(0, bytes.size() - 1), {}), &decoded);
+  EXPECT_EQ(truncated.code(), absl::StatusCode::kInternal);
+  EXPECT_THAT(truncated.message(), ::testing::HasSubstr("simserve.v1.GalleryInfo"));
+}
+
 TEST(WireTest, DecodesChunksSerializedByProtobufAcrossSliceBoundaries) {
   v1::ComputeChunk chunk;
   chunk.add_shape(100);

@@ -28,7 +28,7 @@ VALIDATE="$WORK/validate"
 declare -A FLAGS=(
   [base]="-min-replicas 1 -max-replicas 1 -require-kinds Deployment,Service"
   [dev]="-min-replicas 1 -max-replicas 1 -require-kinds Namespace,Deployment,Service -forbid-kinds HorizontalPodAutoscaler"
-  [prod]="-min-replicas 2 -require-kinds Namespace,Deployment,Service,HorizontalPodAutoscaler,PodDisruptionBudget,ServiceMonitor,NetworkPolicy"
+  [prod]="-min-replicas 2 -require-kinds Namespace,Deployment,Service,HorizontalPodAutoscaler,PodDisruptionBudget,ServiceMonitor,NetworkPolicy,PersistentVolumeClaim"
 )
 for name in base dev prod; do
   dir="$K8S/overlays/$name"
@@ -92,4 +92,34 @@ expect_fail policy-no-omp dev 's/- name: OMP_NUM_THREADS/- name: OMP_THREAD_LIMI
   'env OMP_NUM_THREADS must come from resourceFieldRef limits.cpu'
 expect_fail policy-hpa-with-replicas prod 's/^  revisionHistoryLimit: 5$/  replicas: 4\n&/' \
   'spec.replicas must be unset when HorizontalPodAutoscaler/simserve scales it'
+# Galleries: dev has the init-container + emptyDir variant, prod the ReadOnlyMany claim.
+grep -q 'name: SIMSERVE_GALLERY_DIR' "$WORK/dev.yaml" || die "dev renders no gallery directory"
+grep -q 'image: simserve-galleries:dev' "$WORK/dev.yaml" || die "dev's gallery init image not set"
+grep -q 'claimName: simserve-galleries' "$WORK/prod.yaml" || die "prod mounts no gallery claim"
+expect_fail gallery-claim-rwo prod 's/- ReadOnlyMany/- ReadWriteOnce/' \
+  'accessModes must include ReadOnlyMany'
+expect_fail gallery-claim-missing prod 's/claimName: simserve-galleries/claimName: galleries-typo/' \
+  'PersistentVolumeClaim "galleries-typo" is not rendered'
+expect_fail gallery-claim-writable prod '/claimName: simserve-galleries/{n;s/readOnly: true/readOnly: false/}' \
+  'persistentVolumeClaim.readOnly must be true'
+expect_fail gallery-mount-writable dev 's/readOnly: true/readOnly: false/' \
+  'the gallery directory /var/lib/simserve/galleries must be mounted readOnly'
+expect_fail gallery-dir-not-mounted dev 's|value: /var/lib/simserve/galleries|value: /galleries|' \
+  'env SIMSERVE_GALLERY_DIR=/galleries is not a volume mount'
+expect_fail gallery-emptydir-tmpfs dev 's/^\( *\)sizeLimit: 2Gi$/\1medium: Memory\n&/' \
+  'a tmpfs emptyDir would count against the memory limit'
+expect_fail gallery-emptydir-unbounded dev 's/^\( *\)sizeLimit: 2Gi$/\1medium: ""/' \
+  'the gallery emptyDir needs a sizeLimit'
+expect_fail gallery-not-filled dev '/^      initContainers:$/,/^      securityContext:$/{/^        - mountPath: \/var\/lib\/simserve\/galleries$/{N;s/$/\n          readOnly: true/}}' \
+  'no init container mounts the gallery emptyDir writable'
+expect_fail gallery-memory-over-limit dev '/name: SIMSERVE_GALLERY_MEMORY_BYTES/{n;s/"268435456"/"805306368"/}' \
+  'exceed limits.memory (1Gi)'
+expect_fail gallery-memory-default prod '/name: SIMSERVE_GALLERY_MEMORY_BYTES/,+1d' \
+  'SIMSERVE_GALLERY_MEMORY_BYTES (4294967296)'
+expect_fail gallery-rescan-not-a-number prod 's/^\( *value: \)"10"$/\1"10s"/' \
+  'env SIMSERVE_GALLERY_RESCAN_SECONDS="10s" must be a positive integer'
+expect_fail init-privilege-escalation dev '/^      initContainers:$/,/^      securityContext:$/s/allowPrivilegeEscalation: false/allowPrivilegeEscalation: true/' \
+  'init container "galleries": policy: allowPrivilegeEscalation must be false'
+expect_fail init-not-guaranteed dev '/^      initContainers:$/,/^      securityContext:$/{0,/cpu: 100m/s//cpu: 200m/}' \
+  'init container "galleries": policy: requests.cpu must equal limits.cpu'
 log "k8s_test: PASS"

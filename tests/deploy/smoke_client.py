@@ -1,12 +1,14 @@
 """Smoke client for a deployed simserve (container or pod): waits for the gRPC health
 service to report SERVING, checks GetInfo, makes real similarity calls (unary cosine compared
-with scikit-learn, streamed euclidean compared with a numpy double loop), checks that bad input
-gets INVALID_ARGUMENT, and scrapes /metrics for the calls it made.
+with scikit-learn, streamed euclidean compared with a numpy double loop), registers a gallery
+and queries it by name (then deletes it), checks that bad input gets INVALID_ARGUMENT, and
+scrapes /metrics for the calls it made. With --gallery NAME=FILE.npy it also checks that the
+server loaded FILE as the directory gallery NAME (its --gallery_dir) and computes against it.
 
 Python stubs are generated from proto/ at run time into a temporary directory.
 Optionally, last: SIGTERM arrives while a streamed call is in flight, which must complete.
 Usage: smoke_client.py --target 127.0.0.1:PORT [--metrics-url URL] [--expect-threads N]
-                       [--sigterm-during-stream COMMAND]
+                       [--gallery NAME=FILE.npy] [--sigterm-during-stream COMMAND]
 Exit 0 = all checks passed; otherwise a message on stderr and exit 1.
 """
 
@@ -42,6 +44,10 @@ def generate_stubs(out_dir):
     ])
     if rc != 0:
         fail(f"protoc failed with {rc}")
+    # Regular packages (with __init__.py), so that they win over an installed simserve
+    # package (a namespace portion would lose to it, whatever its place in sys.path).
+    for pkg in ("simserve", os.path.join("simserve", "v1")):
+        open(os.path.join(out_dir, pkg, "__init__.py"), "a").close()
     sys.path.insert(0, out_dir)
     from simserve.v1 import similarity_pb2, similarity_pb2_grpc  # noqa: E402 (generated)
     return similarity_pb2, similarity_pb2_grpc
@@ -107,6 +113,58 @@ def check_stream_euclidean(pb, stub, rng):
     print(f"smoke: ComputeStream euclidean in {chunks} chunks matches a double loop "
           f"(max abs err {err:.2e})")
     return chunks
+
+
+def gallery_cosine(pb, stub, a, gallery):
+    """Compute of a [batch, N, D] against the named gallery; the result as float64."""
+    resp = stub.Compute(pb.ComputeRequest(a=tensor(pb, a), gallery=gallery, metric=pb.COSINE),
+                        timeout=30)
+    return np.frombuffer(resp.values_raw, dtype="<f4").reshape(list(resp.shape))
+
+
+def cosine_each(a, g):
+    return np.stack([cosine_similarity(a[k].astype(np.float64),
+                                       (g if g.ndim == 2 else g[k]).astype(np.float64))
+                     for k in range(a.shape[0])])
+
+
+def check_uploaded_gallery(pb, stub, rng):
+    g = rng.standard_normal((21, 33)).astype(np.float32)
+    a = rng.standard_normal((2, 5, 33)).astype(np.float32)
+    raw = np.ascontiguousarray(g, dtype="<f4").tobytes()
+    header = pb.GalleryHeader(name="smoke-uploaded", shape=list(g.shape), dtype=pb.FLOAT32)
+    parts = [pb.RegisterGalleryRequest(header=header),
+             pb.RegisterGalleryRequest(data=raw[:1000]), pb.RegisterGalleryRequest(data=raw[1000:])]
+    info = stub.RegisterGallery(iter(parts), timeout=30)
+    if info.source != pb.UPLOADED or list(info.shape) != [21, 33]:
+        fail(f"RegisterGallery answered {info}")
+    err = float(np.max(np.abs(gallery_cosine(pb, stub, a, "smoke-uploaded") - cosine_each(a, g))))
+    if not err <= 1e-5:
+        fail(f"Compute against the uploaded gallery differs from sklearn by {err}")
+    stub.DeleteGallery(pb.DeleteGalleryRequest(name="smoke-uploaded"), timeout=10)
+    print(f"smoke: RegisterGallery + Compute(gallery) match sklearn (max abs err {err:.2e}), "
+          "deleted")
+
+
+def check_directory_gallery(pb, stub, spec):
+    name, path = spec.split("=", 1)
+    g = np.load(path)
+    info = stub.GetGallery(pb.GetGalleryRequest(name=name), timeout=10)
+    if info.source != pb.DIRECTORY or list(info.shape) != list(g.shape):
+        fail(f"directory gallery {name}: GetGallery answered {info}")
+    a = np.random.default_rng(12).standard_normal((g.shape[0] if g.ndim == 3 else 2, 6,
+                                                  g.shape[-1])).astype(np.float32)
+    err = float(np.max(np.abs(gallery_cosine(pb, stub, a, name) - cosine_each(a, g))))
+    if not err <= 1e-5:
+        fail(f"Compute against directory gallery {name} differs from sklearn by {err}")
+    try:
+        stub.DeleteGallery(pb.DeleteGalleryRequest(name=name), timeout=10)
+        fail(f"DeleteGallery of directory gallery {name} succeeded")
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+            fail(f"DeleteGallery of a directory gallery gave {e.code().name}")
+    print(f"smoke: directory gallery {name} {list(g.shape)} from {info.path} matches sklearn "
+          f"(max abs err {err:.2e}); not deletable")
 
 
 def check_drain(pb, stub, sigterm_command):
@@ -187,6 +245,8 @@ def main():
     ap.add_argument("--metrics-url", help="http://host:port/metrics to scrape afterwards")
     ap.add_argument("--expect-threads", type=int, help="GetInfo threads_per_worker wanted")
     ap.add_argument("--wait", type=float, default=90, help="seconds to wait for SERVING")
+    ap.add_argument("--gallery", metavar="NAME=FILE.npy",
+                    help="the server must hold FILE (its --gallery_dir) as directory gallery NAME")
     ap.add_argument("--sigterm-during-stream", metavar="COMMAND",
                     help="last check: run COMMAND (which sends SIGTERM to the server) while a "
                          "streamed call is in flight; the call must still complete")
@@ -208,6 +268,9 @@ def main():
             check_unary_cosine(pb, stub, rng)
             chunks = check_stream_euclidean(pb, stub, rng)
             check_bad_input(pb, stub)
+            check_uploaded_gallery(pb, stub, rng)
+            if args.gallery:
+                check_directory_gallery(pb, stub, args.gallery)
             if args.metrics_url:
                 check_metrics(args.metrics_url, chunks)
             if args.sigterm_during_stream:

@@ -1,20 +1,133 @@
 #!/usr/bin/env python3
 """Sends the shared test vectors (vectors/cases.json) with the simserve Python client, by
 unary Compute and by ComputeStream, and compares with the reference within the case's
-tolerance (top-k indices exactly). Exit code 1 on any failure.
+tolerance (top-k indices exactly). Galleries go through plain grpcio stubs generated from
+proto/ at run time, in a child process that never imports the client package (whose own
+generated `simserve.v1` would shadow them): each case's B is registered and queried by name,
+and so is its directory gallery dir-<case> (run_interop.py's --gallery_dir).
+Exit code 1 on any failure.
 
-Usage: python_interop.py ADDR CASES_JSON
+Usage: python_interop.py ADDR CASES_JSON     (python_interop.py --galleries ADDR CASES_JSON:
+                                              the gallery part alone, as the child runs it)
 """
 
 import json
+import os
+import subprocess
 import sys
+import tempfile
 
+import grpc
 import numpy as np
+from grpc_tools import protoc
 
-import simserve
+PROTO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "proto")
+
+
+def stubs(out_dir):
+    """similarity_pb2 and _grpc generated from proto/ into out_dir."""
+    include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
+    if protoc.main(["protoc", f"-I{PROTO_DIR}", f"-I{include}", f"--python_out={out_dir}",
+                    f"--grpc_python_out={out_dir}",
+                    os.path.join(PROTO_DIR, "simserve/v1/similarity.proto")]) != 0:
+        raise RuntimeError("protoc failed")
+    # Regular packages (with __init__.py), so that they win over an installed simserve
+    # package (a namespace portion would lose to it, whatever its place in sys.path).
+    for pkg in ("simserve", os.path.join("simserve", "v1")):
+        open(os.path.join(out_dir, pkg, "__init__.py"), "a").close()
+    sys.path.insert(0, out_dir)
+    from simserve.v1 import similarity_pb2, similarity_pb2_grpc  # noqa: E402 (generated)
+    sys.path.pop(0)
+    return similarity_pb2, similarity_pb2_grpc
+
+
+def check(c, shape, values, indices):
+    exp = c["expected"]
+    want = np.array(exp["values"]).reshape(exp["shape"])
+    if list(shape) != exp["shape"]:
+        raise AssertionError(f"shape {list(shape)} != {exp['shape']}")
+    got = np.frombuffer(values, "<f4").reshape(shape)
+    if not np.allclose(got, want, atol=c["atol"], rtol=1e-5):
+        bad = np.argmax(np.abs(got - want))
+        raise AssertionError(f"value[{bad}] {got.ravel()[bad]} != {want.ravel()[bad]}")
+    if c["top_k"]:
+        idx = np.frombuffer(indices, "<i4").reshape(shape)
+        want_idx = np.array(exp["indices"]).reshape(exp["shape"])
+        if not np.array_equal(idx, want_idx):
+            raise AssertionError(f"indices {idx.tolist()} != {want_idx.tolist()}")
+
+
+def gallery_checks(addr, cases, report):
+    """RegisterGallery (header + two data pieces), Compute/ComputeStream by gallery name,
+    directory galleries, DeleteGallery, NOT_FOUND after it."""
+    with tempfile.TemporaryDirectory(prefix="simserve-py-stubs-") as gen:
+        pb, pb_grpc = stubs(gen)
+        with grpc.insecure_channel(addr) as channel:
+            stub = pb_grpc.SimilarityStub(channel)
+            for c in cases:
+                name = f"python-{c['name']}"
+                raw = np.array(c["b"]["values"], "<f4").tobytes()
+                parts = [pb.RegisterGalleryRequest(header=pb.GalleryHeader(
+                             name=name, shape=c["b"]["shape"], dtype=pb.FLOAT32)),
+                         pb.RegisterGalleryRequest(data=raw[:len(raw) // 2]),
+                         pb.RegisterGalleryRequest(data=raw[len(raw) // 2:])]
+                try:
+                    info = stub.RegisterGallery(iter(parts), timeout=30)
+                    if info.name != name or list(info.shape) != c["b"]["shape"]:
+                        raise AssertionError(f"RegisterGallery answered {info}")
+                    report(f"gallery register {c['name']}", None)
+                except (grpc.RpcError, AssertionError) as e:
+                    report(f"gallery register {c['name']}", e)
+                    continue
+                a = pb.Tensor(shape=c["a"]["shape"], dtype=pb.FLOAT32,
+                              raw=np.array(c["a"]["values"], "<f4").tobytes())
+                for gallery in (name, f"dir-{c['name']}"):
+                    req = pb.ComputeRequest(a=a, gallery=gallery, metric=c["metric"],
+                                            top_k=c["top_k"], epsilon=c["epsilon"],
+                                            max_chunk_bytes=64)
+                    try:
+                        r = stub.Compute(req, timeout=30)
+                        check(c, r.shape, r.values_raw, r.indices_raw)
+                        report(f"gallery unary {gallery}", None)
+                    except (grpc.RpcError, AssertionError) as e:
+                        report(f"gallery unary {gallery}", e)
+                    try:
+                        chunks = list(stub.ComputeStream(req, timeout=30))
+                        check(c, chunks[0].shape, b"".join(x.values_raw for x in chunks),
+                              b"".join(x.indices_raw for x in chunks))
+                        report(f"gallery stream {gallery}", None)
+                    except (grpc.RpcError, AssertionError) as e:
+                        report(f"gallery stream {gallery}", e)
+                try:
+                    stub.DeleteGallery(pb.DeleteGalleryRequest(name=name), timeout=10)
+                    try:
+                        stub.GetGallery(pb.GetGalleryRequest(name=name), timeout=10)
+                        raise AssertionError("GetGallery found it after DeleteGallery")
+                    except grpc.RpcError as e:
+                        if e.code() != grpc.StatusCode.NOT_FOUND:
+                            raise
+                    report(f"gallery delete {c['name']}", None)
+                except (grpc.RpcError, AssertionError) as e:
+                    report(f"gallery delete {c['name']}", e)
+
+
+def galleries_main(addr, cases) -> int:
+    failed = 0
+
+    def report(name, err):
+        nonlocal failed
+        print(f"{'FAIL' if err else 'ok  '} python {name}{': ' + str(err) if err else ''}")
+        failed += err is not None
+    gallery_checks(addr, cases, report)
+    return 1 if failed else 0
 
 
 def main() -> int:
+    if sys.argv[1] == "--galleries":
+        with open(sys.argv[3]) as f:
+            return galleries_main(sys.argv[2], json.load(f)["cases"])
+    import simserve  # noqa: E402 (not in the --galleries child: see the docstring)
     addr, cases_path = sys.argv[1], sys.argv[2]
     with open(cases_path) as f:
         cases = json.load(f)["cases"]
@@ -47,6 +160,16 @@ def main() -> int:
                 except (simserve.Error, AssertionError) as e:
                     failed += 1
                     print(f"FAIL python {mode} {c['name']}: {e}")
+    child = subprocess.run([sys.executable, os.path.abspath(__file__), "--galleries", addr,
+                            cases_path], capture_output=True, text=True, timeout=200)
+    sys.stdout.write(child.stdout)
+    sys.stdout.write(child.stderr)
+    lines = child.stdout.splitlines()
+    passed += sum(line.startswith("ok   python") for line in lines)
+    failed += sum(line.startswith("FAIL python") for line in lines)
+    if child.returncode and not any(line.startswith("FAIL python") for line in lines):
+        failed += 1
+        print(f"FAIL python galleries: the child exited with {child.returncode}")
     print(f"python: {passed} passed, {failed} failed")
     return 1 if failed or not passed else 0
 

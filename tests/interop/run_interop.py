@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Interop matrix runner: starts the real simserve server on a free loopback port, then lets one
 client language send the shared vectors (vectors/cases.json) by unary and server-streaming
-calls and compare with the reference; or checks reflection with grpcurl. One CTest test per
-language (see CMakeLists.txt). Prints 'N passed, M failed'; exit code 1 on any failure.
+calls and compare with the reference; or checks reflection with grpcurl. Galleries: the server
+gets a --gallery_dir holding every case's B as dir-<case>.npy (written here with numpy), and
+the Go, Node, C++ (simserve-cli) and grpcurl clients register each case's B as a gallery and
+query both kinds by name against the same expected values. One CTest test per language (see
+CMakeLists.txt). Prints 'N passed, M failed'; exit code 1 on any failure.
 
 Usage: run_interop.py --server BIN --lang {python,go,node,cpp,grpcurl}
                       [--cli simserve-cli] [--work DIR]
@@ -137,7 +140,46 @@ def lang_cpp(addr: str, cli: str) -> int:
                     continue
                 idx = np.load(idx_out) if c["top_k"] else None
                 results.append((f"{mode} {c['name']}", compare(c, np.load(out), idx)))
+            results += cpp_gallery(cli, addr, tmp, c, a_path, b_path, metric[c["metric"]])
     return tally(results, "cpp")
+
+
+def cpp_gallery(cli: str, addr: str, tmp: str, c: dict, a_path: str, b_path: str,
+                metric: str) -> List[Tuple[str, str]]:
+    """simserve-cli: registers the case's B as a gallery, queries it and dir-<case> by name."""
+    name, results = f"cpp-{c['name']}", []
+    base = [cli, f"--target={addr}", "--timeout_ms=30000"]
+    p = run(base + [f"--register_gallery={name}", f"--b={b_path}", "--json"])
+    info = json.loads(p.stdout) if p.returncode == 0 else {}
+    ok = info.get("name") == name and [int(d) for d in info.get("shape", [])] == c["b"]["shape"]
+    results.append((f"gallery register {c['name']}", "" if ok else f"exit {p.returncode}: "
+                    f"{p.stderr.strip()} {info}"))
+    if not ok:
+        return results
+    calls = [(m, name, m) for m in ("unary", "stream", "upload")] + \
+        [("directory", f"dir-{c['name']}", "unary")]
+    for label, gallery, mode in calls:
+        out, idx_out = os.path.join(tmp, "gs.npy"), os.path.join(tmp, "gi.npy")
+        for f in (out, idx_out):
+            if os.path.exists(f):
+                os.unlink(f)
+        p = run(base + [f"--a={a_path}", f"--gallery={gallery}", f"--out={out}",
+                        f"--indices_out={idx_out}", f"--metric={metric}",
+                        f"--top_k={c['top_k']}", f"--epsilon={c['epsilon']!r}", f"--mode={mode}",
+                        "--max_chunk_bytes=64"])
+        if p.returncode:
+            results.append((f"gallery {label} {c['name']}", f"exit {p.returncode}: {p.stderr}"))
+            continue
+        idx = np.load(idx_out) if c["top_k"] else None
+        results.append((f"gallery {label} {c['name']}", compare(c, np.load(out), idx)))
+    p = run(base + [f"--a={a_path}", f"--gallery={name}",
+                    f"--gallery_version={int(info['version']) + 1}"])
+    results.append((f"gallery wrong version {c['name']}",
+                    "" if p.returncode == 1 and "FAILED_PRECONDITION" in p.stderr
+                    else f"exit {p.returncode}: {p.stderr.strip()}"))
+    p = run(base + [f"--delete_gallery={name}"])
+    results.append((f"gallery delete {c['name']}", "" if p.returncode == 0 else p.stderr))
+    return results
 
 
 def grpcurl_json(p: subprocess.CompletedProcess) -> list:
@@ -164,7 +206,8 @@ def lang_grpcurl(addr: str) -> int:
                     and "grpc.health.v1.Health" in services else f"services: {services}"))
     p = run(base + [addr, "describe", "simserve.v1.Similarity"])
     results.append(("describe", "" if all(m in p.stdout for m in (
-        "rpc Compute", "rpc ComputeStream", "rpc ComputeUpload", "rpc GetInfo"))
+        "rpc Compute", "rpc ComputeStream", "rpc ComputeUpload", "rpc GetInfo",
+        "rpc RegisterGallery", "rpc GetGallery", "rpc ListGalleries", "rpc DeleteGallery"))
         else "methods missing"))
     # The health service is described through reflection too (no health.proto needed).
     p = run(base + ["-d", "{}", addr, "grpc.health.v1.Health/Check"])
@@ -193,7 +236,89 @@ def lang_grpcurl(addr: str) -> int:
                            for m in msgs)
             vals = np.frombuffer(raw, "<f4").reshape([int(d) for d in msgs[0]["shape"]])
             results.append((f"{method} {c['name']}", compare(c, vals, None)))
+    results += grpcurl_gallery(base, addr)
     return tally(results, "grpcurl")
+
+
+def field(msg: dict, name: str, default=None):
+    """A field of grpcurl's JSON by proto name or its camelCase JSON name."""
+    camel = name.split("_")[0] + "".join(w.title() for w in name.split("_")[1:])
+    return msg.get(name, msg.get(camel, default))
+
+
+def grpcurl_gallery(base: List[str], addr: str) -> List[Tuple[str, str]]:
+    """RegisterGallery as a client stream of JSON messages (header, then base64 data pieces),
+    Compute/ComputeStream with gallery=name and with a --gallery_dir gallery, GetGallery,
+    ListGalleries, DeleteGallery and the error codes, all through reflection."""
+    results = []
+    svc = "simserve.v1.Similarity"
+
+    def call(method: str, req) -> Tuple[subprocess.CompletedProcess, list]:
+        text = req if isinstance(req, str) else json.dumps(req)
+        p = run(base + ["-d", "@", addr, f"{svc}/{method}"], input=text)
+        return p, (grpcurl_json(p) if p.returncode == 0 else [])
+
+    def want_code(p: subprocess.CompletedProcess, code: str) -> str:
+        return "" if p.returncode != 0 and f"Code: {code}" in p.stderr \
+            else f"exit {p.returncode}: {p.stderr.strip()} (want {code})"
+
+    for c in [c for c in load_cases() if not c["top_k"]][:2]:
+        name = f"grpcurl-{c['name']}"
+        raw = np.array(c["b"]["values"], "<f4").tobytes()
+        half = len(raw) // 2
+        # Several messages on stdin make a client stream; bytes are base64 in JSON.
+        stream = "\n".join(json.dumps(m) for m in (
+            {"header": {"name": name, "shape": c["b"]["shape"], "dtype": "FLOAT32"}},
+            {"data": base64.b64encode(raw[:half]).decode()},
+            {"data": base64.b64encode(raw[half:]).decode()}))
+        p, msgs = call("RegisterGallery", stream)
+        info = msgs[0] if msgs else {}
+        ok = info.get("name") == name and \
+            [int(d) for d in info.get("shape", [])] == c["b"]["shape"] and \
+            int(info.get("version", 0)) >= 1
+        results.append((f"RegisterGallery {c['name']}",
+                        "" if ok else f"exit {p.returncode}: {p.stderr.strip()} {info}"))
+        for gallery in (name, f"dir-{c['name']}"):
+            req = {"a": {"shape": c["a"]["shape"], "values": {"values": c["a"]["values"]}},
+                   "gallery": gallery, "metric": c["metric"], "epsilon": c["epsilon"],
+                   "maxChunkBytes": 64}
+            for method in ("Compute", "ComputeStream"):
+                label = f"{method} gallery={gallery}"
+                p, msgs = call(method, req)
+                if p.returncode or not msgs:
+                    results.append((label, f"exit {p.returncode}: {p.stderr}"))
+                    continue
+                raw_out = b"".join(base64.b64decode(field(m, "values_raw", "")) for m in msgs)
+                vals = np.frombuffer(raw_out, "<f4").reshape([int(d) for d in msgs[0]["shape"]])
+                results.append((label, compare(c, vals, None)))
+        p, msgs = call("Compute", {"a": {"shape": c["a"]["shape"],
+                                         "values": {"values": c["a"]["values"]}},
+                                   "gallery": name,
+                                   "galleryVersion": int(info.get("version", 0)) + 1})
+        results.append((f"Compute wrong version {c['name']}",
+                        want_code(p, "FailedPrecondition")))
+    first = load_cases()[0]["name"]
+    p, msgs = call("GetGallery", {"name": f"dir-{first}"})
+    g = msgs[0] if msgs else {}
+    results.append(("GetGallery directory", "" if g.get("source") == "DIRECTORY" and
+                    field(g, "path", "").endswith(f"dir-{first}.npy") else f"{p.stderr} {g}"))
+    p, msgs = call("ListGalleries", {})
+    names = [g["name"] for g in (msgs[0].get("galleries", []) if msgs else [])]
+    ok = names == sorted(names) and f"dir-{first}" in names and \
+        any(n.startswith("grpcurl-") for n in names)
+    results.append(("ListGalleries", "" if ok else f"{p.stderr} {names}"))
+    for n in [n for n in names if n.startswith("grpcurl-")]:
+        p, msgs = call("DeleteGallery", {"name": n})
+        deleted = field(msgs[0], "deleted", {}) if msgs else {}
+        results.append((f"DeleteGallery {n}", "" if deleted.get("name") == n
+                        else f"exit {p.returncode}: {p.stderr} {msgs}"))
+    p, _ = call("GetGallery", {"name": "grpcurl-never-registered"})
+    results.append(("GetGallery unknown", want_code(p, "NotFound")))
+    p, _ = call("DeleteGallery", {"name": f"dir-{first}"})
+    results.append(("DeleteGallery directory", want_code(p, "FailedPrecondition")))
+    p, _ = call("RegisterGallery", {"header": {"name": "bad name", "shape": [1, 2]}})
+    results.append(("RegisterGallery bad name", want_code(p, "InvalidArgument")))
+    return results
 
 
 def main() -> int:
@@ -204,7 +329,16 @@ def main() -> int:
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "simserve-interop-go"),
                     help="build directory for the Go client")
     args = ap.parse_args()
-    with Server(args.server) as srv:
+    with tempfile.TemporaryDirectory(prefix="simserve-interop-galleries-") as galleries:
+        # Every case's B as a directory gallery, loaded by the server before it is SERVING.
+        for c in load_cases():
+            b = np.array(c["b"]["values"], np.float32).reshape(c["b"]["shape"])
+            np.save(os.path.join(galleries, f"dir-{c['name']}.npy"), b)
+        return run_lang(args, [f"--gallery_dir={galleries}"])
+
+
+def run_lang(args: argparse.Namespace, server_args: List[str]) -> int:
+    with Server(args.server, extra_args=server_args) as srv:
         if args.lang == "go":
             return lang_go(srv.address, args.work)
         if args.lang == "node":

@@ -1,7 +1,8 @@
 // Policy checks for simserve's rendered manifests: what the schema cannot say (probes,
 // CPU requests == limits, threads from the CPU limit, hardening, graceful shutdown timing,
-// port names, and that Services, HPA, PDB, ServiceMonitor and NetworkPolicy point at the
-// Deployment they are meant for).
+// port names, the gallery directory's volume and the memory budget, and that Services, HPA,
+// PDB, ServiceMonitor, NetworkPolicy and PersistentVolumeClaims fit the Deployment they are
+// meant for).
 package main
 
 import (
@@ -38,6 +39,15 @@ const (
 	envWorkers        = "SIMSERVE_WORKERS"
 	envMaxConnAge     = "SIMSERVE_MAX_CONNECTION_AGE" // absl duration, e.g. "2m"
 	envDrainGrace     = "SIMSERVE_DRAIN_GRACE"        // absl duration, e.g. "20s"
+	envGalleryDir     = "SIMSERVE_GALLERY_DIR"
+	envGalleryRescan  = "SIMSERVE_GALLERY_RESCAN_SECONDS"
+	envGalleryMemory  = "SIMSERVE_GALLERY_MEMORY_BYTES"
+	envInflight       = "SIMSERVE_MAX_INFLIGHT_BYTES"
+	// ServerConfig defaults (server/config.h) used when the manifest does not set them.
+	defaultGalleryMemory = int64(4) << 30
+	defaultInflight      = int64(2) << 30
+	// What the process needs beside in-flight requests and galleries (code, gRPC, oneDNN).
+	memoryHeadroom = int64(256) << 20
 )
 
 // promDuration is the pattern the ServiceMonitor CRD enforces on durations.
@@ -67,6 +77,8 @@ func describe(obj runtime.Object) string {
 		return "ServiceAccount/" + o.Name
 	case *corev1.ConfigMap:
 		return "ConfigMap/" + o.Name
+	case *corev1.PersistentVolumeClaim:
+		return "PersistentVolumeClaim/" + o.Name
 	case *corev1.Namespace:
 		return "Namespace/" + o.Name
 	}
@@ -83,6 +95,7 @@ func checkPolicy(objs []runtime.Object, opts policyOptions) []string {
 	present := map[string]bool{}
 	var deployments []*appsv1.Deployment
 	var services []*corev1.Service
+	claims := map[string]*corev1.PersistentVolumeClaim{}
 	for _, obj := range objs {
 		present[kindOf(obj)] = true
 		checkObjectMeta(&p, obj)
@@ -91,6 +104,8 @@ func checkPolicy(objs []runtime.Object, opts policyOptions) []string {
 			deployments = append(deployments, o)
 		case *corev1.Service:
 			services = append(services, o)
+		case *corev1.PersistentVolumeClaim:
+			claims[o.Namespace+"/"+o.Name] = o
 		}
 	}
 	for _, k := range opts.requireKinds {
@@ -105,6 +120,7 @@ func checkPolicy(objs []runtime.Object, opts policyOptions) []string {
 	}
 	for _, d := range deployments {
 		checkDeployment(&p, d, hpaFor(objs, d), opts)
+		checkGalleries(&p, d, claims)
 	}
 	checkServices(&p, services, deployments)
 	for _, obj := range objs {
@@ -223,6 +239,7 @@ func checkDeployment(p *problems, d *appsv1.Deployment, hpa *autoscalingv2.Horiz
 		if !hasTmp {
 			p.add(cw, "needs an emptyDir volume mounted at /tmp (read-only root filesystem)")
 		}
+		checkMemoryBudget(p, cw, c)
 		preStop := preStopSeconds(c)
 		if preStop <= 0 {
 			p.add(cw, "needs a lifecycle.preStop sleep so endpoints are removed before SIGTERM")
@@ -236,6 +253,138 @@ func checkDeployment(p *problems, d *appsv1.Deployment, hpa *autoscalingv2.Horiz
 			}
 			p.add(cw, "terminationGracePeriodSeconds=%s must exceed preStop %ds + drain grace %s",
 				got, preStop, drain)
+		}
+	}
+	for i := range pod.InitContainers {
+		c := &pod.InitContainers[i]
+		cw := fmt.Sprintf("%s init container %q", where, c.Name)
+		checkSecurity(p, cw, c, psc)
+		checkGuaranteed(p, cw, c)
+	}
+}
+
+// checkGuaranteed: an init container must have requests == limits for cpu and memory too,
+// or the pod drops out of the Guaranteed QoS class (and its CPU pinning and eviction order).
+func checkGuaranteed(p *problems, cw string, c *corev1.Container) {
+	for _, r := range []corev1.ResourceName{corev1.ResourceCPU, corev1.ResourceMemory} {
+		req, hasReq := c.Resources.Requests[r]
+		lim, hasLim := c.Resources.Limits[r]
+		if !hasReq || !hasLim || req.Cmp(lim) != 0 {
+			p.add(cw, "requests.%s must equal limits.%s (both set) so the pod stays Guaranteed", r, r)
+		}
+	}
+}
+
+// envBytes returns the integer value of env `name`, or def when it is unset.
+func envBytes(p *problems, cw string, c *corev1.Container, name string, def int64) int64 {
+	e := findEnv(c, name)
+	if e == nil {
+		return def
+	}
+	n, err := strconv.ParseInt(e.Value, 10, 64)
+	if err != nil || n < 0 {
+		p.add(cw, "env %s=%q must be a non-negative integer (bytes)", name, e.Value)
+		return def
+	}
+	return n
+}
+
+// checkMemoryBudget: in-flight requests and all galleries (both capped by the server) plus
+// the process itself must fit the memory limit, or a full server is OOM-killed instead of
+// answering RESOURCE_EXHAUSTED.
+func checkMemoryBudget(p *problems, cw string, c *corev1.Container) {
+	limit, ok := c.Resources.Limits[corev1.ResourceMemory]
+	if !ok {
+		return // reported by checkResources
+	}
+	inflight := envBytes(p, cw, c, envInflight, defaultInflight)
+	galleries := envBytes(p, cw, c, envGalleryMemory, defaultGalleryMemory)
+	if need := inflight + galleries + memoryHeadroom; need > limit.Value() {
+		p.add(cw, "%s (%d) + %s (%d) + %d MiB headroom exceed limits.memory (%s)", envInflight,
+			inflight, envGalleryMemory, galleries, memoryHeadroom>>20, limit.String())
+	}
+}
+
+// checkGalleries: a --gallery_dir (SIMSERVE_GALLERY_DIR) must be a read-only mount of either
+// a read-only PersistentVolumeClaim that is ReadOnlyMany (every replica on any node loads the
+// same files) or a disk emptyDir with a sizeLimit that an init container fills.
+func checkGalleries(p *problems, d *appsv1.Deployment, claims map[string]*corev1.PersistentVolumeClaim) {
+	where := "Deployment/" + d.Name
+	pod := d.Spec.Template.Spec
+	volumes := map[string]*corev1.Volume{}
+	for i := range pod.Volumes {
+		volumes[pod.Volumes[i].Name] = &pod.Volumes[i]
+	}
+	for i := range pod.Containers {
+		c := &pod.Containers[i]
+		cw := fmt.Sprintf("%s container %q", where, c.Name)
+		if e := findEnv(c, envGalleryRescan); e != nil {
+			if n, err := strconv.Atoi(e.Value); err != nil || n <= 0 {
+				p.add(cw, "env %s=%q must be a positive integer (seconds)", envGalleryRescan, e.Value)
+			}
+		}
+		e := findEnv(c, envGalleryDir)
+		if e == nil || e.Value == "" {
+			continue
+		}
+		dir := e.Value
+		var mount *corev1.VolumeMount
+		for j := range c.VolumeMounts {
+			if c.VolumeMounts[j].MountPath == dir {
+				mount = &c.VolumeMounts[j]
+			}
+		}
+		if !strings.HasPrefix(dir, "/") || mount == nil {
+			p.add(cw, "env %s=%s is not a volume mount of the container", envGalleryDir, dir)
+			continue
+		}
+		if !mount.ReadOnly {
+			p.add(cw, "the gallery directory %s must be mounted readOnly (the server only reads it)", dir)
+		}
+		v := volumes[mount.Name]
+		switch {
+		case v == nil:
+			p.add(cw, "the gallery mount %s names no volume %q", dir, mount.Name)
+		case v.PersistentVolumeClaim != nil:
+			src := v.PersistentVolumeClaim
+			if !src.ReadOnly {
+				p.add(cw, "volume %q: persistentVolumeClaim.readOnly must be true", v.Name)
+			}
+			claim := claims[d.Namespace+"/"+src.ClaimName]
+			if claim == nil {
+				p.add(cw, "volume %q: PersistentVolumeClaim %q is not rendered", v.Name, src.ClaimName)
+				continue
+			}
+			cwhere := "PersistentVolumeClaim/" + claim.Name
+			rox := false
+			for _, m := range claim.Spec.AccessModes {
+				rox = rox || m == corev1.ReadOnlyMany
+			}
+			if !rox {
+				p.add(cwhere, "accessModes must include ReadOnlyMany (replicas on several nodes mount it), got %v",
+					claim.Spec.AccessModes)
+			}
+			if _, ok := claim.Spec.Resources.Requests[corev1.ResourceStorage]; !ok {
+				p.add(cwhere, "resources.requests.storage is required")
+			}
+		case v.EmptyDir != nil:
+			if v.EmptyDir.Medium == corev1.StorageMediumMemory {
+				p.add(cw, "volume %q: a tmpfs emptyDir would count against the memory limit on top of the loaded galleries", v.Name)
+			}
+			if v.EmptyDir.SizeLimit == nil || v.EmptyDir.SizeLimit.IsZero() {
+				p.add(cw, "volume %q: the gallery emptyDir needs a sizeLimit", v.Name)
+			}
+			filled := false
+			for _, ic := range pod.InitContainers {
+				for _, m := range ic.VolumeMounts {
+					filled = filled || (m.Name == v.Name && !m.ReadOnly)
+				}
+			}
+			if !filled {
+				p.add(cw, "volume %q: no init container mounts the gallery emptyDir writable, so it stays empty", v.Name)
+			}
+		default:
+			p.add(cw, "volume %q: the gallery directory must be a persistentVolumeClaim or an emptyDir filled by an init container", v.Name)
 		}
 	}
 }

@@ -1,7 +1,12 @@
 // Command interop sends the shared test vectors (../vectors/cases.json) to a simserve server
 // with google.golang.org/grpc, by unary Compute and by ComputeStream, and compares each result
-// with the reference within the case's tolerance (top-k indices exactly). The stubs in
-// gen/simservev1 are generated from proto/ at test time (see run_interop.py); never committed.
+// with the reference within the case's tolerance (top-k indices exactly). Galleries: each
+// case's B is registered (RegisterGallery, a client stream of header + data pieces) and then
+// queried by name with Compute, ComputeStream and ComputeUpload (header naming the gallery,
+// then only A); the server's --gallery_dir holds each case's B as dir-<case>.npy (written
+// by run_interop.py with numpy), queried the same way; then ListGalleries, DeleteGallery and
+// their error codes. The stubs in gen/simservev1 are generated from proto/ at test time (see
+// run_interop.py); never committed.
 //
 // Usage: interop -addr 127.0.0.1:PORT -cases path/to/cases.json
 package main
@@ -18,7 +23,9 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 
 	pb "simserve.dev/interop/gen/simservev1"
 )
@@ -83,8 +90,20 @@ func request(c caseJSON) *pb.ComputeRequest {
 	}
 }
 
+// galleryRequest is request(c) with the named gallery in place of B.
+func galleryRequest(c caseJSON, gallery string) *pb.ComputeRequest {
+	req := request(c)
+	req.B = nil
+	req.Gallery = gallery
+	return req
+}
+
 func unary(ctx context.Context, cl pb.SimilarityClient, c caseJSON) (*result, error) {
-	resp, err := cl.Compute(ctx, request(c))
+	return unaryReq(ctx, cl, request(c))
+}
+
+func unaryReq(ctx context.Context, cl pb.SimilarityClient, req *pb.ComputeRequest) (*result, error) {
+	resp, err := cl.Compute(ctx, req)
 	if err != nil {
 		return nil, err
 	}
@@ -96,6 +115,13 @@ func stream(ctx context.Context, cl pb.SimilarityClient, c caseJSON) (*result, e
 	if err != nil {
 		return nil, err
 	}
+	return collect(st)
+}
+
+// collect reassembles a stream of ComputeChunks.
+func collect(st interface {
+	Recv() (*pb.ComputeChunk, error)
+}) (*result, error) {
 	r := &result{}
 	tiles := 0
 	for {
@@ -115,6 +141,151 @@ func stream(ctx context.Context, cl pb.SimilarityClient, c caseJSON) (*result, e
 		r.indices = append(r.indices, decodeInt32(ch.IndicesRaw)...)
 	}
 	return r, nil
+}
+
+// registerGallery uploads the case's B as `name`: the header, then the bytes in two pieces.
+func registerGallery(ctx context.Context, cl pb.SimilarityClient, c caseJSON, name string) (*pb.GalleryInfo, error) {
+	st, err := cl.RegisterGallery(ctx)
+	if err != nil {
+		return nil, err
+	}
+	header := &pb.GalleryHeader{Name: name, Shape: c.B.Shape, Dtype: pb.DataType_FLOAT32}
+	if err := st.Send(&pb.RegisterGalleryRequest{Part: &pb.RegisterGalleryRequest_Header{Header: header}}); err != nil {
+		return nil, err
+	}
+	raw := rawFloat32(c.B.Values)
+	for _, piece := range [][]byte{raw[:len(raw)/2], raw[len(raw)/2:]} {
+		if err := st.Send(&pb.RegisterGalleryRequest{Part: &pb.RegisterGalleryRequest_Data{Data: piece}}); err != nil {
+			return nil, err
+		}
+	}
+	info, err := st.CloseAndRecv()
+	if err != nil {
+		return nil, err
+	}
+	if info.Name != name || fmt.Sprint(info.Shape) != fmt.Sprint(c.B.Shape) || info.Version < 1 ||
+		info.Source != pb.GallerySource_UPLOADED || info.Bytes <= 0 {
+		return nil, fmt.Errorf("RegisterGallery answered %v", info)
+	}
+	return info, nil
+}
+
+// galleryStream is ComputeStream with the gallery in place of B.
+func galleryStream(ctx context.Context, cl pb.SimilarityClient, c caseJSON, gallery string) (*result, error) {
+	st, err := cl.ComputeStream(ctx, galleryRequest(c, gallery))
+	if err != nil {
+		return nil, err
+	}
+	return collect(st)
+}
+
+// galleryUpload is ComputeUpload whose header names the gallery; only A follows, in pieces.
+func galleryUpload(ctx context.Context, cl pb.SimilarityClient, c caseJSON, gallery string) (*result, error) {
+	st, err := cl.ComputeUpload(ctx)
+	if err != nil {
+		return nil, err
+	}
+	req := galleryRequest(c, gallery)
+	raw := req.A.GetRaw()
+	req.A.Data = nil
+	if err := st.Send(&pb.UploadRequest{Part: &pb.UploadRequest_Header{Header: &pb.UploadHeader{Request: req}}}); err != nil {
+		return nil, err
+	}
+	for off := 0; off < len(raw); off += 40 {
+		end := min(off+40, len(raw))
+		if err := st.Send(&pb.UploadRequest{Part: &pb.UploadRequest_AData{AData: raw[off:end]}}); err != nil {
+			return nil, err
+		}
+	}
+	if err := st.CloseSend(); err != nil {
+		return nil, err
+	}
+	return collect(st)
+}
+
+// wantCode checks that err is a gRPC status with the given code.
+func wantCode(err error, want codes.Code) error {
+	if got := status.Code(err); got != want {
+		return fmt.Errorf("got %v (%v), want %v", got, err, want)
+	}
+	return nil
+}
+
+// galleryChecks runs the gallery part; report is called once per check.
+func galleryChecks(cl pb.SimilarityClient, cases []caseJSON, report func(name string, err error)) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	for _, c := range cases {
+		name := "go-" + c.Name
+		info, err := registerGallery(ctx, cl, c, name)
+		report("gallery register "+c.Name, err)
+		if err != nil {
+			continue
+		}
+		calls := []struct {
+			mode string
+			call func() (*result, error)
+		}{
+			{"unary", func() (*result, error) { return unaryReq(ctx, cl, galleryRequest(c, name)) }},
+			{"stream", func() (*result, error) { return galleryStream(ctx, cl, c, name) }},
+			{"upload", func() (*result, error) { return galleryUpload(ctx, cl, c, name) }},
+			{"pinned", func() (*result, error) {
+				req := galleryRequest(c, name)
+				req.GalleryVersion = info.Version
+				return unaryReq(ctx, cl, req)
+			}},
+			{"directory", func() (*result, error) { return unaryReq(ctx, cl, galleryRequest(c, "dir-"+c.Name)) }},
+		}
+		for _, m := range calls {
+			r, err := m.call()
+			if err == nil {
+				err = compare(c, r)
+			}
+			report("gallery "+m.mode+" "+c.Name, err)
+		}
+		req := galleryRequest(c, name)
+		req.GalleryVersion = info.Version + 1
+		_, err = cl.Compute(ctx, req)
+		report("gallery wrong version "+c.Name, wantCode(err, codes.FailedPrecondition))
+	}
+	list, err := cl.ListGalleries(ctx, &pb.ListGalleriesRequest{})
+	if err == nil {
+		sources := map[string]pb.GallerySource{}
+		var names []string
+		for _, g := range list.Galleries {
+			sources[g.Name] = g.Source
+			names = append(names, g.Name)
+		}
+		for i := 1; i < len(names) && err == nil; i++ {
+			if names[i-1] >= names[i] {
+				err = fmt.Errorf("not sorted by name: %v", names)
+			}
+		}
+		for _, c := range cases {
+			if s, ok := sources["dir-"+c.Name]; err == nil && (!ok || s != pb.GallerySource_DIRECTORY) {
+				err = fmt.Errorf("dir-%s: listed %v, source %v", c.Name, ok, s)
+			}
+			if s, ok := sources["go-"+c.Name]; err == nil && (!ok || s != pb.GallerySource_UPLOADED) {
+				err = fmt.Errorf("go-%s: listed %v, source %v", c.Name, ok, s)
+			}
+		}
+	}
+	report("gallery list", err)
+	for _, c := range cases {
+		deleted, err := cl.DeleteGallery(ctx, &pb.DeleteGalleryRequest{Name: "go-" + c.Name})
+		if err == nil && deleted.GetDeleted().GetName() != "go-"+c.Name {
+			err = fmt.Errorf("deleted %v", deleted)
+		}
+		report("gallery delete "+c.Name, err)
+	}
+	_, err = cl.GetGallery(ctx, &pb.GetGalleryRequest{Name: "go-" + cases[0].Name})
+	report("gallery get deleted", wantCode(err, codes.NotFound))
+	_, err = cl.Compute(ctx, galleryRequest(cases[0], "go-"+cases[0].Name))
+	report("gallery compute deleted", wantCode(err, codes.NotFound))
+	_, err = cl.DeleteGallery(ctx, &pb.DeleteGalleryRequest{Name: "dir-" + cases[0].Name})
+	report("gallery delete directory", wantCode(err, codes.FailedPrecondition))
+	_, err = registerGallery(ctx, cl, cases[0], "bad/name")
+	report("gallery bad name", wantCode(err, codes.InvalidArgument))
 }
 
 func compare(c caseJSON, r *result) error {
@@ -190,6 +361,15 @@ func main() {
 			}
 		}
 	}
+	galleryChecks(cl, file.Cases, func(name string, err error) {
+		if err != nil {
+			failed++
+			fmt.Printf("FAIL go %s: %v\n", name, err)
+		} else {
+			passed++
+			fmt.Printf("ok   go %s\n", name)
+		}
+	})
 	fmt.Printf("go: %d passed, %d failed\n", passed, failed)
 	if failed > 0 || passed == 0 {
 		os.Exit(1)

@@ -1,7 +1,11 @@
 // Sends the shared test vectors (../vectors/cases.json) to a simserve server with
 // @grpc/grpc-js, the .proto loaded at runtime by @grpc/proto-loader, by unary Compute and by
 // ComputeStream; compares each result with the reference within the case's tolerance
-// (top-k indices exactly). Exit code 1 on any failure.
+// (top-k indices exactly). Galleries: each case's B is registered (RegisterGallery client
+// stream: header, then the bytes in two pieces) and queried by name with Compute,
+// ComputeStream and ComputeUpload (header naming the gallery, then only A); the server's
+// --gallery_dir holds each case's B as dir-<case>.npy (run_interop.py); then GetGallery,
+// DeleteGallery and their error codes. Exit code 1 on any failure.
 //
 // Usage: NODE_PATH=<dir with node_modules> node interop.js ADDR CASES_JSON PROTO_DIR
 'use strict';
@@ -53,6 +57,142 @@ function unary(c) {
       }
     });
   });
+}
+
+function galleryRequest(c, gallery) {
+  const req = request(c);
+  delete req.b;
+  req.gallery = gallery;
+  return req;
+}
+
+function unaryReq(req) {
+  return new Promise((resolve, reject) => {
+    client.Compute(req, {deadline: deadline()}, (err, resp) => {
+      if (err) return reject(err);
+      resolve({shape: resp.shape, values: decode(resp.values_raw, Buffer.prototype.readFloatLE),
+               indices: decode(resp.indices_raw, Buffer.prototype.readInt32LE)});
+    });
+  });
+}
+
+// Reassembles the chunks of a ComputeStream / ComputeUpload call.
+function collect(call) {
+  return new Promise((resolve, reject) => {
+    const r = {shape: null, values: [], indices: []};
+    call.on('data', (chunk) => {
+      if (r.shape === null) r.shape = chunk.shape;
+      r.values.push(...decode(chunk.values_raw, Buffer.prototype.readFloatLE));
+      r.indices.push(...decode(chunk.indices_raw, Buffer.prototype.readInt32LE));
+    });
+    call.on('error', reject);
+    call.on('end', () => resolve(r));
+  });
+}
+
+function registerGallery(c, name) {
+  return new Promise((resolve, reject) => {
+    const call = client.RegisterGallery({deadline: deadline()}, (err, info) => {
+      if (err) return reject(err);
+      resolve(info);
+    });
+    call.write({header: {name, shape: c.b.shape, dtype: 'FLOAT32'}});
+    const raw = rawFloat32(c.b.values);
+    call.write({data: raw.subarray(0, raw.length / 2)});
+    call.write({data: raw.subarray(raw.length / 2)});
+    call.end();
+  });
+}
+
+function galleryUpload(c, gallery) {
+  const call = client.ComputeUpload({deadline: deadline()});
+  const req = galleryRequest(c, gallery);
+  const raw = req.a.raw;
+  delete req.a.raw;
+  call.write({header: {request: req}});
+  for (let off = 0; off < raw.length; off += 40) call.write({a_data: raw.subarray(off, off + 40)});
+  call.end();
+  return collect(call);
+}
+
+function unaryCall(method, req) {
+  return new Promise((resolve, reject) => {
+    client[method](req, {deadline: deadline()}, (err, resp) => (err ? reject(err) : resolve(resp)));
+  });
+}
+
+// Resolves to null if `promise` fails with gRPC status `code`, else to what went wrong.
+async function expectCode(promise, code) {
+  try {
+    await promise;
+    return `succeeded, want ${code}`;
+  } catch (e) {
+    return e.code === grpc.status[code] ? null : `${e.code} ${e.details || e.message}, want ${code}`;
+  }
+}
+
+async function galleryChecks(cases, report) {
+  for (const c of cases) {
+    const name = `node-${c.name}`;
+    let info;
+    try {
+      info = await registerGallery(c, name);
+      const ok = info.name === name && JSON.stringify(info.shape) === JSON.stringify(c.b.shape) &&
+          info.version >= 1 && info.source === 'UPLOADED';
+      report(`gallery register ${c.name}`, ok ? null : `answered ${JSON.stringify(info)}`);
+    } catch (e) {
+      report(`gallery register ${c.name}`, `${e.code} ${e.details || e.message}`);
+      continue;
+    }
+    const pinned = galleryRequest(c, name);
+    pinned.gallery_version = info.version;
+    const calls = [
+      ['unary', () => unaryReq(galleryRequest(c, name))],
+      ['stream', () => collect(client.ComputeStream(galleryRequest(c, name), {deadline: deadline()}))],
+      ['upload', () => galleryUpload(c, name)],
+      ['pinned', () => unaryReq(pinned)],
+      ['directory', () => unaryReq(galleryRequest(c, `dir-${c.name}`))],
+    ];
+    for (const [mode, call] of calls) {
+      let err;
+      try {
+        err = compare(c, await call());
+      } catch (e) {
+        err = `${e.code} ${e.details || e.message}`;
+      }
+      report(`gallery ${mode} ${c.name}`, err);
+    }
+    const wrong = galleryRequest(c, name);
+    wrong.gallery_version = info.version + 1;
+    report(`gallery wrong version ${c.name}`,
+           await expectCode(unaryReq(wrong), 'FAILED_PRECONDITION'));
+  }
+  const first = cases[0];
+  try {
+    const dir = await unaryCall('GetGallery', {name: `dir-${first.name}`});
+    report('gallery get directory', dir.source === 'DIRECTORY' && dir.path.endsWith('.npy')
+        ? null : `answered ${JSON.stringify(dir)}`);
+  } catch (e) {
+    report('gallery get directory', `${e.code} ${e.details || e.message}`);
+  }
+  for (const c of cases) {
+    try {
+      const deleted = await unaryCall('DeleteGallery', {name: `node-${c.name}`});
+      report(`gallery delete ${c.name}`,
+             deleted.deleted.name === `node-${c.name}` ? null : JSON.stringify(deleted));
+    } catch (e) {
+      report(`gallery delete ${c.name}`, `${e.code} ${e.details || e.message}`);
+    }
+  }
+  report('gallery get deleted',
+         await expectCode(unaryCall('GetGallery', {name: `node-${first.name}`}), 'NOT_FOUND'));
+  report('gallery compute unknown',
+         await expectCode(unaryReq(galleryRequest(first, 'node-never-registered')), 'NOT_FOUND'));
+  report('gallery delete directory',
+         await expectCode(unaryCall('DeleteGallery', {name: `dir-${first.name}`}),
+                          'FAILED_PRECONDITION'));
+  report('gallery bad name', await expectCode(registerGallery(first, 'bad name'),
+                                              'INVALID_ARGUMENT'));
 }
 
 function stream(c) {
@@ -117,6 +257,15 @@ async function main() {
       }
     }
   }
+  await galleryChecks(cases, (name, err) => {
+    if (err) {
+      failed++;
+      console.log(`FAIL node ${name}: ${err}`);
+    } else {
+      passed++;
+      console.log(`ok   node ${name}`);
+    }
+  });
   client.close();
   console.log(`node: ${passed} passed, ${failed} failed`);
   process.exit(failed > 0 || passed === 0 ? 1 : 0);
