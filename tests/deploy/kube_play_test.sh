@@ -116,8 +116,10 @@ grep -qx /var/lib/simserve/galleries <<<"$mounts" || die "no gallery volume at /
 # a directory gallery: smoke_client --gallery below).
 init_ctr=$(podman ps -a --format '{{.Names}}' | grep -E '^simserve-pod-[0-9]+-galleries$' | head -1 || true)
 [ -n "$init_ctr" ] || { podman ps -a >&2; die "no gallery init container from kube play"; }
-podman logs "$init_ctr" 2>&1 | grep -q "copied 1 gallery file" ||
-  die "the gallery init container did not copy the file: $(podman logs "$init_ctr" 2>&1 | tail -5)"
+# Captured first: `podman logs | grep -q` fails under pipefail when grep exits early (SIGPIPE).
+init_log=$(podman logs "$init_ctr" 2>&1)
+grep -q "copied 1 gallery file" <<<"$init_log" ||
+  die "the gallery init container did not copy the file: $(tail -5 <<<"$init_log")"
 host_pid=$(podman inspect --format '{{.State.Pid}}' "$ctr")
 uid=$(awk '/^Uid:/ {print $2}' "/proc/$host_pid/status")
 [ "$uid" = "65532" ] || die "runs as uid $uid, want 65532"

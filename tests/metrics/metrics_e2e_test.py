@@ -65,9 +65,12 @@ class MetricsEndToEnd(unittest.TestCase):
         services = {s["grpc_service"] for s in m.series("grpc_server_handled_total")}
         self.assertEqual(services, {harness.SERVICE, "grpc.health.v1.Health",
                                     "grpc.reflection.v1alpha.ServerReflection"})
-        self.assertEqual(len(m.series("grpc_server_handled_total")), 7 * len(CODES))
+        # 8 Similarity methods, Health Check and Watch, reflection's one.
+        self.assertEqual(len(m.series("grpc_server_handled_total")), 11 * len(CODES))
         for method, gtype in [("Compute", "unary"), ("ComputeStream", "server_stream"),
-                              ("ComputeUpload", "bidi_stream"), ("GetInfo", "unary")]:
+                              ("ComputeUpload", "bidi_stream"), ("GetInfo", "unary"),
+                              ("RegisterGallery", "client_stream"), ("GetGallery", "unary"),
+                              ("ListGalleries", "unary"), ("DeleteGallery", "unary")]:
             for code in CODES:
                 m.get("grpc_server_handled_total", grpc_service=harness.SERVICE,
                       grpc_method=method, grpc_type=gtype, grpc_code=code)
@@ -261,7 +264,7 @@ class MetricsEndToEnd(unittest.TestCase):
         self.assertEqual(self.delta(before, after, lambda m: m.handled(
             "Check", "OK", service="grpc.health.v1.Health")), 4)
         self.assertNotIn("evil", after.text)
-        self.assertEqual(len(after.series("grpc_server_handled_total")), 7 * len(CODES))
+        self.assertEqual(len(after.series("grpc_server_handled_total")), 11 * len(CODES))
 
         promtool = shutil.which("promtool")
         self.assertIsNotNone(promtool, "promtool missing (Debian prometheus; scripts/setup.sh)")
