@@ -95,7 +95,9 @@ int main(int argc, char** argv) {
                            : storage_name == "float16" ? DataType::kFloat16
                                                        : DataType::kFloat32;
 
-  auto engine = simserve::kernels::SimilarityEngine::Create({});
+  const int threads = std::atoi(Flag(argc, argv, "threads", "0").c_str());
+  if (threads > 0) omp_set_num_threads(threads);
+  auto engine = simserve::kernels::SimilarityEngine::Create({.threads_per_call = threads});
   if (!engine.ok()) {
     std::fprintf(stderr, "%s\n", engine.status().ToString().c_str());
     return 1;
