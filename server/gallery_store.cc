@@ -77,21 +77,17 @@ absl::StatusOr<GallerySpec> MakeGallerySpec(absl::string_view name,
   return spec;
 }
 
-absl::StatusOr<std::unique_ptr<Gallery>> BuildGallery(
-    const GallerySpec& spec, GallerySource source, std::string path, int threads,
-    const std::function<absl::Status(std::span<std::byte>)>& fill) {
-  const absl::Time start = absl::Now();
-  auto builder = kernels::GalleryBuilder::Create(spec.dims, spec.dtype, spec.storage_dtype);
-  if (!builder.ok()) return builder.status();
-  std::span<std::byte> input = (*builder)->input();
-  if (absl::Status filled = fill(input); !filled.ok()) return filled;
+absl::StatusOr<std::unique_ptr<Gallery>> FinishGallery(
+    const GallerySpec& spec, std::unique_ptr<kernels::GalleryBuilder> builder, GallerySource source,
+    std::string path, int threads, absl::Time started) {
+  const std::span<std::byte> input = builder->input();
   const int64_t elements = spec.dims.rows() * spec.dims.d;
   if (absl::Status finite = CheckFinite(absl::StrCat("gallery '", spec.name, "'"), input.data(),
                                         elements, spec.dtype, 0);
       !finite.ok()) {
     return finite;
   }
-  auto prepared = (*builder)->Build(threads);
+  auto prepared = builder->Build(threads);
   if (!prepared.ok()) return prepared.status();
   auto gallery = std::make_unique<Gallery>();
   gallery->name = spec.name;
@@ -100,9 +96,19 @@ absl::StatusOr<std::unique_ptr<Gallery>> BuildGallery(
   gallery->source = source;
   gallery->path = std::move(path);
   gallery->registered = absl::Now();
-  gallery->prepare_time = gallery->registered - start;
+  gallery->prepare_time = gallery->registered - started;
   gallery->prepared = *std::move(prepared);
   return gallery;
+}
+
+absl::StatusOr<std::unique_ptr<Gallery>> BuildGallery(
+    const GallerySpec& spec, GallerySource source, std::string path, int threads,
+    const std::function<absl::Status(std::span<std::byte>)>& fill) {
+  const absl::Time started = absl::Now();
+  auto builder = kernels::GalleryBuilder::Create(spec.dims, spec.dtype, spec.storage_dtype);
+  if (!builder.ok()) return builder.status();
+  if (absl::Status filled = fill((*builder)->input()); !filled.ok()) return filled;
+  return FinishGallery(spec, *std::move(builder), source, std::move(path), threads, started);
 }
 
 GalleryStore::GalleryStore(int64_t memory_budget, ServerMetrics* metrics)

@@ -74,6 +74,13 @@ absl::StatusOr<std::unique_ptr<Gallery>> BuildGallery(
     const GallerySpec& spec, GallerySource source, std::string path, int threads,
     const std::function<absl::Status(std::span<std::byte>)>& fill);
 
+// The second half of BuildGallery for a caller that filled `builder` (created for `spec`)
+// itself: the NaN/Inf check, the preparation and the Gallery. `started` is when the work on
+// it began (Gallery::prepare_time counts from there).
+absl::StatusOr<std::unique_ptr<Gallery>> FinishGallery(
+    const GallerySpec& spec, std::unique_ptr<kernels::GalleryBuilder> builder, GallerySource source,
+    std::string path, int threads, absl::Time started);
+
 // Thread-safe.
 class GalleryStore {
  public:

@@ -20,6 +20,7 @@
 #include "absl/time/time.h"
 #include "server/convert.h"
 #include "server/log.h"
+#include "server/mutex.h"
 #include "server/status.h"
 #include "server/wire_codec.h"
 
@@ -429,11 +430,13 @@ absl::StatusOr<GallerySpec> SpecFromHeader(const v1::GalleryHeader& header) {
                          *storage);
 }
 
-// RegisterGallery: header first, then data pieces, held as received (moved out of the
-// parsed messages, not copied) up to exactly the declared size; at the end of the stream one
-// compute pool task copies them into the gallery's buffer, checks and prepares it, and
-// stores it. Reads are serialized by gRPC, so the reading state needs no lock; the task
-// starts only after the last read.
+// RegisterGallery: header first, then data pieces of any size. Each piece is copied into the
+// gallery's buffer at its offset by a compute pool task (pieces land in disjoint ranges, so
+// the copies may run on several workers at once); reading pauses while more than
+// upload_read_ahead_bytes wait to be copied, so the call holds the gallery's buffer plus a few
+// pieces. When the stream has ended and every copy is done, one more pool task checks and
+// prepares the gallery and stores it. The call finishes only when no task is outstanding, so
+// no task outlives the reactor.
 class RegisterCall final : public grpc::ServerReadReactor<v1::RegisterGalleryRequest> {
  public:
   RegisterCall(const Env& env, grpc::CallbackServerContext* context, v1::GalleryInfo* response)
@@ -446,43 +449,49 @@ class RegisterCall final : public grpc::ServerReadReactor<v1::RegisterGalleryReq
     StartRead(&request_);
   }
 
+  // Reactions are serialized by gRPC: the reading state below (request_, spec_, builder_,
+  // received_) is only touched here, and by the copy tasks only through builder_'s buffer.
   void OnReadDone(bool ok) override {
-    if (!ok) return Received();  // half-close (or cancellation: then Finish is ignored)
+    if (!ok) return EndOfStream();  // half-close, or cancellation (then Finish is moot)
     switch (request_.part_case()) {
-      case v1::RegisterGalleryRequest::kHeader:
+      case v1::RegisterGalleryRequest::kHeader: {
         if (spec_.has_value()) return Fail(absl::InvalidArgumentError("second gallery header"));
         if (absl::Status accepted = AcceptHeader(request_.header()); !accepted.ok()) {
           return Fail(std::move(accepted));
         }
-        break;
+        request_.Clear();
+        StartRead(&request_);
+        return;
+      }
       case v1::RegisterGalleryRequest::kData: {
         if (!spec_.has_value()) {
-          return Fail(
-              absl::InvalidArgumentError("gallery data before the header: send the "
-                                         "GalleryHeader first"));
+          return Fail(absl::InvalidArgumentError(
+              "gallery data before the header: send the GalleryHeader first"));
         }
-        std::string* data = request_.mutable_data();
-        received_ += static_cast<int64_t>(data->size());
+        std::string data = std::move(*request_.mutable_data());
+        request_.Clear();  // before Copy: a resumed read may refill request_ from then on
+        const int64_t offset = received_;
+        received_ += static_cast<int64_t>(data.size());
         if (received_ > spec_->input_bytes) {
           return Fail(absl::InvalidArgumentError(
               absl::StrCat("too many bytes for gallery '", spec_->name, "': the header declares ",
                            spec_->input_bytes, " (shape x dtype), received ", received_,
                            " so far; nothing was registered")));
         }
-        env_.metrics->AddBytesReceived(data->size());
-        pieces_.push_back(std::move(*data));
-        break;
+        env_.metrics->AddBytesReceived(data.size());
+        return Copy(offset, std::move(data));
       }
       case v1::RegisterGalleryRequest::PART_NOT_SET:
-        return Fail(absl::InvalidArgumentError("empty RegisterGalleryRequest: set header or data"));
+        break;
     }
-    request_.Clear();
-    StartRead(&request_);
+    Fail(absl::InvalidArgumentError("empty RegisterGalleryRequest: set header or data"));
   }
 
   void OnDone() override { delete this; }  // gRPC callback API: the reactor owns itself.
 
  private:
+  enum class Next { kNothing, kPrepare, kFinishError };
+
   absl::Status AcceptHeader(const v1::GalleryHeader& header) {
     auto spec = SpecFromHeader(header);
     if (!spec.ok()) return spec.status();
@@ -491,16 +500,71 @@ class RegisterCall final : public grpc::ServerReadReactor<v1::RegisterGalleryReq
         !room.ok()) {
       return room;
     }
-    // Held while registering: the received pieces plus the gallery's own buffers.
-    auto admission = env_.pool->Admit(spec->input_bytes + spec->prepared_bytes);
+    // Held while registering: the gallery's buffer (plus its prepared copy when the storage
+    // dtype has another size) and the pieces waiting to be copied.
+    const bool in_place = kernels::SizeOf(spec->dtype) == kernels::SizeOf(spec->storage_dtype);
+    auto admission = env_.pool->Admit(spec->input_bytes + (in_place ? 0 : spec->prepared_bytes) +
+                                      env_.config.compute.upload_read_ahead_bytes);
     if (!admission.ok()) return admission.status();
+    auto builder = kernels::GalleryBuilder::Create(spec->dims, spec->dtype, spec->storage_dtype);
+    if (!builder.ok()) return builder.status();
     admission_ = *std::move(admission);
+    builder_ = *std::move(builder);
     spec_ = *std::move(spec);
+    started_ = absl::Now();
     return absl::OkStatus();
   }
 
-  // The stream ended: prepare on the pool.
-  void Received() {
+  // Queues the copy of one piece; reads on unless too many bytes wait.
+  void Copy(int64_t offset, std::string data) {
+    const auto size = static_cast<int64_t>(data.size());
+    bool read_more = false;
+    {
+      MutexLock lock(&mu_);
+      pending_bytes_ += size;
+      ++tasks_;
+      read_more = pending_bytes_ < env_.config.compute.upload_read_ahead_bytes;
+      paused_ = !read_more;
+    }
+    auto piece = std::make_shared<const std::string>(std::move(data));
+    absl::Status submitted = env_.pool->Submit(
+        {.run = [this, offset, piece](absl::Duration /*wait*/) { CopyDone(offset, *piece, {}); },
+         .skip = [this, offset, piece](absl::Status why) { CopyDone(offset, *piece, why); }},
+        /*new_request=*/false);
+    if (!submitted.ok()) return CopyDone(offset, *piece, std::move(submitted));
+    if (read_more) StartRead(&request_);
+  }
+
+  // On a pool worker (or inline when the pool refused the task): copies unless the call
+  // failed or the task was skipped (`skipped` not OK), then continues the call.
+  void CopyDone(int64_t offset, const std::string& piece, absl::Status skipped) {
+    bool failed = false;
+    {
+      MutexLock lock(&mu_);
+      failed = !error_.ok();
+    }
+    if (skipped.ok() && !failed) {
+      std::memcpy(builder_->input().data() + offset, piece.data(), piece.size());
+    }
+    bool resume = false;
+    Next next = Next::kNothing;
+    {
+      MutexLock lock(&mu_);
+      if (!skipped.ok() && error_.ok()) error_ = std::move(skipped);
+      pending_bytes_ -= static_cast<int64_t>(piece.size());
+      --tasks_;
+      if (paused_ && error_.ok() && pending_bytes_ < env_.config.compute.upload_read_ahead_bytes) {
+        paused_ = false;
+        resume = true;
+      }
+      next = NextLocked();
+    }
+    if (resume) StartRead(&request_);  // no read is outstanding while paused
+    Continue(next);
+  }
+
+  // The stream ended: checks the byte count, then prepares once every copy is done.
+  void EndOfStream() {
     if (!spec_.has_value()) {
       return Fail(absl::InvalidArgumentError("RegisterGallery stream ended before its header"));
     }
@@ -509,49 +573,90 @@ class RegisterCall final : public grpc::ServerReadReactor<v1::RegisterGalleryReq
           "too few bytes for gallery '", spec_->name, "': the header declares ", spec_->input_bytes,
           " (shape x dtype), received ", received_, "; nothing was registered")));
     }
-    absl::Status submitted =
-        env_.pool->Submit({.run = [this](absl::Duration /*wait*/) { Prepare(); },
-                           .skip = [this](absl::Status status) { Fail(std::move(status)); }},
-                          /*new_request=*/true);
-    if (!submitted.ok()) Fail(std::move(submitted));
+    Next next = Next::kNothing;
+    {
+      MutexLock lock(&mu_);
+      stream_ended_ = true;
+      next = NextLocked();
+    }
+    Continue(next);
   }
 
-  // On a pool worker.
+  // Records the first error; the call finishes once no copy is outstanding.
+  void Fail(absl::Status status) {
+    Next next = Next::kNothing;
+    {
+      MutexLock lock(&mu_);
+      if (error_.ok()) error_ = std::move(status);
+      next = NextLocked();
+    }
+    Continue(next);
+  }
+
+  // What the call does next; decided once (concluded_) when nothing is outstanding.
+  Next NextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (tasks_ > 0 || concluded_) return Next::kNothing;
+    if (!error_.ok()) {
+      concluded_ = true;
+      return Next::kFinishError;
+    }
+    if (stream_ended_) {
+      concluded_ = true;
+      return Next::kPrepare;
+    }
+    return Next::kNothing;
+  }
+
+  void Continue(Next next) {
+    switch (next) {
+      case Next::kNothing:
+        return;
+      case Next::kFinishError: {
+        absl::Status error;
+        {
+          MutexLock lock(&mu_);
+          error = error_;
+        }
+        return FinishWith(error);
+      }
+      case Next::kPrepare: {
+        absl::Status submitted =
+            env_.pool->Submit({.run = [this](absl::Duration /*wait*/) { Prepare(); },
+                               .skip = [this](absl::Status why) { FinishWith(why); }},
+                              /*new_request=*/true);
+        if (!submitted.ok()) FinishWith(submitted);
+        return;
+      }
+    }
+  }
+
+  // On a pool worker: check, prepare, store.
   void Prepare() {
-    if (context_->IsCancelled()) return Fail(absl::CancelledError("client cancelled"));
-    auto gallery =
-        BuildGallery(*spec_, GallerySource::kUploaded, "", env_.engine->threads_per_call(),
-                     [this](std::span<std::byte> input) -> absl::Status {
-                       size_t offset = 0;
-                       for (std::string& piece : pieces_) {
-                         std::memcpy(input.data() + offset, piece.data(), piece.size());
-                         offset += piece.size();
-                         std::string().swap(piece);  // give the memory back now
-                       }
-                       return absl::OkStatus();
-                     });
-    pieces_.clear();
-    // The received pieces were heap blocks: hand their pages back to the system now rather
+    if (context_->IsCancelled()) return FinishWith(absl::CancelledError("client cancelled"));
+    auto gallery = FinishGallery(*spec_, std::move(builder_), GallerySource::kUploaded, "",
+                                 env_.engine->threads_per_call(), started_);
+    // The received messages were heap blocks: hand their pages back to the system now rather
     // than keeping them for reuse (main.cc raises glibc's trim threshold for the data path),
     // so a registered gallery costs the memory it states.
     malloc_trim(0);
-    if (!gallery.ok()) return Fail(gallery.status());
+    if (!gallery.ok()) return FinishWith(gallery.status());
     const absl::Duration prepare = (*gallery)->prepare_time;
     auto stored = env_.galleries->Put(*std::move(gallery));
-    if (!stored.ok()) return Fail(stored.status());
+    if (!stored.ok()) return FinishWith(stored.status());
     env_.metrics->ObserveGalleryRegistration(absl::ToDoubleSeconds(prepare));
     FillGalleryInfo(**stored, response_);
     LogInfo(absl::StrCat("gallery '", (*stored)->name, "' version ", (*stored)->version,
-                         " registered: ", (*stored)->bytes(), " bytes, prepared in ",
+                         " registered: ", (*stored)->bytes(), " bytes, received and prepared in ",
                          absl::FormatDuration(prepare), " (peer ", context_->peer(), ")"));
     admission_ = Admission();
     Finish(grpc::Status::OK);
   }
 
-  void Fail(absl::Status status) {
-    pieces_.clear();
+  // The call's one Finish (guaranteed by NextLocked's concluded_).
+  void FinishWith(const absl::Status& status) {
     admission_ = Admission();
-    grpc::Status out = ToGrpcStatus(status);
+    builder_.reset();
+    const grpc::Status out = ToGrpcStatus(status);
     LogWarning(absl::StrCat("RegisterGallery failed: ", CodeName(out.error_code()), ": ",
                             status.message(), " (peer ", context_->peer(), ")"));
     Finish(out);
@@ -560,11 +665,21 @@ class RegisterCall final : public grpc::ServerReadReactor<v1::RegisterGalleryReq
   const Env env_;
   grpc::CallbackServerContext* const context_;
   v1::GalleryInfo* const response_;
+  // Reading state (reactions only; see OnReadDone).
   v1::RegisterGalleryRequest request_;
   std::optional<GallerySpec> spec_;
+  std::unique_ptr<kernels::GalleryBuilder> builder_;  // its buffer is written by copy tasks
   int64_t received_ = 0;
-  std::vector<std::string> pieces_;
+  absl::Time started_;
   Admission admission_;
+  // Shared with the copy tasks.
+  Mutex mu_;
+  int64_t pending_bytes_ ABSL_GUARDED_BY(mu_) = 0;  // received, not yet copied
+  int tasks_ ABSL_GUARDED_BY(mu_) = 0;              // copy tasks queued or running
+  bool paused_ ABSL_GUARDED_BY(mu_) = false;        // no read outstanding until resumed
+  bool stream_ended_ ABSL_GUARDED_BY(mu_) = false;
+  bool concluded_ ABSL_GUARDED_BY(mu_) = false;  // Prepare or Finish has been decided
+  absl::Status error_ ABSL_GUARDED_BY(mu_);
 };
 
 grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
