@@ -163,6 +163,25 @@ void ExpectCode(const grpc::Status& status, grpc::StatusCode code, const std::st
   EXPECT_THAT(status.error_message(), HasSubstr(text));
 }
 
+// The value of series `family`{label=value} (any series when label is empty), or -1.
+double MetricValue(SimilarityServer& server, const std::string& family,
+                   const std::string& label = "", const std::string& value = "") {
+  for (const auto& f : server.registry().Collect()) {
+    if (f.name != family) continue;
+    for (const auto& m : f.metric) {
+      bool match = label.empty();
+      for (const auto& l : m.label) match = match || (l.name == label && l.value == value);
+      if (!match) continue;
+      return f.type == prometheus::MetricType::Gauge ? m.gauge.value : m.counter.value;
+    }
+  }
+  return -1;
+}
+
+double Counter(SimilarityServer& server, const std::string& family) {
+  return MetricValue(server, family);
+}
+
 TEST(GalleryE2E, EveryRpcMetricAndGalleryRankMatchesReference) {
   Running s = Start(TestConfig());
   const Problem p = RandomProblem(3, 5, 40, 16, 7, /*zero_row=*/1);
@@ -354,8 +373,10 @@ TEST(GalleryE2E, BadRequestsGetTheirStatusAndNothingIsRegistered) {
     auto ctx = Context();
     return s.stub->Compute(ctx.get(), req, &resp);
   };
+  const double misses = MetricValue(*s.server, "simserve_gallery_lookups_total", "result", "miss");
   ExpectCode(compute(GalleryRequest(p, "nope", v1::COSINE, false)), grpc::StatusCode::NOT_FOUND,
              "'nope'");
+  EXPECT_EQ(MetricValue(*s.server, "simserve_gallery_lookups_total", "result", "miss"), misses + 1);
   v1::ComputeRequest with_b = MakeRequest(p, v1::COSINE);
   with_b.set_gallery("g");
   ExpectCode(compute(with_b), grpc::StatusCode::INVALID_ARGUMENT, "must be absent");
@@ -433,6 +454,11 @@ TEST(GalleryE2E, BudgetEvictsLeastRecentlyUsedUploadsAndRefusesWhatCannotFit) {
              "gallery memory budget");
   EXPECT_TRUE(exists("a") && exists("c")) << "a refused registration evicts nothing";
   EXPECT_LE(s.server->galleries().held_bytes(), config.galleries.memory_bytes);
+  EXPECT_EQ(MetricValue(*s.server, "simserve_gallery_evictions_total"), 1);
+  EXPECT_EQ(MetricValue(*s.server, "simserve_galleries", "source", "uploaded"), 2);
+  EXPECT_EQ(MetricValue(*s.server, "simserve_gallery_bytes", "source", "uploaded"),
+            static_cast<double>(s.server->galleries().held_bytes()));
+  EXPECT_GE(MetricValue(*s.server, "simserve_gallery_lookups_total", "result", "hit"), 1);
 }
 
 int64_t RssBytes() {
@@ -479,13 +505,6 @@ void WriteNpy(const std::string& path, const std::vector<int64_t>& shape,
   std::memcpy(file->data().data(), data.data(), data.size() * 4);
   ASSERT_TRUE(file->Close().ok());
   std::filesystem::rename(tmp, path);  // readers see the old or the new file, never half
-}
-
-double Counter(SimilarityServer& server, const std::string& family) {
-  for (const auto& f : server.registry().Collect()) {
-    if (f.name == family && !f.metric.empty()) return f.metric[0].counter.value;
-  }
-  return -1;
 }
 
 TEST(GalleryE2E, DirectoryGalleriesLoadBeforeServingAndFollowTheirFiles) {
