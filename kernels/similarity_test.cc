@@ -127,17 +127,23 @@ struct Result {
   std::vector<int32_t> indices;
 };
 
-Result Compute(const Problem& p, const Options& options, int64_t tile_rows = 0) {
-  const ConstTensorView a{reinterpret_cast<const std::byte*>(p.a.data()), DataType::kFloat32};
-  const ConstTensorView b{reinterpret_cast<const std::byte*>(p.b.data()), DataType::kFloat32};
-  auto job = TestEngine().Prepare(p.shape, options, b);
+// Runs a prepared job over all of p's A.
+Result Run(absl::StatusOr<std::unique_ptr<SimilarityJob>> job, const Problem& p,
+           const Options& options, int64_t tile_rows) {
   EXPECT_TRUE(job.ok()) << job.status();
+  if (!job.ok()) return {};
+  const ConstTensorView a{reinterpret_cast<const std::byte*>(p.a.data()), DataType::kFloat32};
   const int64_t rows = p.shape.batch * p.shape.n;
   Result r{std::vector<std::byte>((*job)->ValueBytes(rows)),
            std::vector<int32_t>(rows * options.top_k)};
   const absl::Status status = ComputeAll(**job, a, tile_rows, r.values, r.indices);
   EXPECT_TRUE(status.ok()) << status;
   return r;
+}
+
+Result Compute(const Problem& p, const Options& options, int64_t tile_rows = 0) {
+  const ConstTensorView b{reinterpret_cast<const std::byte*>(p.b.data()), DataType::kFloat32};
+  return Run(TestEngine().Prepare(p.shape, options, b), p, options, tile_rows);
 }
 
 // Compares a dense result entry by entry with the reference.
@@ -485,15 +491,7 @@ std::unique_ptr<PreparedGallery> MakeGallery(const Problem& p, bool shared, Data
 
 Result ComputeWithGallery(const Problem& p, const PreparedGallery& gallery, const Options& options,
                           int64_t tile_rows = 0) {
-  const ConstTensorView a{reinterpret_cast<const std::byte*>(p.a.data()), DataType::kFloat32};
-  auto job = TestEngine().Prepare(p.shape, options, gallery);
-  EXPECT_TRUE(job.ok()) << job.status();
-  const int64_t rows = p.shape.batch * p.shape.n;
-  Result r{std::vector<std::byte>((*job)->ValueBytes(rows)),
-           std::vector<int32_t>(rows * options.top_k)};
-  const absl::Status status = ComputeAll(**job, a, tile_rows, r.values, r.indices);
-  EXPECT_TRUE(status.ok()) << status;
-  return r;
+  return Run(TestEngine().Prepare(p.shape, options, gallery), p, options, tile_rows);
 }
 
 // Problem whose B is one [m, d] block repeated over the batch (for 2D galleries).

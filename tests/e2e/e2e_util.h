@@ -16,9 +16,11 @@
 #include <string>
 #include <vector>
 
+#include "absl/time/time.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "kernels/dtype.h"
+#include "server/config.h"
 #include "simserve/v1/similarity.grpc.pb.h"
 
 namespace simserve::e2e {
@@ -47,6 +49,19 @@ class Event {
 };
 
 // Inputs of one problem in float32, C order.
+// A light in-process server for tests: ephemeral loopback port, no metrics port, one worker
+// with one OpenMP thread (the machine is shared), no warm-up.
+inline ServerConfig TestServerConfig() {
+  ServerConfig c;
+  c.listen = "127.0.0.1:0";
+  c.metrics_listen = "";
+  c.compute.workers = 1;
+  c.compute.threads_per_worker = 1;
+  c.compute.warmup = false;
+  c.drain_grace = absl::Seconds(5);
+  return c;
+}
+
 struct Problem {
   int64_t batch = 1, n = 1, m = 1, d = 1;
   std::vector<float> a;

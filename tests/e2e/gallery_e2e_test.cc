@@ -32,16 +32,7 @@ namespace {
 using ::testing::HasSubstr;
 using Stub = v1::Similarity::Stub;
 
-ServerConfig TestConfig() {
-  ServerConfig c;
-  c.listen = "127.0.0.1:0";
-  c.metrics_listen = "";
-  c.compute.workers = 1;
-  c.compute.threads_per_worker = 1;
-  c.compute.warmup = false;
-  c.drain_grace = absl::Seconds(5);
-  return c;
-}
+ServerConfig TestConfig() { return TestServerConfig(); }
 
 struct Running {
   std::unique_ptr<SimilarityServer> server;

@@ -28,16 +28,10 @@ using ::testing::HasSubstr;
 using Stub = v1::Similarity::Stub;
 
 ServerConfig TestConfig() {
-  ServerConfig c;
-  c.listen = "127.0.0.1:0";
-  c.metrics_listen = "";
-  c.compute.workers = 1;
-  c.compute.threads_per_worker = 1;  // the machine is shared; keep the tests light
-  c.compute.warmup = false;
+  ServerConfig c = TestServerConfig();
   // Every call goes through the compute pool, so the queueing tests mean what they say;
   // ServerE2EInline covers the inline path of small unary calls.
   c.compute.inline_max_flops = 0;
-  c.drain_grace = absl::Seconds(5);
   return c;
 }
 
