@@ -254,6 +254,25 @@ TEST(GalleryE2E, HalfPrecisionStorageMatchesReferenceWithinItsPrecision) {
   }
 }
 
+TEST(GalleryE2E, PiecesOfAnySizeWithReadingPausedAndResumed) {
+  ServerConfig config = TestConfig();
+  config.compute.upload_read_ahead_bytes = 4096;  // pause after a few pieces, resume as copied
+  Running s = Start(config);
+  const Problem p = RandomProblem(2, 3, 500, 16, 20);
+  for (const size_t piece : {size_t{999}, size_t{1}, size_t{1} << 20}) {  // elements split too
+    SCOPED_TRACE(testing::Message() << "piece " << piece);
+    v1::GalleryInfo info;
+    ASSERT_TRUE(
+        Register(s.stub.get(), "pieces", {2, 500, 16}, p.b, v1::FLOAT32, &info, piece).ok());
+    v1::ComputeRequest req = GalleryRequest(p, "pieces", v1::EUCLIDEAN, false, 3);
+    v1::ComputeResponse resp;
+    auto ctx = Context();
+    ASSERT_TRUE(s.stub->Compute(ctx.get(), req, &resp).ok());
+    ExpectMatches(p, req, {resp.shape().begin(), resp.shape().end()}, resp.values_raw(),
+                  resp.indices_raw(), resp.dtype());
+  }
+}
+
 TEST(GalleryE2E, InfoListGetDeleteAndVersions) {
   Running s = Start(TestConfig());
   const Problem p = RandomProblem(1, 2, 10, 4, 10);
