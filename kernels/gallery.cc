@@ -65,10 +65,12 @@ const float* PreparedGallery::norms(int64_t entry) const {
 const float* PreparedGallery::sq_norms(int64_t entry) const {
   return storage_->sq_norms.data() + entry * shape_.m;
 }
-int64_t PreparedGallery::bytes() const {
-  return static_cast<int64_t>(storage_->rows_bytes + storage_->input_bytes +
-                              (storage_->norms.capacity() + storage_->sq_norms.capacity()) * 4 +
-                              sizeof(Storage) + sizeof(PreparedGallery));
+int64_t PreparedGallery::bytes() const { return BytesFor(shape_, storage_dtype_); }
+
+int64_t PreparedGallery::BytesFor(const GalleryShape& shape, DataType storage) {
+  return shape.rows() * shape.d * static_cast<int64_t>(SizeOf(storage)) +
+         shape.rows() * 8 /* norm and squared norm */ +
+         static_cast<int64_t>(sizeof(Storage) + sizeof(PreparedGallery));
 }
 
 absl::StatusOr<std::unique_ptr<GalleryBuilder>> GalleryBuilder::Create(const GalleryShape& shape,
@@ -108,8 +110,10 @@ std::span<std::byte> GalleryBuilder::input() {
   return {storage_->input.get(), storage_->input_bytes};
 }
 
-int64_t GalleryBuilder::bytes() const {
-  return static_cast<int64_t>(storage_->input_bytes + storage_->rows_bytes);
+int64_t GalleryBuilder::PeakBytes() const {
+  const bool in_place = SizeOf(input_dtype_) == SizeOf(storage_dtype_);
+  return static_cast<int64_t>(storage_->input_bytes) +
+         (in_place ? shape_.rows() * 8 : PreparedGallery::BytesFor(shape_, storage_dtype_));
 }
 
 absl::StatusOr<std::unique_ptr<PreparedGallery>> GalleryBuilder::Build(int threads) {

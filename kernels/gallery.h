@@ -43,8 +43,11 @@ class PreparedGallery {
   // Per row of entry `entry`: ||b|| and ||b||^2 (m floats each).
   const float* norms(int64_t entry) const;
   const float* sq_norms(int64_t entry) const;
-  // Heap bytes held (rows, norms, bookkeeping).
+  // Heap bytes held (rows, norms, bookkeeping): BytesFor(shape(), storage_dtype()).
   int64_t bytes() const;
+  // What a gallery of `shape` stored as `storage` holds, known before it is built: the one
+  // definition of a gallery's memory.
+  static int64_t BytesFor(const GalleryShape& shape, DataType storage);
 
  private:
   friend class GalleryBuilder;
@@ -74,8 +77,9 @@ class GalleryBuilder {
   // Where the raw rows go: shape.rows() * d elements of input_dtype, little-endian C order.
   // The caller checks them (finite values) before Build.
   std::span<std::byte> input();
-  // Bytes the builder holds now (input plus output buffers), for memory accounting.
-  int64_t bytes() const;
+  // The most bytes the builder holds until Build returns (the input, plus the prepared rows
+  // when they cannot be built in place, plus the norms), for memory accounting.
+  int64_t PeakBytes() const;
   // Prepares the rows with `threads` OpenMP threads (0: the calling thread's default).
   // Consumes the builder; call once.
   absl::StatusOr<std::unique_ptr<PreparedGallery>> Build(int threads = 0);

@@ -158,6 +158,9 @@ class TopKSelector {
     for (const Entry& e : other.entries_) Offer(e.first, e.second);
   }
 
+  // Heap bytes the candidate buffer holds.
+  size_t capacity_bytes() const { return entries_.capacity() * sizeof(Entry); }
+
   // The selection, best first (at most k entries).
   const std::vector<std::pair<float, int32_t>>& Finish() {
     Compact();
@@ -167,8 +170,12 @@ class TopKSelector {
 
  private:
   using Entry = std::pair<float, int32_t>;
+  // A strict total order; NaN (an overflowing distance) ranks last.
   bool Better(const Entry& x, const Entry& y) const {
-    if (x.first != y.first) return largest_ ? x.first > y.first : x.first < y.first;
+    const bool x_nan = std::isnan(x.first);
+    const bool y_nan = std::isnan(y.first);
+    if (x_nan != y_nan) return y_nan;
+    if (!x_nan && x.first != y.first) return largest_ ? x.first > y.first : x.first < y.first;
     return x.second < y.second;
   }
   struct ByOrder {
@@ -198,7 +205,11 @@ struct ThreadScratch {
   AlignedBuffer b_operand;  // a column block of the gallery converted to the compute dtype
   std::vector<TopKSelector> selectors;  // one per row of the row block
   std::optional<dnnl::stream> stream;
-  size_t Bytes() const { return product.capacity() + b_operand.capacity(); }
+  size_t Bytes() const {
+    size_t bytes = product.capacity() + b_operand.capacity();
+    for (const TopKSelector& s : selectors) bytes += s.capacity_bytes();
+    return bytes;
+  }
 };
 
 // Per-job working memory, pooled by the engine.
@@ -222,6 +233,11 @@ struct Scratch {
 // gallery per block (per-thread product memory: rows x columns floats, whatever m is).
 constexpr int64_t kGalleryRowBlock = 256;
 constexpr int64_t kGalleryMatmulColumns = 4096;
+// Bytes of one converted column block of the gallery (bounds the columns for a large d).
+constexpr int64_t kGalleryMatmulBlockBytes = int64_t{16} << 20;
+// Bytes of the running top-k candidates of one row block, all threads (bounds the rows per
+// step for a large k).
+constexpr int64_t kGallerySelectorBytes = int64_t{64} << 20;
 // Up to this many rows per step the gallery is scanned by dot_rows (reading B is the whole
 // cost; converted on load, no scratch copy), in blocks that stay in L2 for the rows' passes.
 constexpr int64_t kGalleryScanMaxRows = 8;
@@ -593,8 +609,10 @@ class SimilarityJob::Impl {
     const DataType storage = gallery.storage_dtype();
     const size_t storage_size = SizeOf(storage);
     const bool scan = rows <= kGalleryScanMaxRows;
-    // BFLOAT16 storage feeds a bf16 matmul as it is; the scan always keeps A in float32.
-    const bool bf16_matmul = !scan && (bf16() || storage == DataType::kBFloat16);
+    // The matmul honours the precision: bf16 operands only for Precision::kBf16 (then
+    // BFLOAT16 storage feeds it as it is; FLOAT32 and FLOAT16 storage are converted per
+    // block). The scan keeps A in float32 whatever the precision.
+    const bool bf16_matmul = !scan && bf16();
     const DataType compute = bf16_matmul ? DataType::kBFloat16 : DataType::kFloat32;
 
     // A: unit (or clamped) rows for cosine, as is otherwise; squared norms for distances.
@@ -619,16 +637,54 @@ class SimilarityJob::Impl {
 
     const int threads = omp_get_max_threads();
     if (static_cast<int>(scratch_->threads.size()) < threads) scratch_->threads.resize(threads);
+    // Column blocks sized in bytes: per-thread memory (product, converted block) is bounded
+    // whatever m and d are.
     const int64_t block_cols =
         scan ? std::max<int64_t>(64,
                                  kGalleryScanBlockBytes / (d * static_cast<int64_t>(storage_size)))
-             : kGalleryMatmulColumns;
+             : std::clamp<int64_t>(kGalleryMatmulBlockBytes / (d * 4), 64, kGalleryMatmulColumns);
+    // Rows per step: the running top-k buffers 2k candidates per row and thread.
+    const int64_t row_block =
+        k > 0 ? std::clamp<int64_t>(
+                    kGallerySelectorBytes / (threads * std::max<int64_t>(2 * k, k + 256) * 8), 1,
+                    kGalleryRowBlock)
+              : kGalleryRowBlock;
     const int64_t blocks = (m + block_cols - 1) / block_cols;
     const std::byte* unit_rows = gallery.unit_rows(entry);
     const size_t out_size = SizeOf(options_.output_dtype);
 
-    for (int64_t r0 = 0; r0 < rows; r0 += kGalleryRowBlock) {
-      const int64_t rb = std::min(kGalleryRowBlock, rows - r0);
+    // One block's product -> the metric (norm scaling, distances) -> top-k or the output.
+    auto epilogue = [&](ThreadScratch& ts, float* product, int64_t rb, int64_t cols, int64_t r0,
+                        int64_t c0) {
+      if (scale_by_norm || clamp) {
+        for (int64_t r = 0; r < rb; ++r) {
+          float* row = product + r * cols;
+          if (scale_by_norm) {
+#pragma omp simd
+            for (int64_t c = 0; c < cols; ++c) row[c] *= norms[c0 + c];
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < cols; ++c) {
+              row[c] *= std::min(1.0F, norms[c0 + c] * inv_sqrt_epsilon);
+            }
+          }
+        }
+      }
+      if (distance) {
+        ops_.to_distances(product, rb, cols, a_sq + r0, b_sq + c0, metric == Metric::kEuclidean);
+      }
+      if (k > 0) {
+        for (int64_t r = 0; r < rb; ++r) ts.selectors[r].OfferRow(product + r * cols, cols, c0);
+      } else {
+        for (int64_t r = 0; r < rb; ++r) {
+          ops_.convert_floats(product + r * cols, cols, options_.output_dtype,
+                              values_out.data() + ((r0 + r) * m + c0) * out_size);
+        }
+      }
+    };
+
+    for (int64_t r0 = 0; r0 < rows; r0 += row_block) {
+      const int64_t rb = std::min(row_block, rows - r0);
       const std::byte* a_block = a_operand + r0 * d * SizeOf(compute);
       if (k > 0) {
         for (int t = 0; t < threads; ++t) {
@@ -641,48 +697,39 @@ class SimilarityJob::Impl {
       std::mutex error_mutex;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
       for (int64_t blk = 0; blk < blocks; ++blk) {
-        omp_set_num_threads(1);  // the loops and the matmul below run on this thread only
-        ThreadScratch& ts = scratch_->threads[omp_get_thread_num()];
-        const int64_t c0 = blk * block_cols;
-        const int64_t cols = std::min(block_cols, m - c0);
-        auto* product = static_cast<float*>(ts.product.Reserve(rb * cols * 4));
-        const std::byte* b_block = unit_rows + c0 * d * storage_size;
-        if (scan) {
-          ops_.dot_rows(reinterpret_cast<const float*>(a_block), rb, d, {b_block, storage}, cols,
-                        product, cols);
-        } else {
-          absl::Status status =
-              BlockMatmul(ts, a_block, rb, {b_block, storage}, cols, compute, product);
-          if (!status.ok()) {
-            std::lock_guard<std::mutex> lock(error_mutex);
-            if (error.ok()) error = std::move(status);
-            continue;
-          }
+        // No exception may leave an OpenMP region: each block's errors become the tile's
+        // status (the first one wins) and the remaining blocks are skipped.
+        auto fail = [&](absl::Status status) {
+          std::lock_guard<std::mutex> lock(error_mutex);
+          if (error.ok()) error = std::move(status);
+        };
+        {
+          std::lock_guard<std::mutex> lock(error_mutex);
+          if (!error.ok()) continue;
         }
-        if (scale_by_norm || clamp) {
-          for (int64_t r = 0; r < rb; ++r) {
-            float* row = product + r * cols;
-            if (scale_by_norm) {
-#pragma omp simd
-              for (int64_t c = 0; c < cols; ++c) row[c] *= norms[c0 + c];
-            } else {
-#pragma omp simd
-              for (int64_t c = 0; c < cols; ++c) {
-                row[c] *= std::min(1.0F, norms[c0 + c] * inv_sqrt_epsilon);
-              }
+        try {
+          omp_set_num_threads(1);  // the loops and the matmul below run on this thread only
+          ThreadScratch& ts = scratch_->threads[omp_get_thread_num()];
+          const int64_t c0 = blk * block_cols;
+          const int64_t cols = std::min(block_cols, m - c0);
+          auto* product = static_cast<float*>(ts.product.Reserve(rb * cols * 4));
+          const std::byte* b_block = unit_rows + c0 * d * storage_size;
+          if (scan) {
+            ops_.dot_rows(reinterpret_cast<const float*>(a_block), rb, d, {b_block, storage}, cols,
+                          product, cols);
+          } else {
+            absl::Status status =
+                BlockMatmul(ts, a_block, rb, {b_block, storage}, cols, compute, product);
+            if (!status.ok()) {
+              fail(std::move(status));
+              continue;
             }
           }
-        }
-        if (distance) {
-          ops_.to_distances(product, rb, cols, a_sq + r0, b_sq + c0, metric == Metric::kEuclidean);
-        }
-        if (k > 0) {
-          for (int64_t r = 0; r < rb; ++r) ts.selectors[r].OfferRow(product + r * cols, cols, c0);
-        } else {
-          for (int64_t r = 0; r < rb; ++r) {
-            ops_.convert_floats(product + r * cols, cols, options_.output_dtype,
-                                values_out.data() + ((r0 + r) * m + c0) * out_size);
-          }
+          epilogue(ts, product, rb, cols, r0, c0);
+        } catch (const dnnl::error& e) {
+          fail(absl::InternalError(absl::StrCat("oneDNN matmul failed: ", e.what())));
+        } catch (const std::bad_alloc&) {
+          fail(absl::ResourceExhaustedError("out of memory for the kernel's scratch buffers"));
         }
       }
       if (!error.ok()) return error;

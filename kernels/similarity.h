@@ -54,8 +54,9 @@ struct EngineConfig {
   // Most OpenMP threads one ComputeTile call uses (set on the calling thread). 0: all cores.
   // Tiles below ~4 MFLOP per thread use fewer threads (one for tiny requests).
   int threads_per_call = 0;
-  // Maximum number of cached matmul primitives (one per distinct tile shape and dtype).
-  size_t primitive_cache_capacity = 128;
+  // Maximum number of cached matmul primitives (one per distinct tile shape and dtype, per
+  // thread: gallery tiles run one matmul per OpenMP thread).
+  size_t primitive_cache_capacity = 512;
 };
 
 // Read-only view of C-order elements of one dtype.

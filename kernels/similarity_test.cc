@@ -592,6 +592,24 @@ TEST(Gallery, EqualRowsTieExactlyInEveryTileShape) {
   }
 }
 
+TEST(Gallery, HalfStorageWithFp32PrecisionGivesTheSameScoresInEveryTileShape) {
+  // FP32 precision keeps A in float32 on both paths (scan for <= 8 rows, matmul above), so a
+  // row's scores do not depend on how many rows share its tile (bf16 storage must not turn
+  // the matmul into a bf16 one).
+  const Problem p = RandomProblem({1, 20, 300, 32}, 47);
+  for (const DataType storage : {DataType::kBFloat16, DataType::kFloat16}) {
+    const auto gallery = MakeGallery(p, false, storage);
+    const Options options{.metric = Metric::kDot};
+    const Result single = ComputeWithGallery(p, *gallery, options, 1);
+    const Result whole = ComputeWithGallery(p, *gallery, options, 0);
+    for (int64_t i = 0; i < 20 * 300; ++i) {
+      ASSERT_NEAR(OutputValue(single.values, DataType::kFloat32, i),
+                  OutputValue(whole.values, DataType::kFloat32, i), 2e-5)
+          << Name(storage) << " entry " << i;
+    }
+  }
+}
+
 TEST(Gallery, ZeroTinyAndHugeRowsAreExactForCosine) {
   Problem p = RandomProblem({1, 4, 6, 64}, 31);
   std::fill_n(p.b.begin(), 64, 0.0F);  // B[0] = 0

@@ -2,7 +2,9 @@
 #include "server/gallery_dir.h"
 
 #include <dirent.h>
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cstring>
 #include <set>
@@ -14,6 +16,34 @@
 #include "server/log.h"
 
 namespace simserve {
+namespace {
+
+// Reads input.size() bytes of `path` from `offset` into `input`. INVALID_ARGUMENT when the
+// file is shorter (it changed while being read), UNKNOWN for I/O errors.
+absl::Status ReadExactly(const std::string& path, size_t offset, std::span<std::byte> input) {
+  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return absl::UnknownError(absl::StrCat("cannot open: ", std::strerror(errno)));
+  size_t done = 0;
+  absl::Status status;
+  while (done < input.size()) {
+    const ssize_t n =
+        pread(fd, input.data() + done, input.size() - done, static_cast<off_t>(offset + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      status = absl::UnknownError(absl::StrCat("read failed: ", std::strerror(errno)));
+      break;
+    }
+    if (n == 0) {
+      status = absl::InvalidArgumentError("the file got shorter while it was read");
+      break;
+    }
+    done += static_cast<size_t>(n);
+  }
+  close(fd);
+  return status;
+}
+
+}  // namespace
 
 GalleryDirectory::GalleryDirectory(std::string dir, absl::Duration rescan_period,
                                    kernels::DataType storage_dtype, GalleryStore* store,
@@ -34,6 +64,7 @@ GalleryDirectory::~GalleryDirectory() {
 }
 
 void GalleryDirectory::StartWatching() {
+  if (watcher_.joinable()) return;  // already watching
   watcher_ = std::thread([this] { WatchLoop(); });
 }
 
@@ -127,15 +158,12 @@ absl::Status GalleryDirectory::Load(const std::string& name, const std::string& 
       !room.ok()) {
     return room;
   }
-  const std::span<const std::byte> data = file->data();
-  auto gallery = BuildGallery(*spec, GallerySource::kDirectory, path, /*threads=*/0,
-                              [&](std::span<std::byte> input) -> absl::Status {
-                                if (data.size() != input.size()) {
-                                  return absl::InvalidArgumentError("data size mismatch");
-                                }
-                                std::memcpy(input.data(), data.data(), data.size());
-                                return absl::OkStatus();
-                              });
+  // The data is read with pread, not through the mapping: a file truncated while it loads
+  // (np.save over it in place) then gives a short read, not a SIGBUS.
+  const size_t offset = layout.data_offset;
+  auto gallery = BuildGallery(
+      *spec, GallerySource::kDirectory, path, /*threads=*/0,
+      [&](std::span<std::byte> input) -> absl::Status { return ReadExactly(path, offset, input); });
   if (!gallery.ok()) return gallery.status();
   const absl::Duration prepare = (*gallery)->prepare_time;
   auto stored = store_->Put(*std::move(gallery));

@@ -71,9 +71,7 @@ absl::StatusOr<GallerySpec> MakeGallerySpec(absl::string_view name,
                                                    " rows; at most 2^31-1 (int32 top-k indices)"));
   }
   spec.input_bytes = elements * static_cast<int64_t>(kernels::SizeOf(dtype));
-  // kernels/gallery.h: the unit rows in the storage dtype plus two float32 norms per row.
-  spec.prepared_bytes =
-      elements * static_cast<int64_t>(kernels::SizeOf(storage_dtype)) + spec.dims.rows() * 8 + 256;
+  spec.prepared_bytes = kernels::PreparedGallery::BytesFor(spec.dims, storage_dtype);
   return spec;
 }
 
@@ -214,6 +212,9 @@ absl::StatusOr<std::shared_ptr<const Gallery>> GalleryStore::Remove(absl::string
   MutexLock lock(&mu_);
   auto it = galleries_.find(name);
   if (it == galleries_.end()) return NotFound(name);
+  if (it->second->source != source && source == GallerySource::kDirectory) {
+    return NotFound(name);  // the directory loader never removes an uploaded gallery
+  }
   if (it->second->source == GallerySource::kDirectory && source != GallerySource::kDirectory) {
     return absl::FailedPreconditionError(
         absl::StrCat("gallery '", name,

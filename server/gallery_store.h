@@ -104,7 +104,8 @@ class GalleryStore {
   absl::StatusOr<std::shared_ptr<const Gallery>> Put(std::unique_ptr<Gallery> gallery);
 
   // Removes `name`. NOT_FOUND when unknown; FAILED_PRECONDITION for a directory gallery
-  // unless `source` is kDirectory (the directory loader removing it).
+  // unless `source` is kDirectory (the directory loader removing it). The loader removes
+  // only directory galleries (NOT_FOUND for an uploaded one of the same name).
   absl::StatusOr<std::shared_ptr<const Gallery>> Remove(absl::string_view name,
                                                         GallerySource source);
 

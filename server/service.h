@@ -16,14 +16,14 @@
 
 namespace simserve {
 
-// The generated service with the three compute methods in raw form: they receive and send
-// grpc::ByteBuffer, so tensors are decoded and results encoded without copying payloads
-// (server/wire_codec.h). The wire format is exactly the proto's.
+// The generated service with the three compute methods and RegisterGallery in raw form: they
+// receive and send grpc::ByteBuffer, so tensors are decoded and results encoded without copying
+// payloads (server/wire_codec.h). The wire format is exactly the proto's.
 using SimilarityServiceBase = v1::Similarity::WithRawCallbackMethod_Compute<
     v1::Similarity::WithRawCallbackMethod_ComputeStream<
         v1::Similarity::WithRawCallbackMethod_ComputeUpload<
             v1::Similarity::WithCallbackMethod_GetInfo<
-                v1::Similarity::WithCallbackMethod_RegisterGallery<
+                v1::Similarity::WithRawCallbackMethod_RegisterGallery<
                     v1::Similarity::WithCallbackMethod_GetGallery<
                         v1::Similarity::WithCallbackMethod_ListGalleries<
                             v1::Similarity::WithCallbackMethod_DeleteGallery<
@@ -62,10 +62,11 @@ class SimilarityService final : public SimilarityServiceBase {
                                     const v1::GetInfoRequest* request,
                                     v1::GetInfoResponse* response) override;
 
-  // Header, then the gallery's bytes -> GalleryInfo. The bytes are held as received; one
-  // compute pool task checks and prepares them and stores the gallery.
-  grpc::ServerReadReactor<v1::RegisterGalleryRequest>* RegisterGallery(
-      grpc::CallbackServerContext* context, v1::GalleryInfo* response) override;
+  // Header, then the gallery's bytes -> GalleryInfo. Raw: the pieces are copied from
+  // gRPC's slices straight into the gallery's buffer by compute pool tasks, then one more
+  // task checks and prepares it and stores the gallery.
+  grpc::ServerReadReactor<grpc::ByteBuffer>* RegisterGallery(grpc::CallbackServerContext* context,
+                                                             grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* GetGallery(grpc::CallbackServerContext* context,
                                        const v1::GetGalleryRequest* request,
                                        v1::GalleryInfo* response) override;

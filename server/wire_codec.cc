@@ -75,7 +75,7 @@ class SpanInputStream final : public google::protobuf::io::ZeroCopyInputStream {
   int64_t position_ = 0;
 };
 
-absl::Status Malformed(const char* what) {
+absl::Status Malformed(absl::string_view what) {
   return absl::InvalidArgumentError(absl::StrCat("malformed ", what, " (protobuf wire format)"));
 }
 
@@ -224,36 +224,68 @@ absl::StatusOr<DecodedComputeRequest> DecodeComputeRequest(const ReceivedMessage
   return decoded;
 }
 
-absl::StatusOr<DecodedUploadRequest> DecodeUploadRequest(const ReceivedMessage& message) {
+namespace {
+
+// Decodes a message of the shape { oneof part { Header header = 1; bytes ... = N; ... } }:
+// the header is parsed into `header`, a bytes part is left in place as `data`. Returns the
+// field number of the last part set (0: none), as protobuf would keep it.
+absl::StatusOr<int> DecodeParts(const ReceivedMessage& message, const char* what, int header_field,
+                                std::initializer_list<int> payload_fields,
+                                google::protobuf::MessageLite* header, Range* data) {
   SpanInputStream stream(message.AllSpans());
   CodedInputStream in(&stream);
   in.SetTotalBytesLimit(INT_MAX);
-  DecodedUploadRequest decoded;
+  int part = 0;
   for (uint32_t tag = in.ReadTag(); tag != 0; tag = in.ReadTag()) {
-    if (tag == Tag(v1::UploadRequest::kHeaderFieldNumber, kLengthDelimited)) {
+    const int field = static_cast<int>(tag >> 3);
+    const bool length_delimited = (tag & 7) == kLengthDelimited;
+    if (length_delimited && field == header_field) {
       uint32_t n = 0;
       std::string bytes;
       if (!in.ReadVarint32(&n) || !in.ReadString(&bytes, static_cast<int>(n)) ||
-          !decoded.header.MergeFromString(bytes)) {
-        return Malformed("UploadRequest header");
+          !header->MergeFromString(bytes)) {
+        return Malformed(absl::StrCat(what, " header"));
       }
-      decoded.part = v1::UploadRequest::kHeader;
-    } else if (tag == Tag(v1::UploadRequest::kADataFieldNumber, kLengthDelimited) ||
-               tag == Tag(v1::UploadRequest::kBDataFieldNumber, kLengthDelimited)) {
-      if (!SkipPayload(&in, &decoded.data)) return Malformed("UploadRequest data");
-      decoded.part = (tag >> 3) == v1::UploadRequest::kADataFieldNumber ? v1::UploadRequest::kAData
-                                                                        : v1::UploadRequest::kBData;
+      part = field;
+    } else if (length_delimited && std::find(payload_fields.begin(), payload_fields.end(), field) !=
+                                       payload_fields.end()) {
+      if (!SkipPayload(&in, data)) return Malformed(absl::StrCat(what, " data"));
+      part = field;
     } else {
       std::string ignored;  // unknown field: skipped, as protobuf does
       StringOutputStream out_stream(&ignored);
       CodedOutputStream out(&out_stream);
-      if (!CopyField(tag, &in, &out)) return Malformed("UploadRequest");
+      if (!CopyField(tag, &in, &out)) return Malformed(what);
     }
   }
   if (!in.ConsumedEntireMessage() || in.CurrentPosition() != message.size()) {
-    return Malformed("UploadRequest");
+    return Malformed(what);
   }
-  if (decoded.part != v1::UploadRequest::kHeader) decoded.header.Clear();
+  if (part != header_field) header->Clear();
+  return part;
+}
+
+}  // namespace
+
+absl::StatusOr<DecodedUploadRequest> DecodeUploadRequest(const ReceivedMessage& message) {
+  DecodedUploadRequest decoded;
+  auto part =
+      DecodeParts(message, "UploadRequest", v1::UploadRequest::kHeaderFieldNumber,
+                  {v1::UploadRequest::kADataFieldNumber, v1::UploadRequest::kBDataFieldNumber},
+                  &decoded.header, &decoded.data);
+  if (!part.ok()) return part.status();
+  decoded.part = static_cast<v1::UploadRequest::PartCase>(*part);
+  return decoded;
+}
+
+absl::StatusOr<DecodedRegisterGalleryRequest> DecodeRegisterGalleryRequest(
+    const ReceivedMessage& message) {
+  DecodedRegisterGalleryRequest decoded;
+  auto part =
+      DecodeParts(message, "RegisterGalleryRequest", v1::RegisterGalleryRequest::kHeaderFieldNumber,
+                  {v1::RegisterGalleryRequest::kDataFieldNumber}, &decoded.header, &decoded.data);
+  if (!part.ok()) return part.status();
+  decoded.part = static_cast<v1::RegisterGalleryRequest::PartCase>(*part);
   return decoded;
 }
 

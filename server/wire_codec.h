@@ -72,6 +72,18 @@ struct DecodedUploadRequest {
 // INVALID_ARGUMENT for malformed wire data.
 absl::StatusOr<DecodedUploadRequest> DecodeUploadRequest(const ReceivedMessage& message);
 
+// One RegisterGalleryRequest: the header, or a piece of the gallery's bytes left in place.
+struct DecodedRegisterGalleryRequest {
+  v1::RegisterGalleryRequest::PartCase part = v1::RegisterGalleryRequest::PART_NOT_SET;
+  v1::GalleryHeader header;  // when part == kHeader
+  Range data;                // when part == kData
+};
+
+// Decodes a serialized RegisterGalleryRequest (the last part set wins, as in protobuf).
+// INVALID_ARGUMENT for malformed wire data.
+absl::StatusOr<DecodedRegisterGalleryRequest> DecodeRegisterGalleryRequest(
+    const ReceivedMessage& message);
+
 // A bytes field whose content is an owned buffer, handed to gRPC without a copy.
 struct PayloadField {
   int field_number = 0;

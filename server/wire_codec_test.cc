@@ -105,6 +105,32 @@ TEST(DecodeUploadRequest, HeaderAndPiecesMatchProtobuf) {
   EXPECT_EQ(decoded->part, v1::UploadRequest::PART_NOT_SET);
 }
 
+TEST(DecodeRegisterGalleryRequest, HeaderPiecesAndMalformedDataMatchProtobuf) {
+  v1::RegisterGalleryRequest header;
+  header.mutable_header()->set_name("catalog");
+  header.mutable_header()->add_shape(1000);
+  header.mutable_header()->add_shape(384);
+  header.mutable_header()->set_storage_dtype(v1::BFLOAT16);
+  ReceivedMessage h(Split(header.SerializeAsString(), 3));
+  auto decoded = DecodeRegisterGalleryRequest(h);
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  EXPECT_EQ(decoded->part, v1::RegisterGalleryRequest::kHeader);
+  EXPECT_EQ(decoded->header.SerializeAsString(), header.header().SerializeAsString());
+
+  v1::RegisterGalleryRequest piece;
+  piece.set_data(std::string(5000, 'g') + "end");
+  ReceivedMessage p(Split(piece.SerializeAsString(), 100));
+  decoded = DecodeRegisterGalleryRequest(p);
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  EXPECT_EQ(decoded->part, v1::RegisterGalleryRequest::kData);
+  EXPECT_EQ(Gather(p, decoded->data), piece.data());
+
+  std::string truncated = piece.SerializeAsString();
+  truncated.resize(truncated.size() - 10);
+  EXPECT_EQ(DecodeRegisterGalleryRequest(ReceivedMessage({truncated})).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 AlignedBuffer BufferOf(const std::string& bytes) {
   AlignedBuffer buffer = AllocateAligned(static_cast<int64_t>(bytes.size()));
   std::memcpy(buffer.get(), bytes.data(), bytes.size());

@@ -434,8 +434,10 @@ TEST(GalleryE2E, ReplacingKeepsRunningCallsOnTheirVersionNeverMixed) {
 
 TEST(GalleryE2E, BudgetEvictsLeastRecentlyUsedUploadsAndRefusesWhatCannotFit) {
   ServerConfig config = TestConfig();
-  const int64_t one = 1000 * 64 * 4 + 1000 * 8 + 256;  // prepared bytes of a [1000, 64] gallery
-  config.galleries.memory_bytes = 2 * one + 100;       // room for two
+  // Prepared bytes of a [1000, 64] float32 gallery.
+  const int64_t one =
+      kernels::PreparedGallery::BytesFor({1, 1000, 64}, kernels::DataType::kFloat32);
+  config.galleries.memory_bytes = 2 * one + 100;  // room for two
   Running s = Start(config);
   const Problem p = RandomProblem(1, 2, 1000, 64, 16);
   ASSERT_TRUE(Register(s.stub.get(), "a", {1000, 64}, p.b).ok());
@@ -584,6 +586,13 @@ TEST(GalleryE2E, DirectoryGalleriesLoadBeforeServingAndFollowTheirFiles) {
   EXPECT_EQ(Counter(*s.server, "simserve_gallery_load_failures_total"), 1)
       << "a bad file is counted once, not at every rescan";
   check(p2, "items", true);
+  // A bad file and an uploaded gallery of the same name: removing the file must not remove
+  // the upload.
+  ASSERT_TRUE(Register(s.stub.get(), "broken", {20, 8}, {p2.b.begin(), p2.b.begin() + 160}).ok());
+  std::filesystem::remove(dir + "/broken.npy");
+  absl::SleepFor(absl::Milliseconds(600));  // three rescans
+  EXPECT_TRUE(info("broken").first.ok()) << "the directory loader removed an uploaded gallery";
+  EXPECT_EQ(info("broken").second.source(), v1::UPLOADED);
   std::filesystem::remove_all(dir);
 }
 
