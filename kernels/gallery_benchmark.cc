@@ -3,7 +3,8 @@
 //   gallery_benchmark --m=1000000 --d=384 --queries=1,16,256 --k=10 --storage=float32
 //       --rounds=5 [--bandwidth]
 // --bandwidth also measures the machine's memory read bandwidth over a buffer of the
-// gallery's size (the floor of a scan: gallery bytes / bandwidth). With --stdin it builds
+// gallery's size (the floor of a scan: gallery bytes / bandwidth). --precision=bf16 runs the
+// matmul path (more than 8 query rows) on bf16 operands. With --stdin it builds
 // the gallery, then answers one line per query count read from stdin ("16") with one
 // timed call, so that a harness can interleave it round by round with a baseline process.
 #include <omp.h>
@@ -91,6 +92,10 @@ int main(int argc, char** argv) {
   const std::string storage_name = Flag(argc, argv, "storage", "float32");
   const std::string queries_list = Flag(argc, argv, "queries", "1,16,256");
   const bool bandwidth = Flag(argc, argv, "bandwidth", "0") == "1";
+  // Arithmetic of the matmul path (more than 8 query rows): fp32 (default) or bf16.
+  const auto precision = Flag(argc, argv, "precision", "fp32") == "bf16"
+                             ? simserve::kernels::Precision::kBf16
+                             : simserve::kernels::Precision::kFp32;
   const DataType storage = storage_name == "bfloat16"  ? DataType::kBFloat16
                            : storage_name == "float16" ? DataType::kFloat16
                                                        : DataType::kFloat32;
@@ -146,7 +151,7 @@ int main(int argc, char** argv) {
     while (std::scanf("%lld", &q) == 1) {
       std::vector<float> a(q * d);
       for (float& v : a) v = dist(gen);
-      const simserve::kernels::Options options{.top_k = k};
+      const simserve::kernels::Options options{.precision = precision, .top_k = k};
       std::vector<std::byte> values(q * k * 4);
       std::vector<int32_t> indices(q * k);
       const auto start = std::chrono::steady_clock::now();
@@ -170,7 +175,7 @@ int main(int argc, char** argv) {
     std::vector<float> a(q * d);
     for (float& v : a) v = dist(gen);
     const simserve::kernels::Shape shape{1, q, m, d};
-    const simserve::kernels::Options options{.top_k = k};
+    const simserve::kernels::Options options{.precision = precision, .top_k = k};
     std::vector<std::byte> values(q * k * 4);
     std::vector<int32_t> indices(q * k);
     std::vector<double> times;

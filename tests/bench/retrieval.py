@@ -3,8 +3,9 @@
 
 One command, 2 threads everywhere, every engine in its own long-lived process, rounds
 interleaved (engine by engine within a round) and medians reported:
-  * simserve's kernel in-process (kernels/gallery_benchmark --stdin), float32 and bfloat16
-    storage;
+  * simserve's kernel in-process (kernels/gallery_benchmark --stdin), float32 storage, and
+    bfloat16 storage with precision bf16 (the matmul path for more than 8 query rows then
+    runs on bf16 operands; the scan for up to 8 rows keeps the queries in float32);
   * faiss-cpu IndexFlatIP on L2-normalised vectors (exact cosine top-k), its own process;
   * the service end to end: a `simserve` server with the gallery registered over
     RegisterGallery, queried with Compute(gallery=...) through grpc from Python.
@@ -182,7 +183,8 @@ def main():
     progress(f"gallery {args.m} x {args.d}, cosine top-{args.k}, Q = {queries}, "
              f"{args.rounds} rounds; building the engines (each in its own process)")
     workers = [Worker("simserve fp32", [bench, *common, "--storage=float32", "--bandwidth"], env),
-               Worker("simserve bf16", [bench, *common, "--storage=bfloat16"], env)]
+               Worker("simserve bf16", [bench, *common, "--storage=bfloat16", "--precision=bf16"],
+                      env)]
     try:
         import faiss  # noqa: F401
         workers.append(Worker("faiss", [sys.executable, "-c", FAISS_WORKER, str(args.m),
