@@ -127,10 +127,6 @@ absl::StatusOr<ProblemSpec> ParseProblem(const v1::ComputeRequest& request, Requ
   if (!from_gallery && request.gallery_version() != 0) {
     return absl::InvalidArgumentError("gallery_version is set but gallery is not");
   }
-  if (request.gallery_version() < 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "gallery_version must be 0 (current) or a version >= 1, got ", request.gallery_version()));
-  }
   if (a->rank != b->rank) {
     return absl::InvalidArgumentError(
         absl::StrCat("tensor a has rank ", a->rank, " but tensor b has rank ", b->rank,

@@ -117,6 +117,10 @@ GalleryStore::GalleryStore(int64_t memory_budget, ServerMetrics* metrics)
 
 absl::StatusOr<std::shared_ptr<const Gallery>> GalleryStore::Acquire(absl::string_view name,
                                                                      int64_t version) {
+  if (version < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("gallery_version must be 0 (current) or a version >= 1, got ", version));
+  }
   std::shared_ptr<const Gallery> gallery;
   {
     MutexLock lock(&mu_);

@@ -89,7 +89,7 @@ class GalleryStore {
 
   // The current version of `name` for a compute call (touches its last-used time).
   // NOT_FOUND naming it when unknown; FAILED_PRECONDITION when `version` is not 0 and not
-  // the current version.
+  // the current version; INVALID_ARGUMENT for a negative version.
   absl::StatusOr<std::shared_ptr<const Gallery>> Acquire(absl::string_view name, int64_t version);
 
   // Whether a gallery of `bytes` prepared bytes could be stored under `name` from `source`

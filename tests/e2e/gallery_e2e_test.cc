@@ -313,6 +313,12 @@ TEST(GalleryE2E, InfoListGetDeleteAndVersions) {
     ExpectCode(s.stub->Compute(ctx.get(), req, &resp), grpc::StatusCode::FAILED_PRECONDITION,
                "version 2");
   }
+  req.set_gallery_version(-1);
+  {
+    auto ctx = Context();
+    ExpectCode(s.stub->Compute(ctx.get(), req, &resp), grpc::StatusCode::INVALID_ARGUMENT,
+               "gallery_version");
+  }
   req.set_gallery_version(2);
   {
     auto ctx = Context();
