@@ -113,6 +113,21 @@ struct GalleryConfig {
   int64_t memory_bytes = int64_t{4} << 30;
 };
 
+// Transport security of the gRPC port. All empty: plaintext (the default, for local use).
+struct TlsConfig {
+  // PEM server certificate chain and private key. Both set: the gRPC port serves TLS only.
+  std::string cert_file;
+  std::string key_file;
+  // PEM CA bundle. Set (with cert and key): mutual TLS; a client without a certificate
+  // signed by it is refused at the handshake.
+  std::string client_ca_file;
+  // How often the files are re-read: replaced certificates are picked up without a restart
+  // (gRPC's FileWatcherCertificateProvider); connections made before keep theirs.
+  int refresh_seconds = 10;
+
+  bool enabled() const { return !cert_file.empty() || !key_file.empty(); }
+};
+
 // Everything the server needs to start. Plain data; copyable.
 struct ServerConfig {
   // gRPC listen address, host:port. Port 0 picks a free port (see SimilarityServer::port).
@@ -123,6 +138,7 @@ struct ServerConfig {
   LimitsConfig limits;
   TransportConfig transport;
   GalleryConfig galleries;
+  TlsConfig tls;
   // How long running calls may continue after SIGTERM/SIGINT before they are cancelled.
   absl::Duration drain_grace = absl::Seconds(20);
   // GRPC_ARG_MAX_CONNECTION_AGE_MS: clients reconnect after this long, which lets a

@@ -121,6 +121,17 @@ ABSL_FLAG(std::string, gallery_dir_storage_dtype, kDefaults.galleries.dir_storag
 ABSL_FLAG(int64_t, gallery_memory_bytes, kDefaults.galleries.memory_bytes,
           "Cap on the memory of all galleries; registering over it evicts least recently used "
           "uploaded galleries. Env SIMSERVE_GALLERY_MEMORY_BYTES.");
+ABSL_FLAG(std::string, tls_cert_file, kDefaults.tls.cert_file,
+          "PEM server certificate chain: with --tls_key_file the gRPC port serves TLS only. "
+          "Env SIMSERVE_TLS_CERT_FILE.");
+ABSL_FLAG(std::string, tls_key_file, kDefaults.tls.key_file,
+          "PEM private key of --tls_cert_file. Env SIMSERVE_TLS_KEY_FILE.");
+ABSL_FLAG(std::string, tls_client_ca_file, kDefaults.tls.client_ca_file,
+          "PEM CA bundle: mutual TLS, clients must present a certificate it signed. "
+          "Env SIMSERVE_TLS_CLIENT_CA_FILE.");
+ABSL_FLAG(int, tls_refresh_seconds, kDefaults.tls.refresh_seconds,
+          "How often the TLS files are re-read (rotation without a restart). "
+          "Env SIMSERVE_TLS_REFRESH_SECONDS.");
 ABSL_FLAG(bool, log_requests, kDefaults.log_requests,
           "Log one line per successful request too (failures are always logged). "
           "Env SIMSERVE_LOG_REQUESTS.");
@@ -163,6 +174,10 @@ bool ApplyEnvironment() {
                                            "gallery_rescan_seconds",
                                            "gallery_dir_storage_dtype",
                                            "gallery_memory_bytes",
+                                           "tls_cert_file",
+                                           "tls_key_file",
+                                           "tls_client_ca_file",
+                                           "tls_refresh_seconds",
                                            "log_requests"};
   bool ok = true;
   for (const char* name : kNames) {
@@ -214,6 +229,10 @@ simserve::ServerConfig ConfigFromFlags() {
   c.galleries.rescan_period = absl::Seconds(absl::GetFlag(FLAGS_gallery_rescan_seconds));
   c.galleries.dir_storage_dtype = absl::GetFlag(FLAGS_gallery_dir_storage_dtype);
   c.galleries.memory_bytes = absl::GetFlag(FLAGS_gallery_memory_bytes);
+  c.tls.cert_file = absl::GetFlag(FLAGS_tls_cert_file);
+  c.tls.key_file = absl::GetFlag(FLAGS_tls_key_file);
+  c.tls.client_ca_file = absl::GetFlag(FLAGS_tls_client_ca_file);
+  c.tls.refresh_seconds = absl::GetFlag(FLAGS_tls_refresh_seconds);
   c.log_requests = absl::GetFlag(FLAGS_log_requests);
   return c;
 }

@@ -9,6 +9,7 @@
 #include <csignal>
 #include <cstring>
 #include <exception>
+#include <fstream>
 #include <future>
 #include <utility>
 #include <vector>
@@ -20,6 +21,8 @@
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/security/server_credentials.h"
+#include "grpcpp/security/tls_certificate_provider.h"
+#include "grpcpp/security/tls_credentials_options.h"
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
 #include "prometheus/exposer.h"
@@ -31,6 +34,63 @@
 
 namespace simserve {
 namespace {
+
+// The TLS files must exist and be readable at start: a missing file would otherwise only
+// show as failed handshakes.
+absl::Status ValidateTls(const TlsConfig& tls) {
+  if (!tls.enabled()) {
+    if (!tls.client_ca_file.empty()) {
+      return absl::InvalidArgumentError(
+          "--tls_client_ca_file needs --tls_cert_file and --tls_key_file (mutual TLS is TLS)");
+    }
+    return absl::OkStatus();
+  }
+  if (tls.cert_file.empty() || tls.key_file.empty()) {
+    return absl::InvalidArgumentError("TLS needs both --tls_cert_file and --tls_key_file");
+  }
+  if (tls.refresh_seconds <= 0) {
+    return absl::InvalidArgumentError("--tls_refresh_seconds must be > 0");
+  }
+  for (const auto& [flag, path] :
+       {std::pair{"--tls_cert_file", tls.cert_file}, std::pair{"--tls_key_file", tls.key_file},
+        std::pair{"--tls_client_ca_file", tls.client_ca_file}}) {
+    if (path.empty()) continue;
+    std::ifstream file(path);
+    std::string first_line;
+    if (!file || !std::getline(file, first_line)) {
+      return absl::InvalidArgumentError(absl::StrCat(flag, " ", path, " cannot be read"));
+    }
+    if (first_line.rfind("-----BEGIN", 0) != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(flag, " ", path, " is not PEM"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// The gRPC port's credentials and a description of them for the startup line.
+std::shared_ptr<grpc::ServerCredentials> ServerCredentials(const TlsConfig& tls,
+                                                           std::string* description) {
+  if (!tls.enabled()) {
+    *description = "PLAINTEXT (no TLS, no client authentication: for local use only)";
+    return grpc::InsecureServerCredentials();
+  }
+  auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+      tls.key_file, tls.cert_file, tls.client_ca_file, tls.refresh_seconds);
+  grpc::experimental::TlsServerCredentialsOptions options(provider);
+  options.watch_identity_key_cert_pairs();
+  if (tls.client_ca_file.empty()) {
+    options.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+    *description = absl::StrCat("TLS (certificate ", tls.cert_file, ")");
+  } else {
+    options.watch_root_certs();
+    options.set_cert_request_type(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+    *description =
+        absl::StrCat("MUTUAL TLS (certificate ", tls.cert_file,
+                     ", clients must present a certificate signed by ", tls.client_ca_file, ")");
+  }
+  absl::StrAppend(description, ", files re-read every ", tls.refresh_seconds, " s");
+  return grpc::experimental::TlsServerCredentials(options);
+}
 
 absl::StatusOr<kernels::DataType> ParseStorageDtype(const std::string& name) {
   if (name == "float32") return kernels::DataType::kFloat32;
@@ -90,6 +150,7 @@ absl::Status ValidateConfig(const ServerConfig& c) {
   if (c.drain_grace < absl::ZeroDuration()) {
     return absl::InvalidArgumentError("--drain_grace must be >= 0");
   }
+  if (absl::Status tls = ValidateTls(c.tls); !tls.ok()) return tls;
   if (c.galleries.memory_bytes < 0) {
     return absl::InvalidArgumentError("--gallery_memory_bytes must be >= 0");
   }
@@ -188,7 +249,9 @@ absl::Status SimilarityServer::Init() {
   // unless referenced) so reflection can describe grpc.health.v1.Health.
   grpc::health::v1::HealthCheckRequest::descriptor();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(config_.listen, grpc::InsecureServerCredentials(), &port_);
+  std::string transport_security;
+  builder.AddListeningPort(config_.listen, ServerCredentials(config_.tls, &transport_security),
+                           &port_);
   builder.RegisterService(service_.get());
   builder.SetMaxReceiveMessageSize(static_cast<int>(config_.limits.max_receive_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(config_.limits.max_send_message_bytes));
@@ -243,7 +306,7 @@ absl::Status SimilarityServer::Init() {
   const LimitsConfig& l = config_.limits;
   LogInfo(absl::StrCat(
       "simserve ", SIMSERVE_VERSION, " serving gRPC on ", config_.listen, " (port ", port_,
-      "), metrics on ",
+      ") over ", transport_security, ", metrics on ",
       exposer_ ? absl::StrCat(config_.metrics_listen, " (port ", metrics_port_, ")")
                : std::string("(disabled)"),
       "; oneDNN ", kernels::SimilarityEngine::OneDnnVersion(), " isa ",
