@@ -186,3 +186,43 @@ def test_bad_tls_configuration_is_refused_at_start(server_binary, certs, args, m
          *[a.format(d=certs) for a in args]], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert message in proc.stderr + proc.stdout
+
+
+def test_python_client_tls_options(server_binary, certs):
+    import asyncio
+
+    import simserve
+    import simserve.aio
+
+    a = np.random.default_rng(3).standard_normal((3, 8), dtype=np.float32)
+    b = np.random.default_rng(4).standard_normal((6, 8), dtype=np.float32)
+    want = cosine_similarity(a.astype(np.float64), b)
+    with TlsServer(server_binary, tls_args(certs, client_ca="ca1"),
+                   credentials(certs, client="client1")) as srv:
+        # File paths, mutual TLS.
+        with simserve.Client(srv.address, root_certificates=str(certs / "ca1.crt"),
+                             certificate_chain=certs / "client1.crt",
+                             private_key=certs / "client1.key") as c:
+            np.testing.assert_allclose(c.similarity(a, b), want, atol=1e-6)
+        # PEM bytes, asyncio.
+
+        async def run():
+            async with simserve.aio.Client(
+                    srv.address, tls=True, root_certificates=read(certs / "ca1.crt"),
+                    certificate_chain=read(certs / "client1.crt"),
+                    private_key=read(certs / "client1.key")) as c:
+                return await c.similarity(a, b)
+        np.testing.assert_allclose(asyncio.run(run()), want, atol=1e-6)
+        # Without the client certificate the handshake is refused.
+        with simserve.Client(srv.address, root_certificates=certs / "ca1.crt", timeout=5,
+                             retry=simserve.RetryPolicy(max_attempts=1)) as c:
+            with pytest.raises(simserve.Error) as err:
+                c.similarity(a, b)
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(ValueError, match="both certificate_chain and private_key"):
+        simserve.Client("127.0.0.1:1", certificate_chain=certs / "client1.crt")
+    with pytest.raises(ValueError, match="not both"):
+        simserve.Client("127.0.0.1:1", tls=True,
+                        credentials=grpc.ssl_channel_credentials())
+    with pytest.raises(ValueError, match="cannot read"):
+        simserve.Client("127.0.0.1:1", root_certificates=certs / "missing.crt")

@@ -7,6 +7,7 @@ Shared by the blocking `simserve.Client` and the asyncio `simserve.aio.Client`.
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import threading
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Tuple, Union
@@ -534,6 +535,41 @@ def timings(metadata, mode: str, client_ms: float, attempts: int) -> Timings:
             except (TypeError, ValueError):
                 pass
     return Timings(mode=mode, client_ms=client_ms, attempts=attempts, **found)
+
+
+PemSource = Union[bytes, str, "os.PathLike[str]", None]
+
+
+def _pem(source: PemSource, what: str) -> Optional[bytes]:
+    """PEM bytes from bytes or a file path."""
+    if source is None or isinstance(source, bytes):
+        return source
+    try:
+        with open(source, "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise ValueError(f"{what}: cannot read {source}: {err}") from err
+
+
+def channel_credentials(credentials: Optional[grpc.ChannelCredentials], tls: bool,
+                        root_certificates: PemSource, certificate_chain: PemSource,
+                        private_key: PemSource) -> Optional[grpc.ChannelCredentials]:
+    """The channel credentials of a client: `credentials` as given, or TLS built from the PEM
+    arguments (bytes or file paths; root_certificates None = the system's roots), or None for
+    plaintext. A client certificate (mutual TLS) needs both certificate_chain and private_key."""
+    pems = (root_certificates, certificate_chain, private_key)
+    if credentials is not None:
+        if tls or any(p is not None for p in pems):
+            raise ValueError("pass either credentials= or tls=/root_certificates=/"
+                             "certificate_chain=/private_key=, not both")
+        return credentials
+    if (certificate_chain is None) != (private_key is None):
+        raise ValueError("mutual TLS needs both certificate_chain and private_key")
+    if not tls and all(p is None for p in pems):
+        return None
+    return grpc.ssl_channel_credentials(_pem(root_certificates, "root_certificates"),
+                                        _pem(private_key, "private_key"),
+                                        _pem(certificate_chain, "certificate_chain"))
 
 
 CHANNEL_OPTIONS = (

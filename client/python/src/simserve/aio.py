@@ -34,6 +34,10 @@ class Client:
 
     def __init__(self, target: str = "localhost:50051", *,
                  credentials: Optional[grpc.ChannelCredentials] = None,
+                 tls: bool = False,
+                 root_certificates: common.PemSource = None,
+                 certificate_chain: common.PemSource = None,
+                 private_key: common.PemSource = None,
                  timeout: Optional[float] = 120.0,
                  retry: RetryPolicy = RetryPolicy(),
                  chunk_bytes: int = common.MiB,
@@ -42,6 +46,8 @@ class Client:
                  upload_min_bytes: int = 8 * common.MiB,
                  options: Sequence[Tuple[str, Any]] = ()) -> None:
         opts = list(common.CHANNEL_OPTIONS) + list(options)
+        credentials = common.channel_credentials(credentials, tls, root_certificates,
+                                                 certificate_chain, private_key)
         self._channel = (grpc.aio.secure_channel(target, credentials, options=opts)
                          if credentials else grpc.aio.insecure_channel(target, options=opts))
         self._stub = pb_grpc.SimilarityStub(self._channel)

@@ -35,6 +35,10 @@ class Client:
         target: "host:port" of the server.
         channel: an existing grpc.Channel to use instead of creating one (not closed by us).
         credentials: grpc.ChannelCredentials for TLS; None = insecure (plaintext).
+        tls, root_certificates, certificate_chain, private_key: TLS without building
+            credentials: tls=True with the system's roots, or root_certificates (PEM bytes or
+            a file path) for a private CA; certificate_chain + private_key for mutual TLS.
+            Any of them implies TLS. Not together with credentials=.
         timeout: default per-call deadline in seconds (all retries included); None = no
             deadline (not recommended).
         retry: retry policy for UNAVAILABLE (see RetryPolicy; max_attempts=1 disables).
@@ -52,6 +56,10 @@ class Client:
     def __init__(self, target: str = "localhost:50051", *,
                  channel: Optional[grpc.Channel] = None,
                  credentials: Optional[grpc.ChannelCredentials] = None,
+                 tls: bool = False,
+                 root_certificates: common.PemSource = None,
+                 certificate_chain: common.PemSource = None,
+                 private_key: common.PemSource = None,
                  timeout: Optional[float] = 120.0,
                  retry: RetryPolicy = RetryPolicy(),
                  chunk_bytes: int = common.MiB,
@@ -60,6 +68,8 @@ class Client:
                  upload_min_bytes: int = 8 * common.MiB,
                  options: Sequence[Tuple[str, Any]] = ()) -> None:
         self._own_channel = channel is None
+        credentials = common.channel_credentials(credentials, tls, root_certificates,
+                                                 certificate_chain, private_key)
         if channel is None:
             opts = list(common.CHANNEL_OPTIONS) + list(options)
             channel = (grpc.secure_channel(target, credentials, options=opts) if credentials
