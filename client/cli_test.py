@@ -27,8 +27,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(workdir, extra_args=()):
-    """Starts simserve on a free loopback port; returns (process, target, --info text)."""
+def start_server(workdir, extra_args=(), cli_flags=()):
+    """Starts simserve on a free loopback port; returns (process, target, --info text).
+    `cli_flags` are what the CLI needs to reach it (e.g. TLS)."""
     for _ in range(3):  # the free port may be taken between probe and bind: retry
         port = free_port()
         target = f"127.0.0.1:{port}"
@@ -39,7 +40,7 @@ def start_server(workdir, extra_args=()):
                 stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and server.poll() is None:
-            probe = subprocess.run([ARGS.cli, f"--target={target}", "--info",
+            probe = subprocess.run([ARGS.cli, f"--target={target}", *cli_flags, "--info",
                                     "--connect_timeout_ms=500", "--timeout_ms=2000"],
                                    capture_output=True, text=True)
             if probe.returncode == 0:
@@ -65,6 +66,7 @@ def stop_server(server):
 class ServerTestCase(unittest.TestCase):
     """One simserve (started with SERVER_ARGS) for all tests of a class, and CLI helpers."""
     SERVER_ARGS = ()
+    CLI_FLAGS = ()  # given to every CLI call of the class
 
     @classmethod
     def setUpClass(cls):
@@ -72,11 +74,16 @@ class ServerTestCase(unittest.TestCase):
         cls.dir = cls.tmp.name
         cls.prepare()
         cls.server = None
-        cls.server, cls.target, cls.info = start_server(cls.dir, cls.SERVER_ARGS)
+        cls.server, cls.target, cls.info = start_server(cls.dir, cls.server_args(),
+                                                        cls.CLI_FLAGS)
 
     @classmethod
     def prepare(cls):
         """Runs before the server starts (subclasses write files it loads)."""
+
+    @classmethod
+    def server_args(cls):
+        return cls.SERVER_ARGS
 
     @classmethod
     def tearDownClass(cls):
@@ -92,7 +99,7 @@ class ServerTestCase(unittest.TestCase):
         return self.path(name)
 
     def cli(self, *flags, expect=0):
-        proc = subprocess.run([ARGS.cli, f"--target={self.target}", *flags],
+        proc = subprocess.run([ARGS.cli, f"--target={self.target}", *self.CLI_FLAGS, *flags],
                               capture_output=True, text=True, timeout=120)
         self.assertEqual(proc.returncode, expect,
                          f"simserve-cli {' '.join(flags)}\nstdout: {proc.stdout}\n"
@@ -452,6 +459,53 @@ class GalleryCliTest(ServerTestCase):
                  "--storage_dtype")):
             proc = self.cli(*flags, expect=2)
             self.assertIn(message, proc.stderr)
+
+
+class TlsCliTest(ServerTestCase):
+    """The CLI against a mutual-TLS server: --tls_ca_file, --tls_cert_file, --tls_key_file."""
+
+    @classmethod
+    def prepare(cls):
+        make_certs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
+                                  "security", "make_certs.sh")
+        subprocess.run(["bash", make_certs, cls.dir], check=True)
+        d = cls.dir
+        cls.CLI_FLAGS = (f"--tls_ca_file={d}/ca1.crt", f"--tls_cert_file={d}/client1.crt",
+                         f"--tls_key_file={d}/client1.key")
+
+    @classmethod
+    def server_args(cls):
+        d = cls.dir
+        return (f"--tls_cert_file={d}/server1.crt", f"--tls_key_file={d}/server1.key",
+                f"--tls_client_ca_file={d}/ca1.crt")
+
+    def test_compute_over_mutual_tls_matches_numpy(self):
+        rng = np.random.default_rng(7)
+        a = rng.standard_normal((3, 16), dtype=np.float32)
+        b = rng.standard_normal((5, 16), dtype=np.float32)
+        self.cli("--a", self.save("a.npy", a), "--b", self.save("b.npy", b),
+                 "--out", self.path("s.npy"), "--metric", "dot")
+        np.testing.assert_allclose(np.load(self.path("s.npy")),
+                                   a.astype(np.float64) @ b.T.astype(np.float64), atol=1e-4)
+
+    def test_without_the_client_certificate_or_tls_the_call_fails(self):
+        for flags in ((f"--tls_ca_file={self.dir}/ca1.crt",), ()):
+            proc = subprocess.run([ARGS.cli, f"--target={self.target}", *flags, "--info",
+                                   "--connect_timeout_ms=1000", "--timeout_ms=3000"],
+                                  capture_output=True, text=True, timeout=60)
+            self.assertNotEqual(proc.returncode, 0, flags)
+
+    def test_bad_tls_flags_are_usage_errors(self):
+        proc = subprocess.run([ARGS.cli, f"--target={self.target}",
+                               f"--tls_cert_file={self.dir}/client1.crt", "--info"],
+                              capture_output=True, text=True, timeout=60)
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn("both --tls_cert_file and --tls_key_file", proc.stderr)
+        proc = subprocess.run([ARGS.cli, f"--target={self.target}",
+                               f"--tls_ca_file={self.dir}/missing.crt", "--info"],
+                              capture_output=True, text=True, timeout=60)
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn("cannot be read", proc.stderr)
 
 
 if __name__ == "__main__":

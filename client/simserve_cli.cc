@@ -5,9 +5,12 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <optional>
 #include <span>
+#include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -26,9 +29,17 @@
 #include "client/dtype.h"
 #include "client/npy.h"
 #include "google/protobuf/util/json_util.h"
+#include "grpcpp/security/credentials.h"
 #include "kernels/dtype.h"
 
 ABSL_FLAG(std::string, target, "localhost:50051", "Server address, host:port.");
+ABSL_FLAG(bool, tls, false,
+          "Connect with TLS, trusting the system's roots (or --tls_ca_file). Implied by the "
+          "--tls_*_file flags.");
+ABSL_FLAG(std::string, tls_ca_file, "", "PEM CA bundle that signed the server's certificate.");
+ABSL_FLAG(std::string, tls_cert_file, "",
+          "PEM client certificate chain for mutual TLS (with --tls_key_file).");
+ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file.");
 ABSL_FLAG(std::string, a, "",
           "Input A: .npy of shape [batch, N, D] or [N, D] "
           "(float32; float64 is converted to float32; float16 is sent as float16 if the "
@@ -457,6 +468,33 @@ int GalleryCommand(simserve::Client& client, absl::Duration timeout, v1::DataTyp
   return 0;
 }
 
+// Channel credentials from --tls, --tls_ca_file, --tls_cert_file, --tls_key_file: nullptr for
+// plaintext. INVALID_ARGUMENT for a missing or unreadable file or a key without a certificate.
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> TlsCredentialsFromFlags() {
+  const std::string ca = absl::GetFlag(FLAGS_tls_ca_file);
+  const std::string cert = absl::GetFlag(FLAGS_tls_cert_file);
+  const std::string key = absl::GetFlag(FLAGS_tls_key_file);
+  if (!absl::GetFlag(FLAGS_tls) && ca.empty() && cert.empty() && key.empty()) return nullptr;
+  if (cert.empty() != key.empty()) {
+    return absl::InvalidArgumentError("mutual TLS needs both --tls_cert_file and --tls_key_file");
+  }
+  grpc::SslCredentialsOptions options;
+  for (const auto& [flag, path, pem] :
+       {std::tuple{"--tls_ca_file", ca, &options.pem_root_certs},
+        std::tuple{"--tls_cert_file", cert, &options.pem_cert_chain},
+        std::tuple{"--tls_key_file", key, &options.pem_private_key}}) {
+    if (path.empty()) continue;
+    std::ifstream file(path, std::ios::binary);
+    std::stringstream contents;
+    contents << file.rdbuf();
+    if (!file || contents.str().empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(flag, " ", path, " cannot be read"));
+    }
+    *pem = contents.str();
+  }
+  return grpc::SslCredentials(options);
+}
+
 int Run() {
   simserve::ComputeOptions options;
   auto metric = ParseMetric(absl::GetFlag(FLAGS_metric));
@@ -532,6 +570,9 @@ int Run() {
   }
 
   simserve::ClientOptions client_options;
+  auto credentials = TlsCredentialsFromFlags();
+  if (!credentials.ok()) return UsageError(credentials.status());
+  client_options.credentials = *std::move(credentials);
   client_options.default_timeout = absl::Milliseconds(timeout_ms);
   client_options.connect_timeout = absl::Milliseconds(absl::GetFlag(FLAGS_connect_timeout_ms));
   const std::string target = absl::GetFlag(FLAGS_target);

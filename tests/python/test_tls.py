@@ -20,21 +20,8 @@ from serverctl import free_port
 from simserve.v1 import similarity_pb2 as pb
 from simserve.v1 import similarity_pb2_grpc as pb_grpc
 
-CERT_SCRIPT = r"""
-set -e
-ca() { openssl req -x509 -newkey rsa:2048 -nodes -keyout $1.key -out $1.crt -days 2 -subj "/CN=$1"; }
-leaf() {
-  openssl req -newkey rsa:2048 -nodes -keyout $1.key -out $1.csr -subj "/CN=$1"
-  printf "subjectAltName=%s\n" "$3" > $1.ext
-  openssl x509 -req -in $1.csr -CA $2.crt -CAkey $2.key -CAcreateserial -out $1.crt -days 2 \
-    -extfile $1.ext
-}
-ca ca1; ca ca2
-leaf server1 ca1 "IP:127.0.0.1,DNS:localhost"
-leaf server2 ca2 "IP:127.0.0.1,DNS:localhost"
-leaf client1 ca1 "DNS:client1"
-leaf client2 ca2 "DNS:client2"
-"""
+MAKE_CERTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "security",
+                          "make_certs.sh")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +29,7 @@ def certs(tmp_path_factory):
     if shutil.which("openssl") is None:
         pytest.fail("openssl missing (Debian package openssl; scripts/setup.sh installs it)")
     d = tmp_path_factory.mktemp("certs")
-    subprocess.run(["bash", "-c", CERT_SCRIPT], cwd=d, check=True, capture_output=True)
+    subprocess.run(["bash", MAKE_CERTS, str(d)], check=True)
     return d
 
 
