@@ -306,14 +306,15 @@ absl::Status SimilarityServer::Init() {
   const LimitsConfig& l = config_.limits;
   LogInfo(absl::StrCat(
       "simserve ", SIMSERVE_VERSION, " serving gRPC on ", config_.listen, " (port ", port_,
-      ") over ", transport_security, ", metrics on ",
+      "), metrics on ",
       exposer_ ? absl::StrCat(config_.metrics_listen, " (port ", metrics_port_, ")")
                : std::string("(disabled)"),
-      "; oneDNN ", kernels::SimilarityEngine::OneDnnVersion(), " isa ",
-      kernels::SimilarityEngine::CpuIsa(), "; ", size.workers, " workers x ",
-      size.threads_per_worker, " threads; limits: max_input_elements=", l.max_input_elements,
-      " max_flops=", l.max_flops, " max_output_bytes=", l.max_output_bytes,
-      " max_queued_requests=", l.max_queued_requests, " max_inflight_bytes=", l.max_inflight_bytes,
+      "; gRPC transport: ", transport_security, "; oneDNN ",
+      kernels::SimilarityEngine::OneDnnVersion(), " isa ", kernels::SimilarityEngine::CpuIsa(),
+      "; ", size.workers, " workers x ", size.threads_per_worker,
+      " threads; limits: max_input_elements=", l.max_input_elements, " max_flops=", l.max_flops,
+      " max_output_bytes=", l.max_output_bytes, " max_queued_requests=", l.max_queued_requests,
+      " max_inflight_bytes=", l.max_inflight_bytes,
       " max_receive_message_bytes=", l.max_receive_message_bytes,
       " max_send_message_bytes=", l.max_send_message_bytes, " chunk_bytes=", l.default_chunk_bytes,
       "/", l.max_chunk_bytes, " stream_window=", config_.compute.stream_window,

@@ -118,7 +118,7 @@ def test_tls_port_serves_tls_only_and_computes(server_binary, certs):
         assert rpc_code(srv.address, None) == grpc.StatusCode.UNAVAILABLE, "plaintext refused"
         assert rpc_code(srv.address, credentials(certs, root="ca2")) == \
             grpc.StatusCode.UNAVAILABLE, "a client that does not trust the certificate"
-    assert "over TLS (certificate" in srv.output
+    assert "gRPC transport: TLS (certificate" in srv.output
 
 
 def test_mutual_tls_refuses_clients_without_a_certificate_of_the_ca(server_binary, certs):
