@@ -134,8 +134,11 @@ absl::StatusOr<std::shared_ptr<const Gallery>> GalleryStore::Acquire(absl::strin
                                                       gallery->version,
                                                       ", the call asked for version ", version));
   }
-  gallery->last_used_unix_ms.store(NowUnixMs(), std::memory_order_relaxed);
   return gallery;
+}
+
+void GalleryStore::MarkUsed(const Gallery& gallery) {
+  gallery.last_used_unix_ms.store(NowUnixMs(), std::memory_order_relaxed);
 }
 
 absl::Status GalleryStore::CheckRoom(absl::string_view name, GallerySource source,

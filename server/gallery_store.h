@@ -87,10 +87,13 @@ class GalleryStore {
   // `metrics` may be null; otherwise it must outlive the store.
   GalleryStore(int64_t memory_budget, ServerMetrics* metrics);
 
-  // The current version of `name` for a compute call (touches its last-used time).
+  // The current version of `name` for a compute call (counted as a lookup hit or miss).
   // NOT_FOUND naming it when unknown; FAILED_PRECONDITION when `version` is not 0 and not
   // the current version; INVALID_ARGUMENT for a negative version.
   absl::StatusOr<std::shared_ptr<const Gallery>> Acquire(absl::string_view name, int64_t version);
+
+  // Records that an admitted call uses `gallery` (its last-used time, for LRU eviction).
+  static void MarkUsed(const Gallery& gallery);
 
   // Whether a gallery of `bytes` prepared bytes could be stored under `name` from `source`
   // (checked before its data is received). FAILED_PRECONDITION when an upload names a

@@ -140,7 +140,10 @@ absl::StatusOr<Admitted> ValidateAndAdmit(const Env& env, const v1::ComputeReque
       env.pool->Admit(converted->spec.InflightBytes(kind, env.config.compute.stream_window));
   if (!admission.ok()) return admission.status();
   std::shared_ptr<const kernels::PreparedGallery> prepared;
-  if (gallery != nullptr) prepared = {gallery, gallery->prepared.get()};  // owns the version
+  if (gallery != nullptr) {
+    GalleryStore::MarkUsed(*gallery);               // only admitted calls count as use
+    prepared = {gallery, gallery->prepared.get()};  // owns the version
+  }
   return Admitted{*std::move(converted), *std::move(admission), std::move(prepared)};
 }
 

@@ -180,15 +180,20 @@ def _enum(name: str, value: Union[str, int], table: Mapping[str, int]) -> int:
         f"{name}={value!r} is not one of {sorted(set(table))}")
 
 
-def _as_float32(name: str, x: ArrayLike) -> np.ndarray:
-    """float32, C-contiguous, native little-endian; float64/float16/F-order are converted."""
+def _numeric_2d_or_3d(name: str, x: ArrayLike, rows: str = "rows") -> np.ndarray:
+    """`x` as an array, checked: a numeric dtype and 2D [rows, dim] or 3D [batch, rows, dim]."""
     arr = np.asarray(x)
     if arr.dtype.kind not in "fiu":
         raise errors.InvalidArgumentError(f"{name} has dtype {arr.dtype}; expected floats")
     if arr.ndim not in (2, 3):
         raise errors.InvalidArgumentError(
-            f"{name} must be 2D [rows, dim] or 3D [batch, rows, dim], got shape {arr.shape}")
-    return np.ascontiguousarray(arr, dtype=np.dtype("<f4"))
+            f"{name} must be 2D [{rows}, dim] or 3D [batch, {rows}, dim], got shape {arr.shape}")
+    return arr
+
+
+def _as_float32(name: str, x: ArrayLike) -> np.ndarray:
+    """float32, C-contiguous, native little-endian; float64/float16/F-order are converted."""
+    return np.ascontiguousarray(_numeric_2d_or_3d(name, x), dtype=np.dtype("<f4"))
 
 
 @dataclasses.dataclass
@@ -652,12 +657,7 @@ def gallery_data(b: ArrayLike) -> Tuple[np.ndarray, int]:
     """A gallery's bytes to register and their wire dtype: float16 arrays are sent as
     FLOAT16 (half the bytes), everything else as float32; C-contiguous little-endian. No
     copy when `b` already is a C-contiguous float32 or float16 array."""
-    arr = np.asarray(b)
-    if arr.dtype.kind not in "fiu":
-        raise errors.InvalidArgumentError(f"gallery has dtype {arr.dtype}; expected floats")
-    if arr.ndim not in (2, 3):
-        raise errors.InvalidArgumentError(
-            f"gallery must be 2D [M, dim] or 3D [batch, M, dim], got shape {arr.shape}")
+    arr = _numeric_2d_or_3d("gallery", b, rows="M")
     if arr.dtype == np.float16:
         return np.ascontiguousarray(arr, dtype=np.dtype("<f2")), pb.FLOAT16
     return np.ascontiguousarray(arr, dtype=np.dtype("<f4")), pb.FLOAT32
