@@ -94,6 +94,25 @@ struct TransportConfig {
   // Largest socket read buffer gRPC allocates (GRPC_ARG_TCP_MAX_READ_CHUNK_SIZE; gRPC's
   // default 4 MiB).
   int tcp_max_read_chunk_bytes = 0;
+
+  // Limits against abusive clients (README, "Security"). Streams one connection may have
+  // open at once (SETTINGS_MAX_CONCURRENT_STREAMS; more wait in the client). gRPC's default
+  // is unlimited; each stream can hold a call's buffers.
+  int max_concurrent_streams = 128;
+  // Keepalive enforcement: a client pinging more often than this (without data in flight)
+  // earns a strike; after max_ping_strikes the connection is closed with GOAWAY
+  // (ENHANCE_YOUR_CALM "too_many_pings"). Clients may ping idle connections at this rate.
+  absl::Duration min_client_ping_interval = absl::Seconds(10);
+  int max_ping_strikes = 2;
+  // The server pings each connection this often and closes it when no answer comes within
+  // keepalive_timeout: a peer that vanished (no FIN) stops holding its calls' memory.
+  absl::Duration keepalive_time = absl::Seconds(60);
+  absl::Duration keepalive_timeout = absl::Seconds(20);
+  // Connections with no call for this long are closed (GOAWAY; clients reconnect on demand).
+  absl::Duration max_connection_idle = absl::Minutes(5);
+  // Largest request metadata (headers) accepted; bigger ones fail the call with
+  // RESOURCE_EXHAUSTED. Tokens are at most 4 KiB.
+  int max_metadata_bytes = 16 << 10;
 };
 
 // Galleries: B operands that live on the server (RegisterGallery, --gallery_dir).
@@ -128,6 +147,17 @@ struct TlsConfig {
   bool enabled() const { return !cert_file.empty() || !key_file.empty(); }
 };
 
+// Bearer-token authentication (server/auth.h). Empty token_file: none (the default).
+struct AuthConfig {
+  // File with one accepted token per line (`#` comments, blank lines ignored). Set: every
+  // call except grpc.health.v1.Health needs `authorization: Bearer <token>`.
+  std::string token_file;
+  // How often the file is checked for changes (a revoked token stops working within this).
+  int refresh_seconds = 5;
+
+  bool enabled() const { return !token_file.empty(); }
+};
+
 // Everything the server needs to start. Plain data; copyable.
 struct ServerConfig {
   // gRPC listen address, host:port. Port 0 picks a free port (see SimilarityServer::port).
@@ -139,6 +169,7 @@ struct ServerConfig {
   TransportConfig transport;
   GalleryConfig galleries;
   TlsConfig tls;
+  AuthConfig auth;
   // How long running calls may continue after SIGTERM/SIGINT before they are cancelled.
   absl::Duration drain_grace = absl::Seconds(20);
   // GRPC_ARG_MAX_CONNECTION_AGE_MS: clients reconnect after this long, which lets a

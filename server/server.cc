@@ -6,6 +6,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <climits>
 #include <csignal>
 #include <cstring>
 #include <exception>
@@ -27,6 +28,7 @@
 #include "grpcpp/server_builder.h"
 #include "prometheus/exposer.h"
 #include "prometheus/registry.h"
+#include "server/auth.h"
 #include "server/compute_pool.h"
 #include "server/convert.h"
 #include "server/log.h"
@@ -67,12 +69,26 @@ absl::Status ValidateTls(const TlsConfig& tls) {
   return absl::OkStatus();
 }
 
-// The gRPC port's credentials and a description of them for the startup line.
+// The gRPC port's credentials (TLS, then the token check if `authenticator`) and a
+// description of them for the startup line.
 std::shared_ptr<grpc::ServerCredentials> ServerCredentials(const TlsConfig& tls,
+                                                           CallAuthenticator* authenticator,
                                                            std::string* description) {
+  const std::string tokens =
+      authenticator == nullptr
+          ? std::string("no token authentication")
+          : absl::StrCat("BEARER TOKENS required (", authenticator->token_count(),
+                         " accepted, from ", authenticator->path(), "; health stays open)");
   if (!tls.enabled()) {
-    *description = "PLAINTEXT (no TLS, no client authentication: for local use only)";
-    return grpc::InsecureServerCredentials();
+    if (authenticator == nullptr) {
+      *description = "PLAINTEXT (no TLS, no client authentication: for local use only)";
+      return grpc::InsecureServerCredentials();
+    }
+    *description = absl::StrCat(
+        "PLAINTEXT (no TLS: tokens travel in clear, use behind a TLS-terminating "
+        "proxy or mesh only), ",
+        tokens);
+    return authenticator->PlaintextCredentials();
   }
   auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
       tls.key_file, tls.cert_file, tls.client_ca_file, tls.refresh_seconds);
@@ -88,8 +104,11 @@ std::shared_ptr<grpc::ServerCredentials> ServerCredentials(const TlsConfig& tls,
         absl::StrCat("MUTUAL TLS (certificate ", tls.cert_file,
                      ", clients must present a certificate signed by ", tls.client_ca_file, ")");
   }
-  absl::StrAppend(description, ", files re-read every ", tls.refresh_seconds, " s");
-  return grpc::experimental::TlsServerCredentials(options);
+  absl::StrAppend(description, ", files re-read every ", tls.refresh_seconds, " s; ", tokens);
+  std::shared_ptr<grpc::ServerCredentials> credentials =
+      grpc::experimental::TlsServerCredentials(options);
+  if (authenticator != nullptr) authenticator->InstallOn(*credentials);
+  return credentials;
 }
 
 absl::StatusOr<kernels::DataType> ParseStorageDtype(const std::string& name) {
@@ -146,6 +165,20 @@ absl::Status ValidateConfig(const ServerConfig& c) {
     return absl::InvalidArgumentError(
         "--http2_lookahead_bytes, --http2_write_buffer_bytes, --tcp_read_chunk_bytes and "
         "--tcp_max_read_chunk_bytes must be >= 0");
+  }
+  if (t.max_concurrent_streams < 1 || t.max_ping_strikes < 0 || t.max_metadata_bytes < 1024) {
+    return absl::InvalidArgumentError(
+        "need --max_concurrent_streams >= 1, --max_ping_strikes >= 0 and "
+        "--max_metadata_bytes >= 1024");
+  }
+  for (auto [name, value] : std::vector<std::pair<const char*, absl::Duration>>{
+           {"min_client_ping_interval", t.min_client_ping_interval},
+           {"keepalive_time", t.keepalive_time},
+           {"keepalive_timeout", t.keepalive_timeout},
+           {"max_connection_idle", t.max_connection_idle}}) {
+    if (value <= absl::ZeroDuration()) {
+      return absl::InvalidArgumentError(absl::StrCat("--", name, " must be > 0 (inf: off)"));
+    }
   }
   if (c.drain_grace < absl::ZeroDuration()) {
     return absl::InvalidArgumentError("--drain_grace must be >= 0");
@@ -243,6 +276,12 @@ absl::Status SimilarityServer::Init() {
   service_ = std::make_unique<SimilarityService>(config_, engine_.get(), pool_.get(),
                                                  metrics_.get(), buffers_.get(), galleries_.get());
 
+  if (config_.auth.enabled()) {
+    auto authenticator = CallAuthenticator::Create(config_.auth, metrics_.get());
+    if (!authenticator.ok()) return authenticator.status();
+    authenticator_ = std::move(*authenticator);
+  }
+
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   // Links the health proto's descriptor into the binary (a static library member is dropped
@@ -250,20 +289,19 @@ absl::Status SimilarityServer::Init() {
   grpc::health::v1::HealthCheckRequest::descriptor();
   grpc::ServerBuilder builder;
   std::string transport_security;
-  builder.AddListeningPort(config_.listen, ServerCredentials(config_.tls, &transport_security),
-                           &port_);
+  builder.AddListeningPort(
+      config_.listen, ServerCredentials(config_.tls, authenticator_.get(), &transport_security),
+      &port_);
   builder.RegisterService(service_.get());
   builder.SetMaxReceiveMessageSize(static_cast<int>(config_.limits.max_receive_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(config_.limits.max_send_message_bytes));
+  auto ms = [](absl::Duration d) {  // channel args are int
+    return static_cast<int>(std::clamp<int64_t>(absl::ToInt64Milliseconds(d), 0, INT_MAX));
+  };
   if (config_.max_connection_age > absl::ZeroDuration() &&
       config_.max_connection_age != absl::InfiniteDuration()) {
-    constexpr int64_t kMaxMs = 0x7fffffff;  // channel args are int
-    builder.AddChannelArgument(
-        GRPC_ARG_MAX_CONNECTION_AGE_MS,
-        static_cast<int>(std::min(absl::ToInt64Milliseconds(config_.max_connection_age), kMaxMs)));
-    builder.AddChannelArgument(
-        GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS,
-        static_cast<int>(std::min(absl::ToInt64Milliseconds(config_.drain_grace), kMaxMs)));
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, ms(config_.max_connection_age));
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, ms(config_.drain_grace));
   }
   const TransportConfig& t = config_.transport;
   for (auto [name, value] : std::vector<std::pair<const char*, int>>{
@@ -275,6 +313,17 @@ absl::Status SimilarityServer::Init() {
     if (value > 0) builder.AddChannelArgument(name, value);
   }
   if (!t.http2_bdp_probe) builder.AddChannelArgument(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, t.max_concurrent_streams);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+                             ms(t.min_client_ping_interval));
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, t.max_ping_strikes);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, ms(t.keepalive_time));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, ms(t.keepalive_timeout));
+  if (t.max_connection_idle != absl::InfiniteDuration()) {
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS, ms(t.max_connection_idle));
+  }
+  builder.AddChannelArgument(GRPC_ARG_MAX_METADATA_SIZE, t.max_metadata_bytes);
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> creators;
   creators.push_back(metrics_->MakeInterceptorFactory());
   builder.experimental().SetInterceptorCreators(std::move(creators));

@@ -27,6 +27,7 @@ class Server;
 
 namespace simserve {
 
+class CallAuthenticator;
 class ComputePool;
 class ServerMetrics;
 
@@ -90,6 +91,7 @@ class SimilarityServer {
   std::unique_ptr<GalleryStore> galleries_;
   std::unique_ptr<GalleryDirectory> gallery_dir_;
   std::unique_ptr<SimilarityService> service_;
+  std::unique_ptr<CallAuthenticator> authenticator_;  // null without --auth_token_file
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
   int metrics_port_ = 0;
