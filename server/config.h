@@ -162,6 +162,9 @@ struct AuthConfig {
 struct ServerConfig {
   // gRPC listen address, host:port. Port 0 picks a free port (see SimilarityServer::port).
   std::string listen = "0.0.0.0:50051";
+  // Extra PLAINTEXT listener serving only grpc.health.v1.Health (same statuses as the main
+  // port), for Kubernetes gRPC probes, which cannot speak TLS. Empty: off.
+  std::string health_listen;
   // Prometheus /metrics listen address, host:port. Empty disables the exposer.
   std::string metrics_listen = "0.0.0.0:9464";
   ComputeConfig compute;

@@ -102,6 +102,9 @@ ABSL_FLAG(int, tcp_read_chunk_bytes, kDefaults.transport.tcp_read_chunk_bytes,
 ABSL_FLAG(int, tcp_max_read_chunk_bytes, kDefaults.transport.tcp_max_read_chunk_bytes,
           "Largest socket read buffer gRPC allocates; 0 = gRPC default (4 MiB). "
           "Env SIMSERVE_TCP_MAX_READ_CHUNK_BYTES.");
+ABSL_FLAG(std::string, health_listen, kDefaults.health_listen,
+          "Extra plaintext listener (host:port) serving only grpc.health.v1.Health, for "
+          "Kubernetes gRPC probes of a TLS server; empty = off. Env SIMSERVE_HEALTH_LISTEN.");
 ABSL_FLAG(int, max_concurrent_streams, kDefaults.transport.max_concurrent_streams,
           "Streams one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)."
           " Env SIMSERVE_MAX_CONCURRENT_STREAMS.");
@@ -194,6 +197,7 @@ bool ApplyEnvironment() {
                                            "http2_write_buffer_bytes",
                                            "tcp_read_chunk_bytes",
                                            "tcp_max_read_chunk_bytes",
+                                           "health_listen",
                                            "max_concurrent_streams",
                                            "min_client_ping_interval",
                                            "max_ping_strikes",
@@ -233,6 +237,7 @@ simserve::ServerConfig ConfigFromFlags() {
   simserve::ServerConfig c;
   c.listen = absl::GetFlag(FLAGS_listen);
   c.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  c.health_listen = absl::GetFlag(FLAGS_health_listen);
   c.compute.workers = absl::GetFlag(FLAGS_workers);
   c.compute.threads_per_worker = absl::GetFlag(FLAGS_threads_per_worker);
   c.compute.stream_window = absl::GetFlag(FLAGS_stream_window);

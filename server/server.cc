@@ -20,6 +20,7 @@
 #include "absl/time/clock.h"
 #include "grpc/health/v1/health.pb.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/generic/async_generic_service.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/security/tls_certificate_provider.h"
@@ -332,9 +333,22 @@ absl::Status SimilarityServer::Init() {
     server_.reset();
     return absl::UnavailableError(absl::StrCat("cannot listen on ", config_.listen));
   }
-  grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
-  health->SetServingStatus(false);
-  health->SetServingStatus(kService, false);
+  if (!config_.health_listen.empty()) {
+    grpc::ServerBuilder health_builder;
+    health_builder.AddListeningPort(config_.health_listen, grpc::InsecureServerCredentials(),
+                                    &health_port_);
+    // Answers every method but the default health service with UNIMPLEMENTED; a server
+    // needs one callback service to poll its completion queues.
+    health_only_ = std::make_unique<grpc::CallbackGenericService>();
+    health_builder.RegisterCallbackGenericService(health_only_.get());
+    health_server_ = health_builder.BuildAndStart();
+    if (health_server_ == nullptr || health_port_ == 0) {
+      health_server_.reset();
+      return absl::UnavailableError(
+          absl::StrCat("cannot listen on --health_listen ", config_.health_listen));
+    }
+  }
+  SetServing(false);
 
   const std::string warmup = config_.compute.warmup ? Warmup() : "warm-up disabled";
   std::string galleries = "no gallery_dir";
@@ -358,7 +372,11 @@ absl::Status SimilarityServer::Init() {
       "), metrics on ",
       exposer_ ? absl::StrCat(config_.metrics_listen, " (port ", metrics_port_, ")")
                : std::string("(disabled)"),
-      "; gRPC transport: ", transport_security, "; oneDNN ",
+      "; gRPC transport: ", transport_security,
+      health_server_ ? absl::StrCat("; plaintext health-only listener on ", config_.health_listen,
+                                    " (port ", health_port_, ")")
+                     : std::string(),
+      "; oneDNN ",
       kernels::SimilarityEngine::OneDnnVersion(), " isa ", kernels::SimilarityEngine::CpuIsa(),
       "; ", size.workers, " workers x ", size.threads_per_worker,
       " threads; limits: max_input_elements=", l.max_input_elements, " max_flops=", l.max_flops,
@@ -370,9 +388,17 @@ absl::Status SimilarityServer::Init() {
       " drain_grace=", absl::FormatDuration(config_.drain_grace), " buffer_cache_bytes=",
       config_.compute.buffer_cache_bytes, "; OpenMP wait: ", config_.compute.omp_wait_policy, "; ",
       warmup, "; ", galleries, "; gallery_memory_bytes=", config_.galleries.memory_bytes));
-  health->SetServingStatus(true);
-  health->SetServingStatus(kService, true);
+  SetServing(true);
   return absl::OkStatus();
+}
+
+void SimilarityServer::SetServing(bool serving) {
+  for (grpc::Server* server : {server_.get(), health_server_.get()}) {
+    if (server == nullptr) continue;
+    grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+    health->SetServingStatus(serving);
+    health->SetServingStatus(kService, serving);
+  }
 }
 
 std::string SimilarityServer::Warmup() {
@@ -422,8 +448,13 @@ void SimilarityServer::Shutdown(absl::Duration grace) {
     service_->StartDraining();
     // Marks everything NOT_SERVING for good and ends Health.Watch streams.
     server_->GetHealthCheckService()->Shutdown();
+    if (health_server_ != nullptr) health_server_->GetHealthCheckService()->Shutdown();
     server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
     server_->Wait();
+  }
+  if (health_server_ != nullptr) {  // answered NOT_SERVING until the main port was drained
+    health_server_->Shutdown(absl::ToChronoTime(absl::Now()));
+    health_server_->Wait();
   }
   gallery_dir_.reset();  // no rescans while draining
   if (pool_ != nullptr) pool_->Shutdown();

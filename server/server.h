@@ -22,6 +22,7 @@ class Registry;
 }  // namespace prometheus
 
 namespace grpc {
+class CallbackGenericService;
 class Server;
 }  // namespace grpc
 
@@ -63,6 +64,8 @@ class SimilarityServer {
 
   // The bound gRPC port (useful with port 0 in `listen`).
   int port() const { return port_; }
+  // The bound port of --health_listen, or 0 when it is off.
+  int health_port() const { return health_port_; }
   // The bound metrics port, or 0 when the exposer is disabled.
   int metrics_port() const { return metrics_port_; }
   const ServerConfig& config() const { return config_; }
@@ -78,6 +81,8 @@ class SimilarityServer {
  private:
   explicit SimilarityServer(const ServerConfig& config);
   absl::Status Init();
+  // Health status of both listeners (overall and simserve.v1.Similarity).
+  void SetServing(bool serving);
   // Warms the common kernel shapes; returns a summary for the startup line.
   std::string Warmup();
 
@@ -93,7 +98,10 @@ class SimilarityServer {
   std::unique_ptr<SimilarityService> service_;
   std::unique_ptr<CallAuthenticator> authenticator_;  // null without --auth_token_file
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<grpc::CallbackGenericService> health_only_;
+  std::unique_ptr<grpc::Server> health_server_;  // --health_listen
   int port_ = 0;
+  int health_port_ = 0;
   int metrics_port_ = 0;
   Mutex shutdown_mu_;
   bool shut_down_ ABSL_GUARDED_BY(shutdown_mu_) = false;
