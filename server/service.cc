@@ -18,10 +18,12 @@
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "server/call_setup.h"
 #include "server/convert.h"
 #include "server/log.h"
 #include "server/mutex.h"
 #include "server/status.h"
+#include "server/upload_assembler.h"
 #include "server/wire_codec.h"
 
 namespace simserve {
@@ -96,67 +98,6 @@ grpc::Status Conclude(const Env& env, grpc::CallbackServerContext* context, cons
                          " ms (peer ", context->peer(), ")"));
   }
   return out;
-}
-
-absl::Status DrainingError() {
-  return absl::UnavailableError("server is draining (shutting down); retry on another replica");
-}
-
-// A validated request, its in-flight reservation and, for gallery calls, the gallery
-// version it runs against (held until the call ends).
-struct Admitted {
-  ConvertedRequest converted;
-  Admission admission;
-  std::shared_ptr<const kernels::PreparedGallery> gallery;
-};
-
-// The preamble of every compute RPC: refuse while draining, validate (convert.h), reserve
-// the in-flight bytes. Rejections are counted in the metrics.
-absl::StatusOr<Admitted> ValidateAndAdmit(const Env& env, const v1::ComputeRequest& request,
-                                          RequestKind kind, const RawPayloadSizes* raw_sizes) {
-  if (env.draining->load()) {
-    env.metrics->Reject(RejectReason::kDraining);
-    return DrainingError();
-  }
-  std::shared_ptr<const Gallery> gallery;
-  GalleryDims dims;
-  if (!request.gallery().empty()) {
-    auto acquired = env.galleries->Acquire(request.gallery(), request.gallery_version());
-    if (!acquired.ok()) return acquired.status();
-    gallery = *std::move(acquired);
-    const kernels::GalleryShape& g = gallery->prepared->shape();
-    dims = {.rank = gallery->two_d() ? 2 : 3, .batch = g.entries, .m = g.m, .d = g.d};
-  }
-  RejectReason reason = RejectReason::kTooManyElements;
-  auto converted = ConvertRequest(request, kind, env.config.limits, &reason, raw_sizes,
-                                  gallery != nullptr ? &dims : nullptr);
-  if (!converted.ok()) {
-    if (converted.status().code() == absl::StatusCode::kResourceExhausted) {
-      env.metrics->Reject(reason);
-    }
-    return converted.status();
-  }
-  auto admission =
-      env.pool->Admit(converted->spec.InflightBytes(kind, env.config.compute.stream_window));
-  if (!admission.ok()) return admission.status();
-  std::shared_ptr<const kernels::PreparedGallery> prepared;
-  if (gallery != nullptr) {
-    GalleryStore::MarkUsed(*gallery);               // only admitted calls count as use
-    prepared = {gallery, gallery->prepared.get()};  // owns the version
-  }
-  return Admitted{*std::move(converted), *std::move(admission), std::move(prepared)};
-}
-
-TilePipeline::Deps PipelineDeps(const Env& env) {
-  return {.engine = env.engine,
-          .pool = env.pool,
-          .stats = env.stats,
-          .buffers = env.buffers,
-          .window = env.config.compute.stream_window,
-          .parallel_tiles = env.pool->workers(),
-          .max_pending_input_bytes = env.config.compute.upload_read_ahead_bytes,
-          .inline_max_flops = env.config.compute.inline_max_flops,
-          .inline_max_input_bytes = env.config.compute.inline_max_input_bytes};
 }
 
 // A received Compute/ComputeStream request: the message's slices plus the decoded rest, kept
@@ -332,7 +273,8 @@ class StreamCall final : public StreamingCall<grpc::ServerWriteReactor<grpc::Byt
 };
 
 // ComputeUpload: header, B's bytes, A's bytes; tiles start once B and enough of A are in.
-// Reads are paused while the pipeline has too many received bytes still to ingest.
+// A thin adapter: the UploadAssembler (upload_assembler.h) applies the stream's rules; reads
+// are paused while the pipeline has too many received bytes still to ingest.
 class UploadCall final
     : public StreamingCall<grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>> {
  public:
@@ -346,62 +288,20 @@ class UploadCall final
     StartRead(&read_);
   }
 
-  // Reactions of reads are serialized (one read outstanding), so have_header_ needs no lock.
+  // Reactions of reads are serialized (one read outstanding), as the assembler requires.
   void OnReadDone(bool ok) override {
-    if (!ok) {  // the client half-closed (or went away: then OnCancel follows)
-      if (!have_header_) {
-        pipeline_.Fail(absl::InvalidArgumentError("upload stream ended before its header"));
-      } else {
-        pipeline_.CloseInput();
-      }
-      return;
-    }
+    // !ok: the client half-closed (or went away: then OnCancel follows).
+    if (!ok) return assembler_.OnEndOfStream();
     auto message = std::make_shared<codec::ReceivedMessage>(read_);
     read_.Clear();
-    auto decoded = codec::DecodeUploadRequest(*message);
-    if (!decoded.ok()) return pipeline_.Fail(decoded.status());
-    switch (decoded->part) {
-      case v1::UploadRequest::kHeader:
-        return AcceptHeader(decoded->header.request());
-      case v1::UploadRequest::kAData:
-      case v1::UploadRequest::kBData: {
-        const bool is_a = decoded->part == v1::UploadRequest::kAData;
-        if (!have_header_) {
-          return pipeline_.Fail(absl::InvalidArgumentError(
-              absl::StrCat(is_a ? "a_data" : "b_data", " before the upload header")));
-        }
-        env_.metrics->AddBytesReceived(static_cast<uint64_t>(decoded->data.size));
-        const bool read_more =
-            pipeline_.AddInput({.tensor = is_a ? InputPiece::Tensor::kA : InputPiece::Tensor::kB,
-                                .spans = message->Spans(decoded->data),
-                                .keep_alive = message});
-        if (read_more) StartRead(&read_);
-        return;
-      }
-      case v1::UploadRequest::PART_NOT_SET:
-        break;
-    }
-    pipeline_.Fail(absl::InvalidArgumentError("empty UploadRequest: set header, b_data or a_data"));
+    if (assembler_.OnMessage(std::move(message))) StartRead(&read_);
   }
 
  private:
-  void AcceptHeader(const v1::ComputeRequest& request) {
-    if (have_header_) {
-      return pipeline_.Fail(absl::InvalidArgumentError("second upload header in one stream"));
-    }
-    have_header_ = true;
-    auto admitted = ValidateAndAdmit(env_, request, RequestKind::kUpload, nullptr);
-    if (!admitted.ok()) return pipeline_.Fail(admitted.status());
-    spec_ = admitted->converted.spec;
-    pipeline_.Start(spec_, std::move(admitted->admission), {}, /*input_complete=*/false,
-                    std::move(admitted->gallery));
-    StartRead(&read_);
-  }
-
   void ResumeReading() override { StartRead(&read_); }
 
   grpc::ByteBuffer read_;  // the message being read (one at a time)
-  bool have_header_ = false;
+  UploadAssembler assembler_{env_, &pipeline_, &spec_};
 };
 
 // ---------------------------------------------------------------------------------------

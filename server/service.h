@@ -7,6 +7,7 @@
 #include <atomic>
 
 #include "kernels/similarity.h"
+#include "server/call_setup.h"
 #include "server/compute_pool.h"
 #include "server/config.h"
 #include "server/gallery_store.h"
@@ -77,17 +78,8 @@ class SimilarityService final : public SimilarityServiceBase {
                                           const v1::DeleteGalleryRequest* request,
                                           v1::DeleteGalleryResponse* response) override;
 
-  // Everything the reactors need; exposed for the reactor classes in service.cc only.
-  struct Env {
-    const ServerConfig& config;
-    kernels::SimilarityEngine* engine;
-    ComputePool* pool;
-    ServerMetrics* metrics;
-    ServiceStats* stats;
-    BufferPool* buffers;
-    GalleryStore* galleries;
-    const std::atomic<bool>* draining;
-  };
+  // Everything the reactors need (call_setup.h).
+  using Env = ServiceEnv;
 
  private:
   const ServerConfig config_;

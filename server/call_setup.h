@@ -1,0 +1,61 @@
+// What every compute call of the service starts with, independent of gRPC's reactors: the
+// environment the calls share, the validation and admission preamble, and the pipeline's
+// dependencies. Used by the reactors (service.cc) and the upload assembler; the fuzzers
+// (fuzz/) drive it without a server.
+#ifndef SIMSERVE_SERVER_CALL_SETUP_H_
+#define SIMSERVE_SERVER_CALL_SETUP_H_
+
+#include <atomic>
+#include <memory>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/gallery.h"
+#include "kernels/similarity.h"
+#include "server/aligned_buffer.h"
+#include "server/compute_pool.h"
+#include "server/config.h"
+#include "server/convert.h"
+#include "server/gallery_store.h"
+#include "server/metrics.h"
+#include "server/tile_pipeline.h"
+#include "simserve/v1/similarity.pb.h"
+
+namespace simserve {
+
+// Everything the calls need, borrowed from the server: every pointer must outlive every call.
+struct ServiceEnv {
+  const ServerConfig& config;
+  kernels::SimilarityEngine* engine;
+  ComputePool* pool;
+  ServerMetrics* metrics;
+  ServiceStats* stats;
+  BufferPool* buffers;
+  GalleryStore* galleries;
+  const std::atomic<bool>* draining;
+};
+
+// UNAVAILABLE: the server is draining (shutting down).
+absl::Status DrainingError();
+
+// A validated request, its in-flight reservation and, for gallery calls, the gallery
+// version it runs against (held until the call ends).
+struct Admitted {
+  ConvertedRequest converted;
+  Admission admission;
+  std::shared_ptr<const kernels::PreparedGallery> gallery;
+};
+
+// The preamble of every compute RPC: refuses while draining (UNAVAILABLE), looks up the
+// named gallery (GalleryStore::Acquire's errors), validates (ConvertRequest's errors) and
+// reserves the in-flight bytes (ComputePool::Admit's RESOURCE_EXHAUSTED). Rejections are
+// counted in the metrics.
+absl::StatusOr<Admitted> ValidateAndAdmit(const ServiceEnv& env, const v1::ComputeRequest& request,
+                                          RequestKind kind, const RawPayloadSizes* raw_sizes);
+
+// The TilePipeline dependencies of one call, from the server's configuration.
+TilePipeline::Deps PipelineDeps(const ServiceEnv& env);
+
+}  // namespace simserve
+
+#endif  // SIMSERVE_SERVER_CALL_SETUP_H_
