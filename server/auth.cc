@@ -66,7 +66,7 @@ class TokenProcessor final : public grpc::AuthMetadataProcessor {
  public:
   explicit TokenProcessor(CallAuthenticator* authenticator) : authenticator_(authenticator) {}
   bool IsBlocking() const override { return false; }
-  grpc::Status Process(const InputMetadata& metadata, grpc::AuthContext* /*context*/,
+  grpc::Status Process(const InputMetadata& metadata, grpc::AuthContext* context,
                        OutputMetadata* consumed, OutputMetadata* /*response*/) override {
     absl::string_view method;
     std::optional<absl::string_view> authorization;
@@ -80,7 +80,10 @@ class TokenProcessor final : public grpc::AuthMetadataProcessor {
                           std::string(value.data(), value.size()));
       }
     }
-    return ToGrpcStatus(authenticator_->Check(method, authorization));
+    std::string identity;
+    const absl::Status status = authenticator_->Check(method, authorization, &identity);
+    if (!identity.empty()) context->AddProperty(kTokenIdentityProperty, identity);
+    return ToGrpcStatus(status);
   }
 
  private:
@@ -104,7 +107,7 @@ class PlaintextWithTokens final : public grpc::ServerCredentials {
     return port;
   }
 
-  static void Process(void* state, grpc_auth_context* /*context*/, const grpc_metadata* md,
+  static void Process(void* state, grpc_auth_context* context, const grpc_metadata* md,
                       size_t count, grpc_process_auth_metadata_done_cb done, void* user_data) {
     absl::string_view method;
     std::optional<absl::string_view> authorization;
@@ -117,8 +120,12 @@ class PlaintextWithTokens final : public grpc::ServerCredentials {
         consumed = &md[i];
       }
     }
-    const grpc::Status status =
-        ToGrpcStatus(static_cast<CallAuthenticator*>(state)->Check(method, authorization));
+    std::string identity;
+    const grpc::Status status = ToGrpcStatus(
+        static_cast<CallAuthenticator*>(state)->Check(method, authorization, &identity));
+    if (!identity.empty() && context != nullptr) {
+      grpc_auth_context_add_cstring_property(context, kTokenIdentityProperty, identity.c_str());
+    }
     done(user_data, consumed, consumed != nullptr ? 1 : 0, nullptr, 0,
          static_cast<grpc_status_code>(status.error_code()),
          status.ok() ? nullptr : status.error_message().c_str());
@@ -230,21 +237,22 @@ int CallAuthenticator::token_count() const {
   return static_cast<int>(tokens_->size());
 }
 
-bool CallAuthenticator::Accepts(absl::string_view token) const {
+int CallAuthenticator::Find(absl::string_view token) const {
   std::shared_ptr<const std::vector<std::string>> tokens;
   {
     MutexLock lock(&mu_);
     tokens = tokens_;
   }
-  bool accepted = false;
-  for (const std::string& candidate : *tokens) {
-    accepted |= ConstantTimeEquals(candidate, token);  // no early exit
+  int found = 0;
+  for (size_t i = 0; i < tokens->size(); ++i) {  // no early exit
+    if (ConstantTimeEquals((*tokens)[i], token)) found = static_cast<int>(i) + 1;
   }
-  return accepted;
+  return found;
 }
 
 absl::Status CallAuthenticator::Check(absl::string_view method,
-                                      std::optional<absl::string_view> authorization) {
+                                      std::optional<absl::string_view> authorization,
+                                      std::string* identity) {
   if (absl::StartsWith(method, kOpenPrefix)) return absl::OkStatus();
   auto refuse = [&](AuthFailure reason, absl::string_view why) {
     if (metrics_ != nullptr) metrics_->AuthFailed(reason);
@@ -259,9 +267,11 @@ absl::Status CallAuthenticator::Check(absl::string_view method,
       !absl::EqualsIgnoreCase(authorization->substr(0, kScheme.size()), kScheme)) {
     return refuse(AuthFailure::kMalformed, "the 'authorization' metadata must be 'Bearer <token>'");
   }
-  if (!Accepts(absl::StripAsciiWhitespace(authorization->substr(kScheme.size())))) {
+  const int position = Find(absl::StripAsciiWhitespace(authorization->substr(kScheme.size())));
+  if (position == 0) {
     return refuse(AuthFailure::kInvalid, "the bearer token is not valid (unknown or revoked)");
   }
+  if (identity != nullptr) *identity = absl::StrCat("token:", position);
   return absl::OkStatus();
 }
 

@@ -31,6 +31,10 @@ class ServerMetrics;
 // bad token (never the token) or says the file holds none.
 absl::StatusOr<std::vector<std::string>> ParseTokenFile(absl::string_view contents);
 
+// Auth-context property naming the token a call presented ("token:N"), for per-client
+// accounting (ComputePool's per-peer share).
+inline constexpr char kTokenIdentityProperty[] = "simserve.token";
+
 // Decides calls against the tokens of one file, re-read when it changes. Thread-safe.
 class CallAuthenticator {
  public:
@@ -47,9 +51,10 @@ class CallAuthenticator {
   // The decision for a call to `method` ("/pkg.Service/Method") whose `authorization`
   // metadata is `authorization` (nullopt when absent). OK for health; otherwise
   // UNAUTHENTICATED with what is wrong (missing, not "Bearer <token>", unknown token), counted
-  // in the metrics. Tokens are compared in constant time and never logged.
-  absl::Status Check(absl::string_view method, std::optional<absl::string_view> authorization)
-      ABSL_LOCKS_EXCLUDED(mu_);
+  // in the metrics. Tokens are compared in constant time and never logged. On success with a
+  // token, *identity (if non-null) names it by its line ("token:3"), never by its value.
+  absl::Status Check(absl::string_view method, std::optional<absl::string_view> authorization,
+                     std::string* identity = nullptr) ABSL_LOCKS_EXCLUDED(mu_);
 
   // Re-reads the file now if it changed since it was last read (the watcher calls this).
   // A file that cannot be read or holds no valid token leaves NO token valid (fail closed)
@@ -78,7 +83,8 @@ class CallAuthenticator {
   CallAuthenticator(const AuthConfig& config, ServerMetrics* metrics);
   // Reads and parses the file; the state it was read in goes to *state.
   absl::StatusOr<std::vector<std::string>> Read(FileState* state) const;
-  bool Accepts(absl::string_view token) const ABSL_LOCKS_EXCLUDED(mu_);
+  // The 1-based position of `token` in the file, or 0 when it is not accepted.
+  int Find(absl::string_view token) const ABSL_LOCKS_EXCLUDED(mu_);
 
   const AuthConfig config_;
   ServerMetrics* const metrics_;

@@ -24,8 +24,13 @@ struct ComputeConfig {
   bool warmup = true;
   // ComputeUpload stops reading from a client while this many received bytes wait to be
   // copied into the input buffers (HTTP/2 flow control then slows the client down). Bounds
-  // the memory of a call beyond its reservation; a few upload pieces.
+  // the memory of a call beyond its reservation; a few upload pieces. Uploads reserve their
+  // input in the in-flight budget as it arrives, two read-aheads at a time.
   int64_t upload_read_ahead_bytes = int64_t{8} << 20;
+  // A ComputeUpload or RegisterGallery stream waiting this long for its next message is
+  // ended with DEADLINE_EXCEEDED ("no data for 30 s"), freeing what it holds. Time the server
+  // itself paused reading (flow control) does not count. Infinite: off.
+  absl::Duration upload_idle_timeout = absl::Seconds(30);
   // Unary calls this small (matmul flops, and input bytes below) run on the gRPC thread that
   // received them: a hop to the compute pool and back costs more than their work (about
   // 50 us at these sizes). 0 disables; bigger calls always run on the pool.
@@ -41,6 +46,12 @@ struct ComputeConfig {
   // of the server's CPU for a 4 MiB request. Applied by the `simserve` executable; 0 keeps
   // glibc's defaults.
   int64_t malloc_retain_bytes = int64_t{1} << 30;
+  // After this long with nothing in flight (no call holding input or results), the cached
+  // buffers (buffer_cache_bytes) and the heap memory glibc retains (malloc_retain_bytes)
+  // are given back to the kernel (malloc_trim), so a pod's RSS returns near its idle level
+  // after a burst. Steady traffic never waits this long and keeps its warm buffers; the
+  // first call after a quiet spell pays the page faults again. Infinite: never.
+  absl::Duration memory_release_delay = absl::Seconds(2);
   // How long an OpenMP thread spins (GOMP_SPINCOUNT iterations) after a parallel region
   // before it sleeps. libgomp's default (300000, about 0.1-1 ms) keeps the compute threads
   // busy between tiles while the pipeline waits on the network, taking the cores gRPC
@@ -65,6 +76,11 @@ struct LimitsConfig {
   int64_t max_queued_requests = 64;
   // Sum over running requests of input bytes held plus result bytes buffered.
   int64_t max_inflight_bytes = int64_t{2} << 30;
+  // One client's share of max_inflight_bytes, so that one client cannot take all of it. A
+  // client is its bearer token when tokens are on, else its IP address (behind a proxy all
+  // callers share one address: use tokens). 0 = half of max_inflight_bytes; set it equal to
+  // max_inflight_bytes to turn the share off.
+  int64_t max_inflight_bytes_per_peer = 0;
   // gRPC maximum received message size; ComputeUpload carries bigger inputs in pieces.
   int64_t max_receive_message_bytes = int64_t{64} << 20;
   // gRPC maximum sent message size. A unary Compute whose result is bigger fails with

@@ -105,6 +105,16 @@ ABSL_FLAG(int, tcp_max_read_chunk_bytes, kDefaults.transport.tcp_max_read_chunk_
 ABSL_FLAG(std::string, health_listen, kDefaults.health_listen,
           "Extra plaintext listener (host:port) serving only grpc.health.v1.Health, for "
           "Kubernetes gRPC probes of a TLS server; empty = off. Env SIMSERVE_HEALTH_LISTEN.");
+ABSL_FLAG(int64_t, max_inflight_bytes_per_peer, kDefaults.limits.max_inflight_bytes_per_peer,
+          "One client's share of --max_inflight_bytes (client = its token, else its IP); "
+          "0 = half. Env SIMSERVE_MAX_INFLIGHT_BYTES_PER_PEER.");
+ABSL_FLAG(absl::Duration, upload_idle_timeout, kDefaults.compute.upload_idle_timeout,
+          "ComputeUpload/RegisterGallery streams waiting this long for data are ended "
+          "(DEADLINE_EXCEEDED); inf = off. Env SIMSERVE_UPLOAD_IDLE_TIMEOUT.");
+ABSL_FLAG(absl::Duration, memory_release_delay, kDefaults.compute.memory_release_delay,
+          "After this long with nothing in flight, cached buffers and retained heap memory go "
+          "back to the kernel (RSS drops after a burst); inf = never. "
+          "Env SIMSERVE_MEMORY_RELEASE_DELAY.");
 ABSL_FLAG(int, max_concurrent_streams, kDefaults.transport.max_concurrent_streams,
           "Streams one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)."
           " Env SIMSERVE_MAX_CONCURRENT_STREAMS.");
@@ -198,6 +208,9 @@ bool ApplyEnvironment() {
                                            "tcp_read_chunk_bytes",
                                            "tcp_max_read_chunk_bytes",
                                            "health_listen",
+                                           "max_inflight_bytes_per_peer",
+                                           "upload_idle_timeout",
+                                           "memory_release_delay",
                                            "max_concurrent_streams",
                                            "min_client_ping_interval",
                                            "max_ping_strikes",
@@ -253,6 +266,9 @@ simserve::ServerConfig ConfigFromFlags() {
   c.limits.max_output_bytes = absl::GetFlag(FLAGS_max_output_bytes);
   c.limits.max_queued_requests = absl::GetFlag(FLAGS_max_queued_requests);
   c.limits.max_inflight_bytes = absl::GetFlag(FLAGS_max_inflight_bytes);
+  c.limits.max_inflight_bytes_per_peer = absl::GetFlag(FLAGS_max_inflight_bytes_per_peer);
+  c.compute.upload_idle_timeout = absl::GetFlag(FLAGS_upload_idle_timeout);
+  c.compute.memory_release_delay = absl::GetFlag(FLAGS_memory_release_delay);
   c.limits.max_receive_message_bytes = absl::GetFlag(FLAGS_max_receive_message_bytes);
   c.limits.max_send_message_bytes = absl::GetFlag(FLAGS_max_send_message_bytes);
   c.limits.default_chunk_bytes = absl::GetFlag(FLAGS_default_chunk_bytes);

@@ -31,11 +31,11 @@ constexpr std::array<const char*, 17> kCodeNames = {
     "Aborted",  "OutOfRange",     "Unimplemented",    "Internal",          "Unavailable",
     "DataLoss", "Unauthenticated"};
 
-constexpr std::array<const char*, 6> kRejectReasonNames = {"queue_full",     "too_many_elements",
-                                                           "too_many_flops", "output_too_large",
-                                                           "inflight_bytes", "draining"};
+constexpr std::array<const char*, 7> kRejectReasonNames = {
+    "queue_full",     "too_many_elements", "too_many_flops", "output_too_large",
+    "inflight_bytes", "draining",          "peer_share"};
 // Indexed by RejectReason: keep both lists in the same order.
-static_assert(static_cast<size_t>(RejectReason::kDraining) + 1 == kRejectReasonNames.size());
+static_assert(static_cast<size_t>(RejectReason::kPeerShare) + 1 == kRejectReasonNames.size());
 
 constexpr std::array<const char*, 3> kAuthFailureNames = {"missing", "malformed", "invalid"};
 // Indexed by AuthFailure.

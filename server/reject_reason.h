@@ -14,7 +14,8 @@ enum class RejectReason {
   kTooManyFlops,
   kOutputTooLarge,
   kInflightBytes,
-  kDraining
+  kDraining,
+  kPeerShare,  // one client's share of the in-flight bytes (max_inflight_bytes_per_peer)
 };
 
 // Why token authentication (server/auth.h) refused a call: no `authorization` metadata, one

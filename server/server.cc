@@ -2,6 +2,7 @@
 // limits and the metrics interceptor; warms the kernels; drains on request or on signals.
 #include "server/server.h"
 
+#include <malloc.h>
 #include <pthread.h>
 #include <sched.h>
 
@@ -112,6 +113,11 @@ std::shared_ptr<grpc::ServerCredentials> ServerCredentials(const TlsConfig& tls,
   return credentials;
 }
 
+int64_t PerPeerInflightBytes(const LimitsConfig& limits) {
+  return limits.max_inflight_bytes_per_peer > 0 ? limits.max_inflight_bytes_per_peer
+                                                : limits.max_inflight_bytes / 2;
+}
+
 absl::StatusOr<kernels::DataType> ParseStorageDtype(const std::string& name) {
   if (name == "float32") return kernels::DataType::kFloat32;
   if (name == "bfloat16") return kernels::DataType::kBFloat16;
@@ -132,6 +138,15 @@ absl::Status ValidateConfig(const ServerConfig& c) {
   }
   if (c.compute.buffer_cache_bytes < 0) {
     return absl::InvalidArgumentError("--buffer_cache_bytes must be >= 0");
+  }
+  if (l.max_inflight_bytes_per_peer < 0) {
+    return absl::InvalidArgumentError("--max_inflight_bytes_per_peer must be >= 0");
+  }
+  if (c.compute.memory_release_delay < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--memory_release_delay must be >= 0 (inf: never)");
+  }
+  if (c.compute.upload_idle_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--upload_idle_timeout must be > 0 (inf: off)");
   }
   if (c.compute.upload_read_ahead_bytes < 1) {
     return absl::InvalidArgumentError("--upload_read_ahead_bytes must be >= 1");
@@ -270,7 +285,8 @@ absl::Status SimilarityServer::Init() {
   pool_ = std::make_unique<ComputePool>(
       ComputePool::Options{.workers = size.workers,
                            .max_queued_requests = config_.limits.max_queued_requests,
-                           .max_inflight_bytes = config_.limits.max_inflight_bytes},
+                           .max_inflight_bytes = config_.limits.max_inflight_bytes,
+                           .max_inflight_bytes_per_peer = PerPeerInflightBytes(config_.limits)},
       metrics_.get());
   buffers_ = BufferPool::Create(config_.compute.buffer_cache_bytes);
   galleries_ = std::make_unique<GalleryStore>(config_.galleries.memory_bytes, metrics_.get());
@@ -376,20 +392,45 @@ absl::Status SimilarityServer::Init() {
       health_server_ ? absl::StrCat("; plaintext health-only listener on ", config_.health_listen,
                                     " (port ", health_port_, ")")
                      : std::string(),
-      "; oneDNN ",
-      kernels::SimilarityEngine::OneDnnVersion(), " isa ", kernels::SimilarityEngine::CpuIsa(),
-      "; ", size.workers, " workers x ", size.threads_per_worker,
-      " threads; limits: max_input_elements=", l.max_input_elements, " max_flops=", l.max_flops,
-      " max_output_bytes=", l.max_output_bytes, " max_queued_requests=", l.max_queued_requests,
-      " max_inflight_bytes=", l.max_inflight_bytes,
+      "; oneDNN ", kernels::SimilarityEngine::OneDnnVersion(), " isa ",
+      kernels::SimilarityEngine::CpuIsa(), "; ", size.workers, " workers x ",
+      size.threads_per_worker, " threads; limits: max_input_elements=", l.max_input_elements,
+      " max_flops=", l.max_flops, " max_output_bytes=", l.max_output_bytes,
+      " max_queued_requests=", l.max_queued_requests, " max_inflight_bytes=", l.max_inflight_bytes,
+      " max_inflight_bytes_per_peer=", PerPeerInflightBytes(l),
+      " upload_idle_timeout=", absl::FormatDuration(config_.compute.upload_idle_timeout),
       " max_receive_message_bytes=", l.max_receive_message_bytes,
       " max_send_message_bytes=", l.max_send_message_bytes, " chunk_bytes=", l.default_chunk_bytes,
       "/", l.max_chunk_bytes, " stream_window=", config_.compute.stream_window,
-      " drain_grace=", absl::FormatDuration(config_.drain_grace), " buffer_cache_bytes=",
-      config_.compute.buffer_cache_bytes, "; OpenMP wait: ", config_.compute.omp_wait_policy, "; ",
-      warmup, "; ", galleries, "; gallery_memory_bytes=", config_.galleries.memory_bytes));
+      " drain_grace=", absl::FormatDuration(config_.drain_grace),
+      " buffer_cache_bytes=", config_.compute.buffer_cache_bytes,
+      " memory_release_delay=", absl::FormatDuration(config_.compute.memory_release_delay),
+      "; OpenMP wait: ", config_.compute.omp_wait_policy, "; ", warmup, "; ", galleries,
+      "; gallery_memory_bytes=", config_.galleries.memory_bytes));
+  if (config_.compute.memory_release_delay != absl::InfiniteDuration()) {
+    memory_janitor_ =
+        std::make_unique<PeriodicThread>(std::clamp(config_.compute.memory_release_delay / 4,
+                                                    absl::Milliseconds(50), absl::Seconds(1)),
+                                         [this] { ReleaseMemoryWhenQuiet(); });
+  }
   SetServing(true);
   return absl::OkStatus();
+}
+
+void SimilarityServer::ReleaseMemoryWhenQuiet() {
+  const bool quiet = pool_->inflight_bytes() == 0 && pool_->queued() == 0;
+  const absl::Time now = absl::Now();
+  MutexLock lock(&janitor_mu_);
+  if (!quiet) {
+    quiet_since_ = absl::InfiniteFuture();
+    released_ = false;
+    return;
+  }
+  if (quiet_since_ == absl::InfiniteFuture()) quiet_since_ = now;
+  if (released_ || now - quiet_since_ < config_.compute.memory_release_delay) return;
+  released_ = true;
+  buffers_->Clear();
+  malloc_trim(0);  // also the freed socket buffers gRPC allocated
 }
 
 void SimilarityServer::SetServing(bool serving) {
@@ -444,6 +485,7 @@ void SimilarityServer::Shutdown(absl::Duration grace) {
   MutexLock lock(&shutdown_mu_);
   if (shut_down_) return;
   shut_down_ = true;
+  memory_janitor_.reset();
   if (server_ != nullptr) {
     service_->StartDraining();
     // Marks everything NOT_SERVING for good and ends Health.Watch streams.

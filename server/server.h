@@ -14,6 +14,7 @@
 #include "server/gallery_dir.h"
 #include "server/gallery_store.h"
 #include "server/mutex.h"
+#include "server/periodic_thread.h"
 #include "server/service.h"
 
 namespace prometheus {
@@ -81,6 +82,9 @@ class SimilarityServer {
  private:
   explicit SimilarityServer(const ServerConfig& config);
   absl::Status Init();
+  // The memory janitor's tick: gives cached and retained memory back once the server has
+  // been quiet for config.compute.memory_release_delay.
+  void ReleaseMemoryWhenQuiet() ABSL_LOCKS_EXCLUDED(janitor_mu_);
   // Health status of both listeners (overall and simserve.v1.Similarity).
   void SetServing(bool serving);
   // Warms the common kernel shapes; returns a summary for the startup line.
@@ -103,6 +107,10 @@ class SimilarityServer {
   int port_ = 0;
   int health_port_ = 0;
   int metrics_port_ = 0;
+  Mutex janitor_mu_;
+  absl::Time quiet_since_ ABSL_GUARDED_BY(janitor_mu_) = absl::InfiniteFuture();
+  bool released_ ABSL_GUARDED_BY(janitor_mu_) = false;  // since the server went quiet
+  std::unique_ptr<PeriodicThread> memory_janitor_;      // stopped first in Shutdown
   Mutex shutdown_mu_;
   bool shut_down_ ABSL_GUARDED_BY(shutdown_mu_) = false;
 };
