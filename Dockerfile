@@ -34,6 +34,8 @@ RUN --mount=type=cache,target=/root/.cache/ccache,id=simserve-ccache \
  && cmake --preset release -DCMAKE_CXX_COMPILER_LAUNCHER=ccache >/dev/null \
  && cmake --build --preset release --target simserve \
  && install -D -m 0755 -s build/release/server/simserve /out/simserve \
+ && install -D -m 0644 -s -t /out/lib build/release/server/libsimserve_libssl_compat.so \
+      build/release/server/libsimserve_libcrypto_compat.so \
  && for lib in $(ldd /out/simserve | awk '$2 == "=>" && $3 ~ /^\// {print $3}'); do \
       dpkg -S "$lib" 2>/dev/null || dpkg -S "$(readlink -f "$lib")" 2>/dev/null \
         || dpkg -S "*/$(basename "$lib")" ; \
@@ -50,6 +52,8 @@ RUN apt-get update -qq \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log \
     /tmp/runtime-packages.txt
 COPY --from=build /out/simserve /usr/local/bin/simserve
+# OpenSSL 3 compatibility for the metrics port's HTTPS (server/openssl3_compat/).
+COPY --from=build /out/lib/ /usr/local/lib/simserve/
 # Fail the build, not the pod, if a shared library is missing.
 RUN if ldd /usr/local/bin/simserve | grep 'not found'; then exit 1; fi
 

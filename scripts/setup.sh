@@ -10,7 +10,7 @@ APT_PACKAGES=(
   libdnnl-dev ocl-icd-opencl-dev opencl-headers libabsl-dev prometheus-cpp-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-venv python3-pip
-  openssl
+  openssl libssl-dev
 )
 
 missing=()

@@ -44,18 +44,6 @@ bool IsB64Token(absl::string_view token) {
   return true;
 }
 
-// Equality whose time depends only on the longer length, not on where the inputs differ.
-bool ConstantTimeEquals(absl::string_view a, absl::string_view b) {
-  const size_t n = std::max(a.size(), b.size());
-  unsigned diff = a.size() == b.size() ? 0U : 1U;
-  for (size_t i = 0; i < n; ++i) {
-    const auto x = static_cast<unsigned char>(i < a.size() ? a[i] : 0);
-    const auto y = static_cast<unsigned char>(i < b.size() ? b[i] : 0);
-    diff |= static_cast<unsigned>(x ^ y);
-  }
-  return diff == 0;
-}
-
 absl::string_view View(const grpc_slice& slice) {
   return {reinterpret_cast<const char*>(GRPC_SLICE_START_PTR(slice)), GRPC_SLICE_LENGTH(slice)};
 }
@@ -135,6 +123,17 @@ class PlaintextWithTokens final : public grpc::ServerCredentials {
 };
 
 }  // namespace
+
+bool ConstantTimeEquals(absl::string_view a, absl::string_view b) {
+  const size_t n = std::max(a.size(), b.size());
+  unsigned diff = a.size() == b.size() ? 0U : 1U;
+  for (size_t i = 0; i < n; ++i) {
+    const auto x = static_cast<unsigned char>(i < a.size() ? a[i] : 0);
+    const auto y = static_cast<unsigned char>(i < b.size() ? b[i] : 0);
+    diff |= static_cast<unsigned>(x ^ y);
+  }
+  return diff == 0;
+}
 
 absl::StatusOr<std::vector<std::string>> ParseTokenFile(absl::string_view contents) {
   std::vector<std::string> tokens;

@@ -31,6 +31,9 @@ class ServerMetrics;
 // bad token (never the token) or says the file holds none.
 absl::StatusOr<std::vector<std::string>> ParseTokenFile(absl::string_view contents);
 
+// Equality whose time depends only on the longer length, not on where the inputs differ.
+bool ConstantTimeEquals(absl::string_view a, absl::string_view b);
+
 // Auth-context property naming the token a call presented ("token:N"), for per-client
 // accounting (ComputePool's per-peer share).
 inline constexpr char kTokenIdentityProperty[] = "simserve.token";

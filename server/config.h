@@ -163,6 +163,19 @@ struct TlsConfig {
   bool enabled() const { return !cert_file.empty() || !key_file.empty(); }
 };
 
+// Security of the Prometheus /metrics port (server/metrics_exposer.h). All empty: plaintext,
+// open (the default; scrapes usually stay inside the cluster).
+struct MetricsSecurityConfig {
+  // PEM certificate chain and key: /metrics is served over HTTPS only. May be the gRPC
+  // port's files. Re-read on every handshake (a renewed certificate needs no restart).
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  // File of `user:password` lines: scrapes need HTTP basic auth. Re-read on every scrape.
+  std::string basic_auth_file;
+
+  bool tls_enabled() const { return !tls_cert_file.empty() || !tls_key_file.empty(); }
+};
+
 // Bearer-token authentication (server/auth.h). Empty token_file: none (the default).
 struct AuthConfig {
   // File with one accepted token per line (`#` comments, blank lines ignored). Set: every
@@ -183,6 +196,7 @@ struct ServerConfig {
   std::string health_listen;
   // Prometheus /metrics listen address, host:port. Empty disables the exposer.
   std::string metrics_listen = "0.0.0.0:9464";
+  MetricsSecurityConfig metrics_security;
   ComputeConfig compute;
   LimitsConfig limits;
   TransportConfig transport;

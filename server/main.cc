@@ -102,6 +102,14 @@ ABSL_FLAG(int, tcp_read_chunk_bytes, kDefaults.transport.tcp_read_chunk_bytes,
 ABSL_FLAG(int, tcp_max_read_chunk_bytes, kDefaults.transport.tcp_max_read_chunk_bytes,
           "Largest socket read buffer gRPC allocates; 0 = gRPC default (4 MiB). "
           "Env SIMSERVE_TCP_MAX_READ_CHUNK_BYTES.");
+ABSL_FLAG(std::string, metrics_tls_cert_file, kDefaults.metrics_security.tls_cert_file,
+          "PEM certificate chain: with --metrics_tls_key_file /metrics is served over HTTPS "
+          "only (re-read per handshake). Env SIMSERVE_METRICS_TLS_CERT_FILE.");
+ABSL_FLAG(std::string, metrics_tls_key_file, kDefaults.metrics_security.tls_key_file,
+          "PEM key of --metrics_tls_cert_file. Env SIMSERVE_METRICS_TLS_KEY_FILE.");
+ABSL_FLAG(std::string, metrics_basic_auth_file, kDefaults.metrics_security.basic_auth_file,
+          "File of user:password lines: /metrics then needs HTTP basic auth (re-read per "
+          "scrape). Env SIMSERVE_METRICS_BASIC_AUTH_FILE.");
 ABSL_FLAG(std::string, health_listen, kDefaults.health_listen,
           "Extra plaintext listener (host:port) serving only grpc.health.v1.Health, for "
           "Kubernetes gRPC probes of a TLS server; empty = off. Env SIMSERVE_HEALTH_LISTEN.");
@@ -208,6 +216,9 @@ bool ApplyEnvironment() {
                                            "tcp_read_chunk_bytes",
                                            "tcp_max_read_chunk_bytes",
                                            "health_listen",
+                                           "metrics_tls_cert_file",
+                                           "metrics_tls_key_file",
+                                           "metrics_basic_auth_file",
                                            "max_inflight_bytes_per_peer",
                                            "upload_idle_timeout",
                                            "memory_release_delay",
@@ -251,6 +262,9 @@ simserve::ServerConfig ConfigFromFlags() {
   c.listen = absl::GetFlag(FLAGS_listen);
   c.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   c.health_listen = absl::GetFlag(FLAGS_health_listen);
+  c.metrics_security.tls_cert_file = absl::GetFlag(FLAGS_metrics_tls_cert_file);
+  c.metrics_security.tls_key_file = absl::GetFlag(FLAGS_metrics_tls_key_file);
+  c.metrics_security.basic_auth_file = absl::GetFlag(FLAGS_metrics_basic_auth_file);
   c.compute.workers = absl::GetFlag(FLAGS_workers);
   c.compute.threads_per_worker = absl::GetFlag(FLAGS_threads_per_worker);
   c.compute.stream_window = absl::GetFlag(FLAGS_stream_window);

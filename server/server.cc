@@ -35,6 +35,7 @@
 #include "server/convert.h"
 #include "server/log.h"
 #include "server/metrics.h"
+#include "server/metrics_exposer.h"
 
 namespace simserve {
 namespace {
@@ -271,15 +272,11 @@ absl::Status SimilarityServer::Init() {
                 kernels::SimilarityEngine::CpuIsa()},
       Methods());
   if (!config_.metrics_listen.empty()) {
-    try {
-      exposer_ = std::make_unique<prometheus::Exposer>(config_.metrics_listen, 2);
-    } catch (const std::exception& e) {
-      return absl::UnavailableError(
-          absl::StrCat("cannot serve metrics on ", config_.metrics_listen, ": ", e.what()));
-    }
-    exposer_->RegisterCollectable(registry_);
-    const std::vector<int> ports = exposer_->GetListeningPorts();
-    metrics_port_ = ports.empty() ? 0 : ports.front();
+    auto endpoint =
+        MetricsEndpoint::Start(config_.metrics_listen, config_.metrics_security, registry_);
+    if (!endpoint.ok()) return endpoint.status();
+    metrics_endpoint_ = *std::move(endpoint);
+    metrics_port_ = metrics_endpoint_->port();
   }
 
   pool_ = std::make_unique<ComputePool>(
@@ -386,8 +383,9 @@ absl::Status SimilarityServer::Init() {
   LogInfo(absl::StrCat(
       "simserve ", SIMSERVE_VERSION, " serving gRPC on ", config_.listen, " (port ", port_,
       "), metrics on ",
-      exposer_ ? absl::StrCat(config_.metrics_listen, " (port ", metrics_port_, ")")
-               : std::string("(disabled)"),
+      metrics_endpoint_ ? absl::StrCat(config_.metrics_listen, " (port ", metrics_port_, ") over ",
+                                       metrics_endpoint_->description())
+                        : std::string("(disabled)"),
       "; gRPC transport: ", transport_security,
       health_server_ ? absl::StrCat("; plaintext health-only listener on ", config_.health_listen,
                                     " (port ", health_port_, ")")
@@ -500,7 +498,7 @@ void SimilarityServer::Shutdown(absl::Duration grace) {
   }
   gallery_dir_.reset();  // no rescans while draining
   if (pool_ != nullptr) pool_->Shutdown();
-  exposer_.reset();
+  metrics_endpoint_.reset();
 }
 
 absl::Status RunServer(const ServerConfig& config) {

@@ -30,6 +30,7 @@ class Server;
 namespace simserve {
 
 class CallAuthenticator;
+class MetricsEndpoint;
 class ComputePool;
 class ServerMetrics;
 
@@ -93,7 +94,7 @@ class SimilarityServer {
   ServerConfig config_;
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<ServerMetrics> metrics_;
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  std::unique_ptr<MetricsEndpoint> metrics_endpoint_;
   std::unique_ptr<kernels::SimilarityEngine> engine_;
   std::shared_ptr<BufferPool> buffers_;
   std::unique_ptr<ComputePool> pool_;

@@ -232,3 +232,57 @@ def test_plaintext_health_listener_for_probes_of_a_tls_server(server_binary, cer
             assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, "health only"
         assert rpc_code(srv.address, None) == grpc.StatusCode.UNAVAILABLE, "main port: TLS only"
     assert "plaintext health-only listener on" in srv.output
+
+
+def test_metrics_port_https_with_basic_auth_and_rotation(server_binary, certs, tmp_path):
+    """--metrics_tls_cert_file/--metrics_tls_key_file serve /metrics over HTTPS only (files
+    re-read per handshake); --metrics_basic_auth_file requires user:password (re-read per
+    scrape)."""
+    import base64
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    live = tmp_path / "metrics"
+    live.mkdir()
+    for ext in ("crt", "key"):
+        shutil.copy(certs / f"server1.{ext}", live / f"tls.{ext}")
+    users = tmp_path / "users"
+    users.write_text("# prometheus scrapers\nprom:s3cret\n")
+    port = free_port()
+    args = [*tls_args(certs), f"--metrics_tls_cert_file={live / 'tls.crt'}",
+            f"--metrics_tls_key_file={live / 'tls.key'}", f"--metrics_basic_auth_file={users}"]
+
+    def scrape(root="ca1", user="prom", password="s3cret", scheme="https"):
+        context = ssl.create_default_context(cafile=str(certs / f"{root}.crt"))
+        request = urllib.request.Request(f"{scheme}://localhost:{port}/metrics")
+        if user is not None:
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=5,
+                                        context=context if scheme == "https" else None) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, ""
+        except (urllib.error.URLError, ConnectionError, ssl.SSLError) as err:
+            return type(err).__name__, ""
+
+    # TlsServer turns the metrics port off (--metrics_listen=); the later flag wins.
+    with TlsServer(server_binary, [*args, f"--metrics_listen=127.0.0.1:{port}"],
+                   credentials(certs)) as srv:
+        status, text = scrape()
+        assert status == 200 and "simserve_build_info" in text
+        assert scrape(user=None)[0] == 401
+        assert scrape(password="wrong")[0] == 401
+        assert scrape(scheme="http")[0] != 200, "plaintext refused on an HTTPS port"
+        assert scrape(root="ca2")[0] != 200, "a client that does not trust the certificate"
+        users.write_text("prom:rotated\n")
+        assert scrape()[0] == 401 and scrape(password="rotated")[0] == 200
+        for ext in ("crt", "key"):  # renewed: another CA's certificate, no restart
+            shutil.copy(certs / f"server2.{ext}", live / f"tmp.{ext}")
+            os.replace(live / f"tmp.{ext}", live / f"tls.{ext}")
+        assert scrape(root="ca2", password="rotated")[0] == 200
+        assert srv.proc.poll() is None
+    assert "HTTPS (certificate" in srv.output and "basic auth" in srv.output
+    assert "s3cret" not in srv.output and "rotated" not in srv.output
