@@ -323,6 +323,11 @@ TEST(GallerySpecFromHeader, ChecksDtypesAndDerivesTheSizes) {
   header.set_dtype(v1::FLOAT32);
   header.set_name("bad name");
   EXPECT_EQ(GallerySpecFromHeader(header).status().code(), absl::StatusCode::kInvalidArgument);
+  // batch * M overflows int64 before D is applied (found by fuzz/gallery_fuzzer: UB).
+  header.set_name("g");
+  header.clear_shape();
+  for (int64_t dim : {int64_t{1} << 51, int64_t{29527900159}, int64_t{1}}) header.add_shape(dim);
+  EXPECT_THAT(GallerySpecFromHeader(header).status().message(), HasSubstr("too large"));
 }
 
 TEST(ProblemSpec, InflightBytesCountsInputsAndBufferedResult) {
