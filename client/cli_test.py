@@ -508,6 +508,122 @@ class TlsCliTest(ServerTestCase):
         self.assertIn("cannot be read", proc.stderr)
 
 
+class TokenCliTest(ServerTestCase):
+    """The CLI against a TLS server with --auth_token_file: --token_file, --token and
+    $SIMSERVE_TOKEN; a wrong or missing token is a clear UNAUTHENTICATED failure (exit 1)."""
+    TOKEN = "tok-cli.right_1"
+    TLS = True
+
+    @classmethod
+    def prepare(cls):
+        d = cls.dir
+        with open(os.path.join(d, "server_tokens"), "w") as f:
+            f.write(f"# accepted\ntok-cli-other\n{cls.TOKEN}\n")
+        # The client's file: comments and blank lines before the token, whitespace around it.
+        with open(os.path.join(d, "token"), "w") as f:
+            f.write(f"# for simserve-cli\n\n  {cls.TOKEN}  \nignored-second-line\n")
+        cls.CLI_FLAGS = (f"--token_file={d}/token",)
+        if cls.TLS:
+            make_certs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                      "tests", "security", "make_certs.sh")
+            subprocess.run(["bash", make_certs, d], check=True)
+            cls.CLI_FLAGS += (f"--tls_ca_file={d}/ca1.crt",)
+
+    @classmethod
+    def server_args(cls):
+        d = cls.dir
+        args = (f"--auth_token_file={d}/server_tokens",)
+        if cls.TLS:
+            args += (f"--tls_cert_file={d}/server1.crt", f"--tls_key_file={d}/server1.key")
+        return args
+
+    def transport(self):
+        return self.CLI_FLAGS[1:]  # the TLS flags, without the token
+
+    def run_cli(self, *flags, env=None):
+        environ = {k: v for k, v in os.environ.items() if k != "SIMSERVE_TOKEN"}
+        return subprocess.run([ARGS.cli, f"--target={self.target}", *flags],
+                              capture_output=True, text=True, timeout=120,
+                              env=dict(environ, **(env or {})))
+
+    def test_compute_and_galleries_with_the_token_match_sklearn(self):
+        rng = np.random.default_rng(11)
+        a = rng.standard_normal((2, 12, 16), dtype=np.float32)
+        b = rng.standard_normal((2, 9, 16), dtype=np.float32)
+        fa, fb = self.save("a.npy", a), self.save("b.npy", b)
+        want = np.stack([cosine_similarity(a[k], b[k]) for k in range(2)])
+        for mode in ("unary", "stream", "upload"):
+            out = self.path(f"s_{mode}.npy")
+            self.cli(f"--a={fa}", f"--b={fb}", f"--out={out}", f"--mode={mode}",
+                     "--max_chunk_bytes=256")
+            np.testing.assert_allclose(np.load(out), want, atol=2e-6, rtol=0)
+        self.cli("--register_gallery=tok-g", f"--b={fb}")
+        out = self.path("g.npy")
+        self.cli(f"--a={fa}", "--gallery=tok-g", f"--out={out}", "--top_k=3")
+        idx = np.load(self.path("g.indices.npy"))
+        np.testing.assert_array_equal(idx, np.argsort(-want, axis=-1, kind="stable")[..., :3])
+        self.assertIn("tok-g", self.cli("--list_galleries").stdout)
+        self.cli("--delete_gallery=tok-g")
+
+    def test_token_flag_and_environment_variable(self):
+        proc = self.run_cli(*self.transport(), f"--token={self.TOKEN}", "--info")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        proc = self.run_cli(*self.transport(), "--info", env={"SIMSERVE_TOKEN": self.TOKEN})
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        # The flags win over the environment.
+        proc = self.run_cli(*self.CLI_FLAGS, "--info", env={"SIMSERVE_TOKEN": "tok-wrong"})
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        proc = self.run_cli(*self.transport(), "--token=tok-wrong", "--info",
+                            env={"SIMSERVE_TOKEN": self.TOKEN})
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+
+    def test_wrong_or_missing_token_is_unauthenticated(self):
+        a = self.save("wa.npy", np.ones((2, 4), np.float32))
+        wrong = self.path("wrong_token")
+        with open(wrong, "w") as f:
+            f.write("tok-not-accepted\n")
+        for flags, message in (((f"--token_file={wrong}",), "not valid"),
+                               (("--token=tok-not-accepted",), "not valid"),
+                               (("--token=tok-not-accepted", "--mode=upload"), "not valid"),
+                               ((), "authorization: Bearer <token>")):
+            for command in (("--info",), ("--list_galleries",),
+                            (f"--a={a}", f"--b={a}", f"--out={self.path('w.npy')}", *flags[1:])):
+                proc = self.run_cli(*self.transport(), *flags[:1], *command)
+                self.assertEqual(proc.returncode, 1, f"{flags} {command}: {proc.stderr}")
+                self.assertIn("UNAUTHENTICATED", proc.stderr)
+                self.assertIn(message, proc.stderr)
+                self.assertIn("requires a bearer token", proc.stderr)
+                self.assertNotIn("tok-not-accepted", proc.stderr + proc.stdout)
+                self.assertFalse(os.path.exists(self.path("w.npy")), "no result file left")
+
+    def test_bad_token_flags_are_usage_errors(self):
+        empty = self.path("empty_token")
+        with open(empty, "w") as f:
+            f.write("# only a comment\n\n")
+        spaced = self.path("spaced_token")
+        with open(spaced, "w") as f:
+            f.write("tok secret-part\n")
+        for flags, message in (
+                ((f"--token_file={empty}",), "holds no token"),
+                ((f"--token_file={self.dir}/missing",), "cannot be read"),
+                ((f"--token_file={spaced}",), "whitespace"),
+                (("--token=tok secret-part",), "whitespace"),
+                (("--token=a", f"--token_file={empty}"), "one of --token and --token_file")):
+            proc = self.run_cli(*self.transport(), *flags, "--info")
+            self.assertEqual(proc.returncode, 2, f"{flags}: {proc.stderr}")
+            self.assertIn(message, proc.stderr)
+            self.assertNotIn("secret-part", proc.stderr)
+        proc = self.run_cli(*self.transport(), "--info", env={"SIMSERVE_TOKEN": "tok\tsecret-part"})
+        self.assertEqual(proc.returncode, 2, proc.stderr)
+        self.assertIn("$SIMSERVE_TOKEN", proc.stderr)
+        self.assertNotIn("secret-part", proc.stderr)
+
+
+class PlaintextTokenCliTest(TokenCliTest):
+    """TokenCliTest on a plaintext port (the token then travels in clear)."""
+    TLS = False
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--cli", required=True)

@@ -53,10 +53,6 @@ double MillisSince(std::chrono::steady_clock::time_point start) {
       .count();
 }
 
-void SetDeadline(grpc::ClientContext& context, absl::Duration timeout) {
-  context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
-}
-
 // A ComputeRequest with shapes, dtypes and options but no tensor data (the data goes into
 // the wire encoding by reference); without `b` for a gallery call.
 v1::ComputeRequest RequestHeader(const TensorRef& a, const TensorRef& b,
@@ -560,9 +556,26 @@ std::vector<float> Result::ValuesAsFloat() const {
   return out;
 }
 
+absl::Status CheckBearerToken(std::string_view token) {
+  for (size_t i = 0; i < token.size(); ++i) {
+    const char c = token[i];
+    if (c < '!' || c > '~') {
+      const bool space = c == ' ' || c == '\t' || c == '\n' || c == '\r';
+      return absl::InvalidArgumentError(
+          absl::StrCat("the bearer token has ",
+                       space ? "whitespace or a newline" : "a non-printable or non-ASCII byte",
+                       " at position ", i, " (of ", token.size(),
+                       "); give the token alone, without 'Bearer ' or a trailing newline"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 Client::Client(PassKey /*key*/, std::shared_ptr<grpc::Channel> channel,
                const ClientOptions& options)
     : options_(options),
+      authorization_(options.bearer_token.empty() ? ""
+                                                  : absl::StrCat("Bearer ", options.bearer_token)),
       channel_(std::move(channel)),
       stub_(v1::Similarity::NewStub(channel_)),
       generic_stub_(channel_) {}
@@ -576,6 +589,7 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const std::string& targe
     return absl::InvalidArgumentError(
         "ClientOptions: upload_piece_bytes and default_timeout must be positive");
   }
+  if (absl::Status s = CheckBearerToken(options.bearer_token); !s.ok()) return s;
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
   args.SetMaxSendMessageSize(options.max_send_message_bytes);
@@ -590,9 +604,15 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const std::string& targe
   return std::make_unique<Client>(PassKey(), std::move(channel), options);
 }
 
+void Client::PrepareContext(grpc::ClientContext& context, absl::Duration timeout) const {
+  context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  // Per-call metadata rather than call credentials: gRPC sends those only on secure channels.
+  if (!authorization_.empty()) context.AddMetadata("authorization", authorization_);
+}
+
 absl::StatusOr<v1::GetInfoResponse> Client::GetInfo(std::optional<absl::Duration> timeout) {
   grpc::ClientContext context;
-  SetDeadline(context, timeout.value_or(options_.default_timeout));
+  PrepareContext(context, timeout.value_or(options_.default_timeout));
   v1::GetInfoResponse response;
   const grpc::Status status = stub_->GetInfo(&context, v1::GetInfoRequest(), &response);
   if (!status.ok()) return ToAbsl(status);
@@ -603,7 +623,7 @@ absl::StatusOr<CallInfo> Client::Unary(const TensorRef& a, const TensorRef& b,
                                        const ComputeOptions& options, ResultWriter& writer) {
   const auto start = std::chrono::steady_clock::now();
   grpc::ClientContext context;
-  SetDeadline(context, options.timeout.value_or(options_.default_timeout));
+  PrepareContext(context, options.timeout.value_or(options_.default_timeout));
   // The tensors' bytes are referenced by the request buffer, not copied; the response is
   // decoded from its received slices, not parsed into protobuf strings first.
   const grpc::ByteBuffer request =
@@ -651,7 +671,7 @@ absl::StatusOr<CallInfo> Client::Streamed(CallMode mode, const TensorRef& a, con
     requests = UploadRequests(a, b, options, static_cast<size_t>(piece));
   }
   grpc::ClientContext context;
-  SetDeadline(context, timeout);
+  PrepareContext(context, timeout);
   wire::ResultDecoder decoder;
   wire::ResultView view;
   const auto on_chunk = [&](grpc::ByteBuffer& chunk) {
@@ -823,7 +843,7 @@ absl::StatusOr<v1::GalleryInfo> Client::RegisterGallery(const std::string& name,
   const std::vector<grpc::ByteBuffer> requests =
       GalleryRequests(name, gallery, options, static_cast<size_t>(piece));
   grpc::ClientContext context;
-  SetDeadline(context, timeout);
+  PrepareContext(context, timeout);
   v1::GalleryInfo info;
   int responses = 0;
   const auto on_response = [&](grpc::ByteBuffer& response) {
@@ -847,7 +867,7 @@ absl::StatusOr<v1::GalleryInfo> Client::RegisterGallery(const std::string& name,
 absl::StatusOr<v1::GalleryInfo> Client::GetGallery(const std::string& name,
                                                    std::optional<absl::Duration> timeout) {
   grpc::ClientContext context;
-  SetDeadline(context, timeout.value_or(options_.default_timeout));
+  PrepareContext(context, timeout.value_or(options_.default_timeout));
   v1::GetGalleryRequest request;
   request.set_name(name);
   v1::GalleryInfo info;
@@ -863,7 +883,7 @@ absl::StatusOr<v1::GalleryInfo> Client::GetGallery(const std::string& name,
 absl::StatusOr<std::vector<v1::GalleryInfo>> Client::ListGalleries(
     std::optional<absl::Duration> timeout) {
   grpc::ClientContext context;
-  SetDeadline(context, timeout.value_or(options_.default_timeout));
+  PrepareContext(context, timeout.value_or(options_.default_timeout));
   v1::ListGalleriesResponse response;
   const grpc::Status status = stub_->ListGalleries(&context, v1::ListGalleriesRequest(), &response);
   if (!status.ok()) return ToAbsl(status);
@@ -878,7 +898,7 @@ absl::StatusOr<std::vector<v1::GalleryInfo>> Client::ListGalleries(
 absl::StatusOr<v1::GalleryInfo> Client::DeleteGallery(const std::string& name,
                                                       std::optional<absl::Duration> timeout) {
   grpc::ClientContext context;
-  SetDeadline(context, timeout.value_or(options_.default_timeout));
+  PrepareContext(context, timeout.value_or(options_.default_timeout));
   v1::DeleteGalleryRequest request;
   request.set_name(name);
   v1::DeleteGalleryResponse response;

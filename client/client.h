@@ -13,6 +13,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -22,6 +23,7 @@
 #include "absl/time/time.h"
 #include "client/dtype.h"
 #include "grpcpp/channel.h"
+#include "grpcpp/client_context.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/security/credentials.h"
 #include "simserve/v1/similarity.grpc.pb.h"
@@ -39,10 +41,21 @@ enum class CallMode {
 // Lower-case name of `mode` ("auto", "unary", "stream", "upload").
 const char* Name(CallMode mode);
 
+// OK if `token` can travel as `authorization: Bearer <token>` metadata: printable ASCII
+// without whitespace (empty = no token). INVALID_ARGUMENT says what is wrong and where, never
+// the token itself. Connect() checks ClientOptions::bearer_token with it.
+absl::Status CheckBearerToken(std::string_view token);
+
 // Connection-wide settings. Defaults suit a server on the same host or LAN.
 struct ClientOptions {
   // Channel credentials; nullptr means insecure (plaintext) — the server speaks plaintext.
   std::shared_ptr<grpc::ChannelCredentials> credentials;
+  // Bearer token for a server with --auth_token_file: every call (GetInfo, Compute*, the
+  // gallery calls) sends the metadata `authorization: Bearer <bearer_token>`, over TLS or
+  // plaintext (where it travels in clear). Empty (the default): no token. Connect() refuses
+  // a malformed one (CheckBearerToken). A wrong or missing token is the server's
+  // UNAUTHENTICATED, with its message.
+  std::string bearer_token;
   // Deadline of every call that does not give its own timeout.
   absl::Duration default_timeout = absl::Seconds(60);
   // Connect() waits this long for the channel to become ready and fails with UNAVAILABLE
@@ -305,6 +318,8 @@ class Client {
   // Checks and places the result messages of one call (client.cc).
   class ResultWriter;
 
+  // Sets up the context of every call: its deadline and the bearer token, if any.
+  void PrepareContext(grpc::ClientContext& context, absl::Duration timeout) const;
   absl::StatusOr<v1::Limits> CachedLimits(absl::Duration timeout);
   // The rows M of gallery `name` as this client last saw them (one GetGallery on a miss):
   // kAuto's estimate of a dense gallery call's result size.
@@ -326,6 +341,8 @@ class Client {
                                   CallMode mode);
 
   ClientOptions options_;
+  // "Bearer <token>", empty without a token.
+  std::string authorization_;
   std::shared_ptr<grpc::Channel> channel_;
   // GetInfo and the unary gallery calls (small protobuf messages).
   std::unique_ptr<v1::Similarity::Stub> stub_;

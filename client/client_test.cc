@@ -176,15 +176,21 @@ std::vector<int32_t> ReferenceTopK(const Reference& ref, size_t row, int64_t m, 
   return idx;
 }
 
+// An in-process server on an ephemeral loopback port: no metrics port, one worker, no warm-up.
+ServerConfig LoopbackServerConfig(int threads) {
+  ServerConfig config;
+  config.listen = "127.0.0.1:0";
+  config.metrics_listen = "";
+  config.compute.workers = 1;
+  config.compute.threads_per_worker = threads;
+  config.compute.warmup = false;
+  return config;
+}
+
 class ClientTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    ServerConfig config;
-    config.listen = "127.0.0.1:0";
-    config.metrics_listen = "";
-    config.compute.workers = 1;
-    config.compute.threads_per_worker = 2;
-    config.compute.warmup = false;
+    ServerConfig config = LoopbackServerConfig(2);
     // Small message limits so that the size-dependent paths are exercised cheaply.
     config.limits.max_receive_message_bytes = kMiB;
     config.limits.max_send_message_bytes = kMiB;
@@ -1044,6 +1050,78 @@ TEST(ClientConnectTest, UnreachableServerIsUnavailable) {
   auto client = Client::Connect(absl::StrCat("127.0.0.1:", ntohs(addr.sin_port)), options);
   EXPECT_EQ(client.status().code(), absl::StatusCode::kUnavailable);
   EXPECT_EQ(Client::Connect("").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// A server with --auth_token_file: every call of a client with the token succeeds (and
+// computes the right values), without it or with another token each is UNAUTHENTICATED.
+TEST(ClientTokenTest, EveryCallCarriesTheBearerTokenAndOthersAreUnauthenticated) {
+  const std::string token_file = ::testing::TempDir() + "/client_test_tokens";
+  std::ofstream(token_file) << "# test tokens\ntok-right.1\n";
+  ServerConfig config = LoopbackServerConfig(1);
+  config.auth.token_file = token_file;
+  auto server = SimilarityServer::Start(config);
+  ASSERT_TRUE(server.ok()) << server.status();
+  const std::string target = absl::StrCat("127.0.0.1:", (*server)->port());
+  ClientOptions options;
+  options.bearer_token = "tok-right.1";
+  auto client = Client::Connect(target, options);
+  ASSERT_TRUE(client.ok()) << client.status();
+
+  EXPECT_TRUE((*client)->GetInfo().ok());
+  const Problem p = MakeProblem(2, 5, 7, 16, 31);
+  const Reference ref = ComputeReference(p, v1::COSINE);
+  ComputeOptions compute;
+  compute.max_chunk_bytes = 64;
+  for (CallMode mode : {CallMode::kUnary, CallMode::kStream, CallMode::kUpload, CallMode::kAuto}) {
+    auto result = Call(**client, mode, p, compute);
+    ASSERT_TRUE(result.ok()) << Name(mode) << ": " << result.status();
+    ExpectMatchesReference(*result, ref, 2e-5);
+  }
+  const TensorRef gallery = TensorRef::Float32({p.batch, p.m, p.d}, p.b);
+  auto registered = (*client)->RegisterGallery("token-gallery", gallery);
+  ASSERT_TRUE(registered.ok()) << registered.status();
+  EXPECT_TRUE((*client)->GetGallery("token-gallery").ok());
+  EXPECT_TRUE((*client)->ListGalleries().ok());
+  ComputeOptions by_name = compute;
+  by_name.gallery = "token-gallery";
+  auto result = (*client)->Similarity(p.A(), TensorRef{}, by_name, CallMode::kStream);
+  ASSERT_TRUE(result.ok()) << result.status();
+  ExpectMatchesReference(*result, ref, 2e-5);
+  EXPECT_TRUE((*client)->DeleteGallery("token-gallery").ok());
+
+  for (const std::string token : {"", "tok-wrong"}) {
+    ClientOptions other;
+    other.bearer_token = token;
+    auto refused = Client::Connect(target, other);  // the connection itself is not refused
+    ASSERT_TRUE(refused.ok()) << refused.status();
+    const std::string message = token.empty() ? "authorization: Bearer <token>" : "not valid";
+    const auto expect_refused = [&](const absl::Status& status, const char* what) {
+      EXPECT_EQ(status.code(), absl::StatusCode::kUnauthenticated) << what << ": " << status;
+      EXPECT_THAT(status.message(), HasSubstr(message)) << what;
+    };
+    expect_refused((*refused)->GetInfo().status(), "GetInfo");
+    for (CallMode mode : {CallMode::kUnary, CallMode::kStream, CallMode::kUpload}) {
+      expect_refused(Call(**refused, mode, p, compute).status(), Name(mode));
+    }
+    expect_refused((*refused)->RegisterGallery("token-gallery", gallery).status(), "Register");
+    expect_refused((*refused)->ListGalleries().status(), "ListGalleries");
+  }
+  (*server)->Shutdown(absl::Seconds(5));
+}
+
+TEST(ClientTokenTest, MalformedTokensAreRefusedByConnectWithoutEchoingThem) {
+  for (const std::string token :
+       {"tok secret", "tok-secret\n", "Bearer tok-secret", "tok\x01secret", "t\xc3\xb6k-secret"}) {
+    ClientOptions options;
+    options.bearer_token = token;
+    options.connect_timeout = absl::ZeroDuration();
+    auto client = Client::Connect("127.0.0.1:1", options);
+    EXPECT_EQ(client.status().code(), absl::StatusCode::kInvalidArgument) << token;
+    EXPECT_THAT(client.status().message(), HasSubstr("bearer token"));
+    EXPECT_THAT(client.status().message(), ::testing::Not(HasSubstr("secret")));
+  }
+  EXPECT_TRUE(CheckBearerToken("").ok());
+  EXPECT_TRUE(CheckBearerToken("A-z0-9._~+/==").ok());
 }
 
 TEST(ChooseModeTest, FollowsTheDocumentedRule) {

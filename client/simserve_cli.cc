@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <optional>
@@ -40,6 +41,14 @@ ABSL_FLAG(std::string, tls_ca_file, "", "PEM CA bundle that signed the server's 
 ABSL_FLAG(std::string, tls_cert_file, "",
           "PEM client certificate chain for mutual TLS (with --tls_key_file).");
 ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file.");
+ABSL_FLAG(std::string, token, "",
+          "Bearer token for a server with --auth_token_file (sent as 'authorization: Bearer "
+          "<token>' on every call; in clear without TLS). Visible to other local users in the "
+          "process list: prefer --token_file or $SIMSERVE_TOKEN.");
+ABSL_FLAG(std::string, token_file, "",
+          "File whose first line that is neither blank nor a '#' comment is the bearer token "
+          "(surrounding whitespace trimmed; the server's token file format). Default: "
+          "$SIMSERVE_TOKEN if set, else no token.");
 ABSL_FLAG(std::string, a, "",
           "Input A: .npy of shape [batch, N, D] or [N, D] "
           "(float32; float64 is converted to float32; float16 is sent as float16 if the "
@@ -390,6 +399,11 @@ int PrintJson(const google::protobuf::Message& message) {
 
 int Fail(const absl::Status& status, const char* what) {
   absl::FPrintF(stderr, "simserve-cli: %s: %s\n", what, status.ToString());
+  if (status.code() == absl::StatusCode::kUnauthenticated) {
+    absl::FPrintF(stderr,
+                  "simserve-cli: the server requires a bearer token it accepts: --token_file, "
+                  "$SIMSERVE_TOKEN or --token\n");
+  }
   return kExitFailure;
 }
 
@@ -495,6 +509,37 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> TlsCredentialsFromFlag
   return grpc::SslCredentials(options);
 }
 
+// The bearer token from --token, --token_file or $SIMSERVE_TOKEN (in this order; the two
+// flags are exclusive), "" for none. INVALID_ARGUMENT names the source, never the token.
+absl::StatusOr<std::string> TokenFromFlags() {
+  std::string token = absl::GetFlag(FLAGS_token);
+  const std::string path = absl::GetFlag(FLAGS_token_file);
+  std::string source = "--token";
+  if (!token.empty() && !path.empty()) {
+    return absl::InvalidArgumentError("give one of --token and --token_file");
+  }
+  if (!path.empty()) {
+    source = absl::StrCat("--token_file ", path);
+    std::ifstream file(path);
+    if (!file) return absl::InvalidArgumentError(absl::StrCat(source, " cannot be read"));
+    for (std::string line; std::getline(file, line);) {
+      const absl::string_view trimmed = absl::StripAsciiWhitespace(line);
+      if (!trimmed.empty() && trimmed.front() != '#') {
+        token.assign(trimmed.data(), trimmed.size());
+        break;
+      }
+    }
+    if (token.empty()) return absl::InvalidArgumentError(absl::StrCat(source, " holds no token"));
+  } else if (const char* env = std::getenv("SIMSERVE_TOKEN"); token.empty() && env != nullptr) {
+    token = env;
+    source = "$SIMSERVE_TOKEN";
+  }
+  if (absl::Status s = simserve::CheckBearerToken(token); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": ", s.message()));
+  }
+  return token;
+}
+
 int Run() {
   simserve::ComputeOptions options;
   auto metric = ParseMetric(absl::GetFlag(FLAGS_metric));
@@ -573,6 +618,9 @@ int Run() {
   auto credentials = TlsCredentialsFromFlags();
   if (!credentials.ok()) return UsageError(credentials.status());
   client_options.credentials = *std::move(credentials);
+  auto token = TokenFromFlags();
+  if (!token.ok()) return UsageError(token.status());
+  client_options.bearer_token = *std::move(token);
   client_options.default_timeout = absl::Milliseconds(timeout_ms);
   client_options.connect_timeout = absl::Milliseconds(absl::GetFlag(FLAGS_connect_timeout_ms));
   const std::string target = absl::GetFlag(FLAGS_target);

@@ -33,14 +33,15 @@ fi
 # Python tooling for the benchmark comparison and tests lives in a project venv.
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${SIMSERVE_VENV:-$ROOT/.venv}"
-PY_PACKAGES=(numpy scikit-learn grpcio grpcio-tools grpcio-health-checking protobuf faiss-cpu)
+PY_PACKAGES=(numpy scikit-learn grpcio grpcio-tools grpcio-health-checking grpcio-reflection protobuf
+  faiss-cpu)
 # SIMSERVE_SETUP_VENV=0 skips the venv (the Dockerfile build stage needs no Python tooling).
 if [ "${SIMSERVE_SETUP_VENV:-1}" != 0 ]; then
   if [ ! -x "$VENV/bin/python" ]; then
     echo "setup: creating Python venv at $VENV"
     python3 -m venv "$VENV"
   fi
-  if ! "$VENV/bin/python" -c 'import numpy, sklearn, grpc, grpc_tools, grpc_health, faiss' 2>/dev/null; then
+  if ! "$VENV/bin/python" -c 'import numpy, sklearn, grpc, grpc_tools, grpc_health, grpc_reflection, faiss' 2>/dev/null; then
     echo "setup: installing Python packages: ${PY_PACKAGES[*]}"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
   fi

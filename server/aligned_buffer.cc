@@ -97,6 +97,18 @@ void BufferPool::Return(std::byte* data, size_t capacity) {
   std::free(data);
 }
 
+int64_t BufferPool::Clear() {
+  std::multimap<size_t, std::byte*> freed;
+  int64_t bytes = 0;
+  {
+    MutexLock lock(&mu_);
+    freed.swap(free_);
+    bytes = std::exchange(cached_bytes_, 0);
+  }
+  for (auto& [capacity, data] : freed) std::free(data);
+  return bytes;
+}
+
 int64_t BufferPool::cached_bytes() const {
   MutexLock lock(&mu_);
   return cached_bytes_;

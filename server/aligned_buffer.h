@@ -62,6 +62,8 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
 
   // Bytes currently cached (free, kept for reuse).
   int64_t cached_bytes() const;
+  // Frees every cached buffer (the server does when it goes quiet); returns the bytes freed.
+  int64_t Clear();
 
   // Below this, malloc's own free lists already avoid fresh pages.
   static constexpr size_t kMinPooledBytes = size_t{64} << 10;

@@ -1,6 +1,7 @@
 // The preamble shared by the compute calls (call_setup.h).
 #include "server/call_setup.h"
 
+#include <algorithm>
 #include <utility>
 
 namespace simserve {
@@ -9,8 +10,13 @@ absl::Status DrainingError() {
   return absl::UnavailableError("server is draining (shutting down); retry on another replica");
 }
 
+int64_t UploadReservationStep(const ServerConfig& config) {
+  return 2 * config.compute.upload_read_ahead_bytes;
+}
+
 absl::StatusOr<Admitted> ValidateAndAdmit(const ServiceEnv& env, const v1::ComputeRequest& request,
-                                          RequestKind kind, const RawPayloadSizes* raw_sizes) {
+                                          RequestKind kind, const RawPayloadSizes* raw_sizes,
+                                          const std::string& peer) {
   if (env.draining->load()) {
     env.metrics->Reject(RejectReason::kDraining);
     return DrainingError();
@@ -33,15 +39,21 @@ absl::StatusOr<Admitted> ValidateAndAdmit(const ServiceEnv& env, const v1::Compu
     }
     return converted.status();
   }
+  const ProblemSpec& spec = converted->spec;
+  const int64_t input_bytes = spec.a_bytes + spec.b_bytes;
+  const int64_t deferred =
+      kind == RequestKind::kUpload
+          ? input_bytes - std::min(input_bytes, UploadReservationStep(env.config))
+          : 0;
   auto admission =
-      env.pool->Admit(converted->spec.InflightBytes(kind, env.config.compute.stream_window));
+      env.pool->Admit(spec.InflightBytes(kind, env.config.compute.stream_window) - deferred, peer);
   if (!admission.ok()) return admission.status();
   std::shared_ptr<const kernels::PreparedGallery> prepared;
   if (gallery != nullptr) {
     GalleryStore::MarkUsed(*gallery);               // only admitted calls count as use
     prepared = {gallery, gallery->prepared.get()};  // owns the version
   }
-  return Admitted{*std::move(converted), *std::move(admission), std::move(prepared)};
+  return Admitted{*std::move(converted), *std::move(admission), std::move(prepared), deferred};
 }
 
 TilePipeline::Deps PipelineDeps(const ServiceEnv& env) {

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <memory>
+#include <string>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -17,6 +18,7 @@
 #include "server/config.h"
 #include "server/convert.h"
 #include "server/gallery_store.h"
+#include "server/idle_watchdog.h"
 #include "server/metrics.h"
 #include "server/tile_pipeline.h"
 #include "simserve/v1/similarity.pb.h"
@@ -33,6 +35,8 @@ struct ServiceEnv {
   BufferPool* buffers;
   GalleryStore* galleries;
   const std::atomic<bool>* draining;
+  // Ends client streams that wait too long for data (the reactors use it; may be null).
+  IdleWatchdog* idle_watchdog = nullptr;
 };
 
 // UNAVAILABLE: the server is draining (shutting down).
@@ -44,14 +48,23 @@ struct Admitted {
   ConvertedRequest converted;
   Admission admission;
   std::shared_ptr<const kernels::PreparedGallery> gallery;
+  // kUpload: input bytes not reserved yet. An upload reserves its input as it arrives (see
+  // UploadAssembler), so a client that declares a big upload and sends nothing holds little.
+  int64_t deferred_input_bytes = 0;
 };
 
 // The preamble of every compute RPC: refuses while draining (UNAVAILABLE), looks up the
 // named gallery (GalleryStore::Acquire's errors), validates (ConvertRequest's errors) and
-// reserves the in-flight bytes (ComputePool::Admit's RESOURCE_EXHAUSTED). Rejections are
-// counted in the metrics.
+// reserves the in-flight bytes for client `peer` (ComputePool::Admit's RESOURCE_EXHAUSTED).
+// An upload header reserves at most UploadReservationStep of its input up front.
+// Rejections are counted in the metrics.
 absl::StatusOr<Admitted> ValidateAndAdmit(const ServiceEnv& env, const v1::ComputeRequest& request,
-                                          RequestKind kind, const RawPayloadSizes* raw_sizes);
+                                          RequestKind kind, const RawPayloadSizes* raw_sizes,
+                                          const std::string& peer = {});
+
+// How much more input an upload reserves each time its received bytes come within
+// upload_read_ahead_bytes of its reservation: two read-aheads.
+int64_t UploadReservationStep(const ServerConfig& config);
 
 // The TilePipeline dependencies of one call, from the server's configuration.
 TilePipeline::Deps PipelineDeps(const ServiceEnv& env);

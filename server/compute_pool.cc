@@ -10,19 +10,29 @@
 namespace simserve {
 
 Admission::~Admission() {
-  if (pool_ != nullptr) pool_->Release(bytes_);
+  if (pool_ != nullptr) pool_->Release(bytes_, peer_);
 }
 
 Admission::Admission(Admission&& other) noexcept
-    : pool_(std::exchange(other.pool_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
+    : pool_(std::exchange(other.pool_, nullptr)),
+      bytes_(std::exchange(other.bytes_, 0)),
+      peer_(std::move(other.peer_)) {}
 
 Admission& Admission::operator=(Admission&& other) noexcept {
   if (this != &other) {
-    if (pool_ != nullptr) pool_->Release(bytes_);
+    if (pool_ != nullptr) pool_->Release(bytes_, peer_);
     pool_ = std::exchange(other.pool_, nullptr);
     bytes_ = std::exchange(other.bytes_, 0);
+    peer_ = std::move(other.peer_);
   }
   return *this;
+}
+
+absl::Status Admission::Grow(int64_t more) {
+  if (pool_ == nullptr) return absl::FailedPreconditionError("empty admission cannot grow");
+  if (absl::Status reserved = pool_->Reserve(more, peer_); !reserved.ok()) return reserved;
+  bytes_ += more;
+  return absl::OkStatus();
 }
 
 ComputePool::ComputePool(const Options& options, ServerMetrics* metrics)
@@ -34,7 +44,12 @@ ComputePool::ComputePool(const Options& options, ServerMetrics* metrics)
 
 ComputePool::~ComputePool() { Shutdown(); }
 
-absl::StatusOr<Admission> ComputePool::Admit(int64_t bytes) {
+absl::StatusOr<Admission> ComputePool::Admit(int64_t bytes, std::string peer) {
+  if (absl::Status reserved = Reserve(bytes, peer); !reserved.ok()) return reserved;
+  return Admission(this, bytes, std::move(peer));
+}
+
+absl::Status ComputePool::Reserve(int64_t bytes, const std::string& peer) {
   MutexLock lock(&mu_);
   if (bytes > options_.max_inflight_bytes - inflight_bytes_) {
     if (metrics_ != nullptr) metrics_->Reject(RejectReason::kInflightBytes);
@@ -42,13 +57,27 @@ absl::StatusOr<Admission> ComputePool::Admit(int64_t bytes) {
         "server busy: request needs ", bytes, " bytes in flight, ", inflight_bytes_,
         " already used; the limit is max_inflight_bytes = ", options_.max_inflight_bytes));
   }
+  const int64_t per_peer = options_.max_inflight_bytes_per_peer;
+  auto held = peer_bytes_.find(peer);
+  const int64_t peer_held = held == peer_bytes_.end() ? 0 : held->second;
+  if (per_peer > 0 && bytes > per_peer - peer_held) {
+    if (metrics_ != nullptr) metrics_->Reject(RejectReason::kPeerShare);
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "over this client's share: request needs ", bytes, " bytes in flight, this client (",
+        peer.empty() ? "unknown" : peer, ") already holds ", peer_held,
+        "; the limit is max_inflight_bytes_per_peer = ", per_peer,
+        " (so one client cannot take the whole max_inflight_bytes)"));
+  }
   inflight_bytes_ += bytes;
-  return Admission(this, bytes);
+  peer_bytes_[peer] = peer_held + bytes;
+  return absl::OkStatus();
 }
 
-void ComputePool::Release(int64_t bytes) {
+void ComputePool::Release(int64_t bytes, const std::string& peer) {
   MutexLock lock(&mu_);
   inflight_bytes_ -= bytes;
+  auto held = peer_bytes_.find(peer);
+  if (held != peer_bytes_.end() && (held->second -= bytes) <= 0) peer_bytes_.erase(held);
 }
 
 absl::Status ComputePool::Submit(ComputeTask task, bool new_request) {

@@ -8,7 +8,10 @@
 #include <deque>
 #include <functional>
 #include <memory>
+#include <string>
 #include <thread>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -37,7 +40,8 @@ struct ComputeTask {
 
 class ComputePool;
 
-// Reservation of in-flight bytes; releases them when destroyed. Movable, not copyable.
+// Reservation of in-flight bytes of one peer; releases them when destroyed. Movable, not
+// copyable; not thread-safe (one owner at a time).
 class Admission {
  public:
   Admission() = default;
@@ -47,11 +51,18 @@ class Admission {
   Admission(const Admission&) = delete;
   Admission& operator=(const Admission&) = delete;
 
+  // Reserves `more` bytes on top, under the same limits as ComputePool::Admit (and with its
+  // RESOURCE_EXHAUSTED). An empty Admission cannot grow (FAILED_PRECONDITION).
+  absl::Status Grow(int64_t more);
+  int64_t bytes() const { return bytes_; }
+
  private:
   friend class ComputePool;
-  Admission(ComputePool* pool, int64_t bytes) : pool_(pool), bytes_(bytes) {}
+  Admission(ComputePool* pool, int64_t bytes, std::string peer)
+      : pool_(pool), bytes_(bytes), peer_(std::move(peer)) {}
   ComputePool* pool_ = nullptr;
   int64_t bytes_ = 0;
+  std::string peer_;
 };
 
 // Thread-safe. Tasks of one caller run in submission order only if the caller submits
@@ -65,6 +76,8 @@ class ComputePool {
     int64_t max_queued_requests = 64;
     // Bound on the sum of Admission reservations.
     int64_t max_inflight_bytes = int64_t{2} << 30;
+    // Bound on the reservations of one peer (see Admit); 0 = none.
+    int64_t max_inflight_bytes_per_peer = 0;
   };
 
   // Starts the workers. `metrics` may be null; otherwise it must outlive the pool and
@@ -75,10 +88,11 @@ class ComputePool {
   ComputePool(const ComputePool&) = delete;
   ComputePool& operator=(const ComputePool&) = delete;
 
-  // Reserves `bytes` of in-flight memory for one request. RESOURCE_EXHAUSTED (stating the
-  // limit) if the reservation would exceed max_inflight_bytes; a single request larger than
-  // the whole limit is refused as well.
-  absl::StatusOr<Admission> Admit(int64_t bytes);
+  // Reserves `bytes` of in-flight memory for one request of `peer` (a client identity: its
+  // token or its address). RESOURCE_EXHAUSTED (stating the limit) if the reservation would
+  // exceed max_inflight_bytes, or the peer's share max_inflight_bytes_per_peer; a single
+  // request larger than the whole limit is refused as well.
+  absl::StatusOr<Admission> Admit(int64_t bytes, std::string peer = {});
 
   // Queues `task`. With `new_request`, the queue bound applies: RESOURCE_EXHAUSTED (stating
   // max_queued_requests) when that many new requests are already waiting. Follow-up tasks
@@ -104,7 +118,9 @@ class ComputePool {
     absl::Time enqueued;
   };
   void WorkerLoop();
-  void Release(int64_t bytes);
+  // Checks the limits for `bytes` more of `peer` and reserves them.
+  absl::Status Reserve(int64_t bytes, const std::string& peer) ABSL_LOCKS_EXCLUDED(mu_);
+  void Release(int64_t bytes, const std::string& peer) ABSL_LOCKS_EXCLUDED(mu_);
 
   const Options options_;
   ServerMetrics* const metrics_;
@@ -113,6 +129,8 @@ class ComputePool {
   std::deque<Queued> queue_ ABSL_GUARDED_BY(mu_);
   int64_t queued_new_requests_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t inflight_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  // Reservations by peer; peers holding nothing are absent.
+  std::unordered_map<std::string, int64_t> peer_bytes_ ABSL_GUARDED_BY(mu_);
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::thread> threads_;
 };

@@ -15,6 +15,7 @@
 namespace simserve {
 namespace {
 
+using ::testing::AllOf;
 using ::testing::HasSubstr;
 
 // A one-shot event on std::mutex (visible to TSan, unlike the system Abseil's Notification).
@@ -180,6 +181,41 @@ TEST(ComputePool, AdmissionBoundsInflightBytesAndReleasesOnDestruction) {
   EXPECT_EQ(pool.inflight_bytes(), 0);
   auto third = pool.Admit(1000);
   EXPECT_TRUE(third.ok());
+}
+
+TEST(ComputePool, OnePeerGetsAtMostItsShare) {
+  ComputePool pool({.workers = 1, .max_inflight_bytes = 1000, .max_inflight_bytes_per_peer = 400},
+                   nullptr);
+  auto a1 = pool.Admit(300, "ipv4:10.0.0.1");
+  ASSERT_TRUE(a1.ok());
+  auto a2 = pool.Admit(200, "ipv4:10.0.0.1");
+  EXPECT_EQ(a2.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(
+      std::string(a2.status().message()),
+      AllOf(HasSubstr("this client's share"), HasSubstr("ipv4:10.0.0.1"),
+            HasSubstr("already holds 300"), HasSubstr("max_inflight_bytes_per_peer = 400")));
+  auto b1 = pool.Admit(400, "token:2");  // another client is unaffected
+  EXPECT_TRUE(b1.ok());
+  *a1 = Admission();  // released: the first client may reserve again
+  EXPECT_TRUE(pool.Admit(400, "ipv4:10.0.0.1").ok());
+}
+
+TEST(ComputePool, AdmissionsGrowWithinBothLimits) {
+  ComputePool pool({.workers = 1, .max_inflight_bytes = 1000, .max_inflight_bytes_per_peer = 600},
+                   nullptr);
+  auto growing = pool.Admit(0, "p");
+  ASSERT_TRUE(growing.ok());
+  EXPECT_TRUE(growing->Grow(500).ok());
+  EXPECT_EQ(growing->bytes(), 500);
+  EXPECT_EQ(growing->Grow(200).code(), absl::StatusCode::kResourceExhausted);  // share
+  auto other = pool.Admit(450, "q");
+  ASSERT_TRUE(other.ok());
+  EXPECT_EQ(growing->Grow(100).code(), absl::StatusCode::kResourceExhausted);  // whole budget
+  EXPECT_TRUE(growing->Grow(50).ok());
+  EXPECT_EQ(pool.inflight_bytes(), 1000);
+  *growing = Admission();
+  EXPECT_EQ(pool.inflight_bytes(), 450);
+  EXPECT_EQ(Admission().Grow(1).code(), absl::StatusCode::kFailedPrecondition);
 }
 
 }  // namespace

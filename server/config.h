@@ -24,8 +24,13 @@ struct ComputeConfig {
   bool warmup = true;
   // ComputeUpload stops reading from a client while this many received bytes wait to be
   // copied into the input buffers (HTTP/2 flow control then slows the client down). Bounds
-  // the memory of a call beyond its reservation; a few upload pieces.
+  // the memory of a call beyond its reservation; a few upload pieces. Uploads reserve their
+  // input in the in-flight budget as it arrives, two read-aheads at a time.
   int64_t upload_read_ahead_bytes = int64_t{8} << 20;
+  // A ComputeUpload or RegisterGallery stream waiting this long for its next message is
+  // ended with DEADLINE_EXCEEDED ("no data for 30 s"), freeing what it holds. Time the server
+  // itself paused reading (flow control) does not count. Infinite: off.
+  absl::Duration upload_idle_timeout = absl::Seconds(30);
   // Unary calls this small (matmul flops, and input bytes below) run on the gRPC thread that
   // received them: a hop to the compute pool and back costs more than their work (about
   // 50 us at these sizes). 0 disables; bigger calls always run on the pool.
@@ -41,6 +46,12 @@ struct ComputeConfig {
   // of the server's CPU for a 4 MiB request. Applied by the `simserve` executable; 0 keeps
   // glibc's defaults.
   int64_t malloc_retain_bytes = int64_t{1} << 30;
+  // After this long with nothing in flight (no call holding input or results), the cached
+  // buffers (buffer_cache_bytes) and the heap memory glibc retains (malloc_retain_bytes)
+  // are given back to the kernel (malloc_trim), so a pod's RSS returns near its idle level
+  // after a burst. Steady traffic never waits this long and keeps its warm buffers; the
+  // first call after a quiet spell pays the page faults again. Infinite: never.
+  absl::Duration memory_release_delay = absl::Seconds(2);
   // How long an OpenMP thread spins (GOMP_SPINCOUNT iterations) after a parallel region
   // before it sleeps. libgomp's default (300000, about 0.1-1 ms) keeps the compute threads
   // busy between tiles while the pipeline waits on the network, taking the cores gRPC
@@ -65,6 +76,11 @@ struct LimitsConfig {
   int64_t max_queued_requests = 64;
   // Sum over running requests of input bytes held plus result bytes buffered.
   int64_t max_inflight_bytes = int64_t{2} << 30;
+  // One client's share of max_inflight_bytes, so that one client cannot take all of it. A
+  // client is its bearer token when tokens are on, else its IP address (behind a proxy all
+  // callers share one address: use tokens). 0 = half of max_inflight_bytes; set it equal to
+  // max_inflight_bytes to turn the share off.
+  int64_t max_inflight_bytes_per_peer = 0;
   // gRPC maximum received message size; ComputeUpload carries bigger inputs in pieces.
   int64_t max_receive_message_bytes = int64_t{64} << 20;
   // gRPC maximum sent message size. A unary Compute whose result is bigger fails with
@@ -94,6 +110,25 @@ struct TransportConfig {
   // Largest socket read buffer gRPC allocates (GRPC_ARG_TCP_MAX_READ_CHUNK_SIZE; gRPC's
   // default 4 MiB).
   int tcp_max_read_chunk_bytes = 0;
+
+  // Limits against abusive clients (README, "Security"). Streams one connection may have
+  // open at once (SETTINGS_MAX_CONCURRENT_STREAMS; more wait in the client). gRPC's default
+  // is unlimited; each stream can hold a call's buffers.
+  int max_concurrent_streams = 128;
+  // Keepalive enforcement: a client pinging more often than this (without data in flight)
+  // earns a strike; after max_ping_strikes the connection is closed with GOAWAY
+  // (ENHANCE_YOUR_CALM "too_many_pings"). Clients may ping idle connections at this rate.
+  absl::Duration min_client_ping_interval = absl::Seconds(10);
+  int max_ping_strikes = 2;
+  // The server pings each connection this often and closes it when no answer comes within
+  // keepalive_timeout: a peer that vanished (no FIN) stops holding its calls' memory.
+  absl::Duration keepalive_time = absl::Seconds(60);
+  absl::Duration keepalive_timeout = absl::Seconds(20);
+  // Connections with no call for this long are closed (GOAWAY; clients reconnect on demand).
+  absl::Duration max_connection_idle = absl::Minutes(5);
+  // Largest request metadata (headers) accepted; bigger ones fail the call with
+  // RESOURCE_EXHAUSTED. Tokens are at most 4 KiB.
+  int max_metadata_bytes = 16 << 10;
 };
 
 // Galleries: B operands that live on the server (RegisterGallery, --gallery_dir).
@@ -128,10 +163,24 @@ struct TlsConfig {
   bool enabled() const { return !cert_file.empty() || !key_file.empty(); }
 };
 
+// Bearer-token authentication (server/auth.h). Empty token_file: none (the default).
+struct AuthConfig {
+  // File with one accepted token per line (`#` comments, blank lines ignored). Set: every
+  // call except grpc.health.v1.Health needs `authorization: Bearer <token>`.
+  std::string token_file;
+  // How often the file is checked for changes (a revoked token stops working within this).
+  int refresh_seconds = 5;
+
+  bool enabled() const { return !token_file.empty(); }
+};
+
 // Everything the server needs to start. Plain data; copyable.
 struct ServerConfig {
   // gRPC listen address, host:port. Port 0 picks a free port (see SimilarityServer::port).
   std::string listen = "0.0.0.0:50051";
+  // Extra PLAINTEXT listener serving only grpc.health.v1.Health (same statuses as the main
+  // port), for Kubernetes gRPC probes, which cannot speak TLS. Empty: off.
+  std::string health_listen;
   // Prometheus /metrics listen address, host:port. Empty disables the exposer.
   std::string metrics_listen = "0.0.0.0:9464";
   ComputeConfig compute;
@@ -139,6 +188,7 @@ struct ServerConfig {
   TransportConfig transport;
   GalleryConfig galleries;
   TlsConfig tls;
+  AuthConfig auth;
   // How long running calls may continue after SIGTERM/SIGINT before they are cancelled.
   absl::Duration drain_grace = absl::Seconds(20);
   // GRPC_ARG_MAX_CONNECTION_AGE_MS: clients reconnect after this long, which lets a

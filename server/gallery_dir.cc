@@ -55,33 +55,21 @@ GalleryDirectory::GalleryDirectory(std::string dir, absl::Duration rescan_period
       metrics_(metrics) {}
 
 GalleryDirectory::~GalleryDirectory() {
-  {
-    MutexLock lock(&mu_);
-    stopping_ = true;
-  }
-  wake_.notify_all();
-  if (watcher_.joinable()) watcher_.join();
+  MutexLock lock(&watch_mu_);
+  watcher_.reset();  // waits for a running rescan
 }
 
 void GalleryDirectory::StartWatching() {
-  if (watcher_.joinable()) return;  // already watching
-  watcher_ = std::thread([this] { WatchLoop(); });
+  MutexLock lock(&watch_mu_);
+  if (watcher_ != nullptr) return;  // already watching
+  watcher_ = std::make_unique<PeriodicThread>(rescan_period_, [this] { Rescan(); });
 }
 
-void GalleryDirectory::WatchLoop() {
-  for (;;) {
-    {
-      MutexLock lock(&mu_);
-      if (mu_.AwaitFor(wake_, rescan_period_,
-                       [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return stopping_; })) {
-        return;
-      }
-    }
-    const ScanResult result = Scan();
-    if (result.loaded + result.removed + result.failed > 0) {
-      LogInfo(absl::StrCat("gallery_dir ", dir_, ": ", result.loaded, " loaded, ", result.removed,
-                           " removed, ", result.failed, " failed; ", result.served, " served"));
-    }
+void GalleryDirectory::Rescan() {
+  const ScanResult result = Scan();
+  if (result.loaded + result.removed + result.failed > 0) {
+    LogInfo(absl::StrCat("gallery_dir ", dir_, ": ", result.loaded, " loaded, ", result.removed,
+                         " removed, ", result.failed, " failed; ", result.served, " served"));
   }
 }
 

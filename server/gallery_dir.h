@@ -7,11 +7,10 @@
 #ifndef SIMSERVE_SERVER_GALLERY_DIR_H_
 #define SIMSERVE_SERVER_GALLERY_DIR_H_
 
-#include <condition_variable>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
-#include <thread>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -19,6 +18,7 @@
 #include "server/gallery_store.h"
 #include "server/metrics.h"
 #include "server/mutex.h"
+#include "server/periodic_thread.h"
 
 namespace simserve {
 
@@ -40,9 +40,9 @@ class GalleryDirectory {
     int served = 0;   // directory galleries served after the scan
   };
   // Scans the directory now, on the calling thread (loading is heavy: not a gRPC thread).
-  ScanResult Scan() ABSL_LOCKS_EXCLUDED(mu_);
+  ScanResult Scan() ABSL_LOCKS_EXCLUDED(scan_mu_);
   // Starts rescanning every rescan_period on a background thread.
-  void StartWatching() ABSL_LOCKS_EXCLUDED(mu_);
+  void StartWatching() ABSL_LOCKS_EXCLUDED(watch_mu_);
 
  private:
   // A file as last seen: reloaded when any of these change.
@@ -53,7 +53,7 @@ class GalleryDirectory {
     bool operator==(const FileState&) const = default;
   };
   absl::Status Load(const std::string& name, const std::string& path);
-  void WatchLoop() ABSL_LOCKS_EXCLUDED(mu_);
+  void Rescan() ABSL_LOCKS_EXCLUDED(scan_mu_);
 
   const std::string dir_;
   const absl::Duration rescan_period_;
@@ -62,10 +62,8 @@ class GalleryDirectory {
   ServerMetrics* const metrics_;
   Mutex scan_mu_;                                                    // one scan at a time
   std::map<std::string, FileState> seen_ ABSL_GUARDED_BY(scan_mu_);  // by gallery name
-  Mutex mu_;
-  std::condition_variable wake_;
-  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
-  std::thread watcher_;
+  Mutex watch_mu_;
+  std::unique_ptr<PeriodicThread> watcher_ ABSL_GUARDED_BY(watch_mu_);
 };
 
 }  // namespace simserve

@@ -102,6 +102,38 @@ ABSL_FLAG(int, tcp_read_chunk_bytes, kDefaults.transport.tcp_read_chunk_bytes,
 ABSL_FLAG(int, tcp_max_read_chunk_bytes, kDefaults.transport.tcp_max_read_chunk_bytes,
           "Largest socket read buffer gRPC allocates; 0 = gRPC default (4 MiB). "
           "Env SIMSERVE_TCP_MAX_READ_CHUNK_BYTES.");
+ABSL_FLAG(std::string, health_listen, kDefaults.health_listen,
+          "Extra plaintext listener (host:port) serving only grpc.health.v1.Health, for "
+          "Kubernetes gRPC probes of a TLS server; empty = off. Env SIMSERVE_HEALTH_LISTEN.");
+ABSL_FLAG(int64_t, max_inflight_bytes_per_peer, kDefaults.limits.max_inflight_bytes_per_peer,
+          "One client's share of --max_inflight_bytes (client = its token, else its IP); "
+          "0 = half. Env SIMSERVE_MAX_INFLIGHT_BYTES_PER_PEER.");
+ABSL_FLAG(absl::Duration, upload_idle_timeout, kDefaults.compute.upload_idle_timeout,
+          "ComputeUpload/RegisterGallery streams waiting this long for data are ended "
+          "(DEADLINE_EXCEEDED); inf = off. Env SIMSERVE_UPLOAD_IDLE_TIMEOUT.");
+ABSL_FLAG(absl::Duration, memory_release_delay, kDefaults.compute.memory_release_delay,
+          "After this long with nothing in flight, cached buffers and retained heap memory go "
+          "back to the kernel (RSS drops after a burst); inf = never. "
+          "Env SIMSERVE_MEMORY_RELEASE_DELAY.");
+ABSL_FLAG(int, max_concurrent_streams, kDefaults.transport.max_concurrent_streams,
+          "Streams one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)."
+          " Env SIMSERVE_MAX_CONCURRENT_STREAMS.");
+ABSL_FLAG(absl::Duration, min_client_ping_interval, kDefaults.transport.min_client_ping_interval,
+          "Keepalive enforcement: clients pinging more often get strikes, then GOAWAY "
+          "(too_many_pings). Env SIMSERVE_MIN_CLIENT_PING_INTERVAL.");
+ABSL_FLAG(int, max_ping_strikes, kDefaults.transport.max_ping_strikes,
+          "Pings too early tolerated before GOAWAY. Env SIMSERVE_MAX_PING_STRIKES.");
+ABSL_FLAG(absl::Duration, keepalive_time, kDefaults.transport.keepalive_time,
+          "The server pings each connection this often (dead peers are dropped). "
+          "Env SIMSERVE_KEEPALIVE_TIME.");
+ABSL_FLAG(absl::Duration, keepalive_timeout, kDefaults.transport.keepalive_timeout,
+          "A connection whose ping is not answered within this is closed. "
+          "Env SIMSERVE_KEEPALIVE_TIMEOUT.");
+ABSL_FLAG(absl::Duration, max_connection_idle, kDefaults.transport.max_connection_idle,
+          "Connections without calls for this long are closed with GOAWAY (inf: never). "
+          "Env SIMSERVE_MAX_CONNECTION_IDLE.");
+ABSL_FLAG(int, max_metadata_bytes, kDefaults.transport.max_metadata_bytes,
+          "Largest request metadata accepted. Env SIMSERVE_MAX_METADATA_BYTES.");
 ABSL_FLAG(absl::Duration, drain_grace, kDefaults.drain_grace,
           "After SIGTERM/SIGINT, how long running calls may finish before they are "
           "cancelled (e.g. 20s). Env SIMSERVE_DRAIN_GRACE.");
@@ -132,6 +164,13 @@ ABSL_FLAG(std::string, tls_client_ca_file, kDefaults.tls.client_ca_file,
 ABSL_FLAG(int, tls_refresh_seconds, kDefaults.tls.refresh_seconds,
           "How often the TLS files are re-read (rotation without a restart). "
           "Env SIMSERVE_TLS_REFRESH_SECONDS.");
+ABSL_FLAG(std::string, auth_token_file, kDefaults.auth.token_file,
+          "File of accepted bearer tokens, one per line (# comments): every call except "
+          "grpc.health.v1.Health then needs 'authorization: Bearer <token>'. Re-read when it "
+          "changes. Env SIMSERVE_AUTH_TOKEN_FILE.");
+ABSL_FLAG(int, auth_refresh_seconds, kDefaults.auth.refresh_seconds,
+          "How often --auth_token_file is checked for changes. "
+          "Env SIMSERVE_AUTH_REFRESH_SECONDS.");
 ABSL_FLAG(bool, log_requests, kDefaults.log_requests,
           "Log one line per successful request too (failures are always logged). "
           "Env SIMSERVE_LOG_REQUESTS.");
@@ -168,6 +207,17 @@ bool ApplyEnvironment() {
                                            "http2_write_buffer_bytes",
                                            "tcp_read_chunk_bytes",
                                            "tcp_max_read_chunk_bytes",
+                                           "health_listen",
+                                           "max_inflight_bytes_per_peer",
+                                           "upload_idle_timeout",
+                                           "memory_release_delay",
+                                           "max_concurrent_streams",
+                                           "min_client_ping_interval",
+                                           "max_ping_strikes",
+                                           "keepalive_time",
+                                           "keepalive_timeout",
+                                           "max_connection_idle",
+                                           "max_metadata_bytes",
                                            "drain_grace",
                                            "max_connection_age",
                                            "gallery_dir",
@@ -178,6 +228,8 @@ bool ApplyEnvironment() {
                                            "tls_key_file",
                                            "tls_client_ca_file",
                                            "tls_refresh_seconds",
+                                           "auth_token_file",
+                                           "auth_refresh_seconds",
                                            "log_requests"};
   bool ok = true;
   for (const char* name : kNames) {
@@ -198,6 +250,7 @@ simserve::ServerConfig ConfigFromFlags() {
   simserve::ServerConfig c;
   c.listen = absl::GetFlag(FLAGS_listen);
   c.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  c.health_listen = absl::GetFlag(FLAGS_health_listen);
   c.compute.workers = absl::GetFlag(FLAGS_workers);
   c.compute.threads_per_worker = absl::GetFlag(FLAGS_threads_per_worker);
   c.compute.stream_window = absl::GetFlag(FLAGS_stream_window);
@@ -213,6 +266,9 @@ simserve::ServerConfig ConfigFromFlags() {
   c.limits.max_output_bytes = absl::GetFlag(FLAGS_max_output_bytes);
   c.limits.max_queued_requests = absl::GetFlag(FLAGS_max_queued_requests);
   c.limits.max_inflight_bytes = absl::GetFlag(FLAGS_max_inflight_bytes);
+  c.limits.max_inflight_bytes_per_peer = absl::GetFlag(FLAGS_max_inflight_bytes_per_peer);
+  c.compute.upload_idle_timeout = absl::GetFlag(FLAGS_upload_idle_timeout);
+  c.compute.memory_release_delay = absl::GetFlag(FLAGS_memory_release_delay);
   c.limits.max_receive_message_bytes = absl::GetFlag(FLAGS_max_receive_message_bytes);
   c.limits.max_send_message_bytes = absl::GetFlag(FLAGS_max_send_message_bytes);
   c.limits.default_chunk_bytes = absl::GetFlag(FLAGS_default_chunk_bytes);
@@ -223,6 +279,13 @@ simserve::ServerConfig ConfigFromFlags() {
   c.transport.http2_write_buffer_bytes = absl::GetFlag(FLAGS_http2_write_buffer_bytes);
   c.transport.tcp_read_chunk_bytes = absl::GetFlag(FLAGS_tcp_read_chunk_bytes);
   c.transport.tcp_max_read_chunk_bytes = absl::GetFlag(FLAGS_tcp_max_read_chunk_bytes);
+  c.transport.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
+  c.transport.min_client_ping_interval = absl::GetFlag(FLAGS_min_client_ping_interval);
+  c.transport.max_ping_strikes = absl::GetFlag(FLAGS_max_ping_strikes);
+  c.transport.keepalive_time = absl::GetFlag(FLAGS_keepalive_time);
+  c.transport.keepalive_timeout = absl::GetFlag(FLAGS_keepalive_timeout);
+  c.transport.max_connection_idle = absl::GetFlag(FLAGS_max_connection_idle);
+  c.transport.max_metadata_bytes = absl::GetFlag(FLAGS_max_metadata_bytes);
   c.drain_grace = absl::GetFlag(FLAGS_drain_grace);
   c.max_connection_age = absl::GetFlag(FLAGS_max_connection_age);
   c.galleries.dir = absl::GetFlag(FLAGS_gallery_dir);
@@ -233,6 +296,8 @@ simserve::ServerConfig ConfigFromFlags() {
   c.tls.key_file = absl::GetFlag(FLAGS_tls_key_file);
   c.tls.client_ca_file = absl::GetFlag(FLAGS_tls_client_ca_file);
   c.tls.refresh_seconds = absl::GetFlag(FLAGS_tls_refresh_seconds);
+  c.auth.token_file = absl::GetFlag(FLAGS_auth_token_file);
+  c.auth.refresh_seconds = absl::GetFlag(FLAGS_auth_refresh_seconds);
   c.log_requests = absl::GetFlag(FLAGS_log_requests);
   return c;
 }

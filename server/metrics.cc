@@ -31,11 +31,15 @@ constexpr std::array<const char*, 17> kCodeNames = {
     "Aborted",  "OutOfRange",     "Unimplemented",    "Internal",          "Unavailable",
     "DataLoss", "Unauthenticated"};
 
-constexpr std::array<const char*, 6> kRejectReasonNames = {"queue_full",     "too_many_elements",
-                                                           "too_many_flops", "output_too_large",
-                                                           "inflight_bytes", "draining"};
+constexpr std::array<const char*, 7> kRejectReasonNames = {
+    "queue_full",     "too_many_elements", "too_many_flops", "output_too_large",
+    "inflight_bytes", "draining",          "peer_share"};
 // Indexed by RejectReason: keep both lists in the same order.
-static_assert(static_cast<size_t>(RejectReason::kDraining) + 1 == kRejectReasonNames.size());
+static_assert(static_cast<size_t>(RejectReason::kPeerShare) + 1 == kRejectReasonNames.size());
+
+constexpr std::array<const char*, 3> kAuthFailureNames = {"missing", "malformed", "invalid"};
+// Indexed by AuthFailure.
+static_assert(static_cast<size_t>(AuthFailure::kInvalid) + 1 == kAuthFailureNames.size());
 
 // Methods every simserve server exposes besides its own service (health and reflection are
 // always on); they are counted even when the caller does not list them.
@@ -161,6 +165,16 @@ class ServerMetrics::Impl {
     for (size_t i = 0; i < kRejectReasonNames.size(); ++i) {
       rejected_[i] = &rejected.Add({{"reason", kRejectReasonNames[i]}});
     }
+    auto& auth_failures =
+        prometheus::BuildCounter()
+            .Name("simserve_auth_failures_total")
+            .Help(
+                "Calls refused by token authentication (--auth_token_file), by reason "
+                "(missing, malformed, invalid).")
+            .Register(registry);
+    for (size_t i = 0; i < kAuthFailureNames.size(); ++i) {
+      auth_failures_[i] = &auth_failures.Add({{"reason", kAuthFailureNames[i]}});
+    }
     prometheus::BuildGauge()
         .Name("simserve_build_info")
         .Help("Build information; the value is always 1.")
@@ -193,6 +207,9 @@ class ServerMetrics::Impl {
   prometheus::Counter& tiles() { return tiles_; }
   prometheus::Counter& rejected(RejectReason reason) {
     return *rejected_[static_cast<size_t>(reason)];
+  }
+  prometheus::Counter& auth_failures(AuthFailure reason) {
+    return *auth_failures_[static_cast<size_t>(reason)];
   }
   prometheus::Gauge& galleries(bool directory) { return *galleries_[directory ? 1 : 0]; }
   prometheus::Gauge& gallery_bytes(bool directory) { return *gallery_bytes_[directory ? 1 : 0]; }
@@ -246,6 +263,7 @@ class ServerMetrics::Impl {
   prometheus::Counter& flops_;
   prometheus::Counter& tiles_;
   std::array<prometheus::Counter*, kRejectReasonNames.size()> rejected_{};
+  std::array<prometheus::Counter*, kAuthFailureNames.size()> auth_failures_{};
   prometheus::Counter& gallery_evictions_;
   prometheus::Counter& gallery_load_failures_;
   prometheus::Histogram& gallery_registration_;
@@ -360,6 +378,7 @@ void ServerMetrics::AddTiles(uint64_t tiles) {
   impl_->tiles().Increment(static_cast<double>(tiles));
 }
 void ServerMetrics::Reject(RejectReason reason) { impl_->rejected(reason).Increment(); }
+void ServerMetrics::AuthFailed(AuthFailure reason) { impl_->auth_failures(reason).Increment(); }
 void ServerMetrics::SetGalleries(bool directory, int64_t count, int64_t bytes) {
   impl_->galleries(directory).Set(static_cast<double>(count));
   impl_->gallery_bytes(directory).Set(static_cast<double>(bytes));

@@ -58,6 +58,7 @@ class ServerMetrics {
   void AddFlops(double flops);            // simserve_flops_total (matmul flops performed)
   void AddTiles(uint64_t tiles);          // simserve_tiles_streamed_total
   void Reject(RejectReason reason);       // simserve_rejected_requests_total{reason}
+  void AuthFailed(AuthFailure reason);    // simserve_auth_failures_total{reason}
   // simserve_galleries / simserve_gallery_bytes {source="uploaded"|"directory"} (gauges).
   void SetGalleries(bool directory, int64_t count, int64_t bytes);
   void GalleryLookup(bool hit);  // simserve_gallery_lookups_total{result="hit"|"miss"}

@@ -1,4 +1,5 @@
-// RejectReason: why admission control turned a request away. Shared by validation
+// RejectReason: why admission control turned a request away (and AuthFailure: why
+// authentication did). Shared by validation
 // (convert.h), the compute pool and the metrics (label `reason` of
 // simserve_rejected_requests_total), without validation depending on Prometheus.
 #ifndef SIMSERVE_SERVER_REJECT_REASON_H_
@@ -13,8 +14,13 @@ enum class RejectReason {
   kTooManyFlops,
   kOutputTooLarge,
   kInflightBytes,
-  kDraining
+  kDraining,
+  kPeerShare,  // one client's share of the in-flight bytes (max_inflight_bytes_per_peer)
 };
+
+// Why token authentication (server/auth.h) refused a call: no `authorization` metadata, one
+// that is not "Bearer <token>", or a token the server does not accept.
+enum class AuthFailure { kMissing, kMalformed, kInvalid };
 
 }  // namespace simserve
 

@@ -2,10 +2,12 @@
 // limits and the metrics interceptor; warms the kernels; drains on request or on signals.
 #include "server/server.h"
 
+#include <malloc.h>
 #include <pthread.h>
 #include <sched.h>
 
 #include <algorithm>
+#include <climits>
 #include <csignal>
 #include <cstring>
 #include <exception>
@@ -19,6 +21,7 @@
 #include "absl/time/clock.h"
 #include "grpc/health/v1/health.pb.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/generic/async_generic_service.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/security/tls_certificate_provider.h"
@@ -27,6 +30,7 @@
 #include "grpcpp/server_builder.h"
 #include "prometheus/exposer.h"
 #include "prometheus/registry.h"
+#include "server/auth.h"
 #include "server/compute_pool.h"
 #include "server/convert.h"
 #include "server/log.h"
@@ -67,12 +71,26 @@ absl::Status ValidateTls(const TlsConfig& tls) {
   return absl::OkStatus();
 }
 
-// The gRPC port's credentials and a description of them for the startup line.
+// The gRPC port's credentials (TLS, then the token check if `authenticator`) and a
+// description of them for the startup line.
 std::shared_ptr<grpc::ServerCredentials> ServerCredentials(const TlsConfig& tls,
+                                                           CallAuthenticator* authenticator,
                                                            std::string* description) {
+  const std::string tokens =
+      authenticator == nullptr
+          ? std::string("no token authentication")
+          : absl::StrCat("BEARER TOKENS required (", authenticator->token_count(),
+                         " accepted, from ", authenticator->path(), "; health stays open)");
   if (!tls.enabled()) {
-    *description = "PLAINTEXT (no TLS, no client authentication: for local use only)";
-    return grpc::InsecureServerCredentials();
+    if (authenticator == nullptr) {
+      *description = "PLAINTEXT (no TLS, no client authentication: for local use only)";
+      return grpc::InsecureServerCredentials();
+    }
+    *description = absl::StrCat(
+        "PLAINTEXT (no TLS: tokens travel in clear, use behind a TLS-terminating "
+        "proxy or mesh only), ",
+        tokens);
+    return authenticator->PlaintextCredentials();
   }
   auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
       tls.key_file, tls.cert_file, tls.client_ca_file, tls.refresh_seconds);
@@ -88,8 +106,16 @@ std::shared_ptr<grpc::ServerCredentials> ServerCredentials(const TlsConfig& tls,
         absl::StrCat("MUTUAL TLS (certificate ", tls.cert_file,
                      ", clients must present a certificate signed by ", tls.client_ca_file, ")");
   }
-  absl::StrAppend(description, ", files re-read every ", tls.refresh_seconds, " s");
-  return grpc::experimental::TlsServerCredentials(options);
+  absl::StrAppend(description, ", files re-read every ", tls.refresh_seconds, " s; ", tokens);
+  std::shared_ptr<grpc::ServerCredentials> credentials =
+      grpc::experimental::TlsServerCredentials(options);
+  if (authenticator != nullptr) authenticator->InstallOn(*credentials);
+  return credentials;
+}
+
+int64_t PerPeerInflightBytes(const LimitsConfig& limits) {
+  return limits.max_inflight_bytes_per_peer > 0 ? limits.max_inflight_bytes_per_peer
+                                                : limits.max_inflight_bytes / 2;
 }
 
 absl::StatusOr<kernels::DataType> ParseStorageDtype(const std::string& name) {
@@ -112,6 +138,15 @@ absl::Status ValidateConfig(const ServerConfig& c) {
   }
   if (c.compute.buffer_cache_bytes < 0) {
     return absl::InvalidArgumentError("--buffer_cache_bytes must be >= 0");
+  }
+  if (l.max_inflight_bytes_per_peer < 0) {
+    return absl::InvalidArgumentError("--max_inflight_bytes_per_peer must be >= 0");
+  }
+  if (c.compute.memory_release_delay < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--memory_release_delay must be >= 0 (inf: never)");
+  }
+  if (c.compute.upload_idle_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--upload_idle_timeout must be > 0 (inf: off)");
   }
   if (c.compute.upload_read_ahead_bytes < 1) {
     return absl::InvalidArgumentError("--upload_read_ahead_bytes must be >= 1");
@@ -146,6 +181,20 @@ absl::Status ValidateConfig(const ServerConfig& c) {
     return absl::InvalidArgumentError(
         "--http2_lookahead_bytes, --http2_write_buffer_bytes, --tcp_read_chunk_bytes and "
         "--tcp_max_read_chunk_bytes must be >= 0");
+  }
+  if (t.max_concurrent_streams < 1 || t.max_ping_strikes < 0 || t.max_metadata_bytes < 1024) {
+    return absl::InvalidArgumentError(
+        "need --max_concurrent_streams >= 1, --max_ping_strikes >= 0 and "
+        "--max_metadata_bytes >= 1024");
+  }
+  for (auto [name, value] : std::vector<std::pair<const char*, absl::Duration>>{
+           {"min_client_ping_interval", t.min_client_ping_interval},
+           {"keepalive_time", t.keepalive_time},
+           {"keepalive_timeout", t.keepalive_timeout},
+           {"max_connection_idle", t.max_connection_idle}}) {
+    if (value <= absl::ZeroDuration()) {
+      return absl::InvalidArgumentError(absl::StrCat("--", name, " must be > 0 (inf: off)"));
+    }
   }
   if (c.drain_grace < absl::ZeroDuration()) {
     return absl::InvalidArgumentError("--drain_grace must be >= 0");
@@ -236,12 +285,19 @@ absl::Status SimilarityServer::Init() {
   pool_ = std::make_unique<ComputePool>(
       ComputePool::Options{.workers = size.workers,
                            .max_queued_requests = config_.limits.max_queued_requests,
-                           .max_inflight_bytes = config_.limits.max_inflight_bytes},
+                           .max_inflight_bytes = config_.limits.max_inflight_bytes,
+                           .max_inflight_bytes_per_peer = PerPeerInflightBytes(config_.limits)},
       metrics_.get());
   buffers_ = BufferPool::Create(config_.compute.buffer_cache_bytes);
   galleries_ = std::make_unique<GalleryStore>(config_.galleries.memory_bytes, metrics_.get());
   service_ = std::make_unique<SimilarityService>(config_, engine_.get(), pool_.get(),
                                                  metrics_.get(), buffers_.get(), galleries_.get());
+
+  if (config_.auth.enabled()) {
+    auto authenticator = CallAuthenticator::Create(config_.auth, metrics_.get());
+    if (!authenticator.ok()) return authenticator.status();
+    authenticator_ = std::move(*authenticator);
+  }
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -250,20 +306,19 @@ absl::Status SimilarityServer::Init() {
   grpc::health::v1::HealthCheckRequest::descriptor();
   grpc::ServerBuilder builder;
   std::string transport_security;
-  builder.AddListeningPort(config_.listen, ServerCredentials(config_.tls, &transport_security),
-                           &port_);
+  builder.AddListeningPort(
+      config_.listen, ServerCredentials(config_.tls, authenticator_.get(), &transport_security),
+      &port_);
   builder.RegisterService(service_.get());
   builder.SetMaxReceiveMessageSize(static_cast<int>(config_.limits.max_receive_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(config_.limits.max_send_message_bytes));
+  auto ms = [](absl::Duration d) {  // channel args are int
+    return static_cast<int>(std::clamp<int64_t>(absl::ToInt64Milliseconds(d), 0, INT_MAX));
+  };
   if (config_.max_connection_age > absl::ZeroDuration() &&
       config_.max_connection_age != absl::InfiniteDuration()) {
-    constexpr int64_t kMaxMs = 0x7fffffff;  // channel args are int
-    builder.AddChannelArgument(
-        GRPC_ARG_MAX_CONNECTION_AGE_MS,
-        static_cast<int>(std::min(absl::ToInt64Milliseconds(config_.max_connection_age), kMaxMs)));
-    builder.AddChannelArgument(
-        GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS,
-        static_cast<int>(std::min(absl::ToInt64Milliseconds(config_.drain_grace), kMaxMs)));
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, ms(config_.max_connection_age));
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, ms(config_.drain_grace));
   }
   const TransportConfig& t = config_.transport;
   for (auto [name, value] : std::vector<std::pair<const char*, int>>{
@@ -275,6 +330,17 @@ absl::Status SimilarityServer::Init() {
     if (value > 0) builder.AddChannelArgument(name, value);
   }
   if (!t.http2_bdp_probe) builder.AddChannelArgument(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, t.max_concurrent_streams);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+                             ms(t.min_client_ping_interval));
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, t.max_ping_strikes);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, ms(t.keepalive_time));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, ms(t.keepalive_timeout));
+  if (t.max_connection_idle != absl::InfiniteDuration()) {
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS, ms(t.max_connection_idle));
+  }
+  builder.AddChannelArgument(GRPC_ARG_MAX_METADATA_SIZE, t.max_metadata_bytes);
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> creators;
   creators.push_back(metrics_->MakeInterceptorFactory());
   builder.experimental().SetInterceptorCreators(std::move(creators));
@@ -283,9 +349,22 @@ absl::Status SimilarityServer::Init() {
     server_.reset();
     return absl::UnavailableError(absl::StrCat("cannot listen on ", config_.listen));
   }
-  grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
-  health->SetServingStatus(false);
-  health->SetServingStatus(kService, false);
+  if (!config_.health_listen.empty()) {
+    grpc::ServerBuilder health_builder;
+    health_builder.AddListeningPort(config_.health_listen, grpc::InsecureServerCredentials(),
+                                    &health_port_);
+    // Answers every method but the default health service with UNIMPLEMENTED; a server
+    // needs one callback service to poll its completion queues.
+    health_only_ = std::make_unique<grpc::CallbackGenericService>();
+    health_builder.RegisterCallbackGenericService(health_only_.get());
+    health_server_ = health_builder.BuildAndStart();
+    if (health_server_ == nullptr || health_port_ == 0) {
+      health_server_.reset();
+      return absl::UnavailableError(
+          absl::StrCat("cannot listen on --health_listen ", config_.health_listen));
+    }
+  }
+  SetServing(false);
 
   const std::string warmup = config_.compute.warmup ? Warmup() : "warm-up disabled";
   std::string galleries = "no gallery_dir";
@@ -309,21 +388,58 @@ absl::Status SimilarityServer::Init() {
       "), metrics on ",
       exposer_ ? absl::StrCat(config_.metrics_listen, " (port ", metrics_port_, ")")
                : std::string("(disabled)"),
-      "; gRPC transport: ", transport_security, "; oneDNN ",
-      kernels::SimilarityEngine::OneDnnVersion(), " isa ", kernels::SimilarityEngine::CpuIsa(),
-      "; ", size.workers, " workers x ", size.threads_per_worker,
-      " threads; limits: max_input_elements=", l.max_input_elements, " max_flops=", l.max_flops,
-      " max_output_bytes=", l.max_output_bytes, " max_queued_requests=", l.max_queued_requests,
-      " max_inflight_bytes=", l.max_inflight_bytes,
+      "; gRPC transport: ", transport_security,
+      health_server_ ? absl::StrCat("; plaintext health-only listener on ", config_.health_listen,
+                                    " (port ", health_port_, ")")
+                     : std::string(),
+      "; oneDNN ", kernels::SimilarityEngine::OneDnnVersion(), " isa ",
+      kernels::SimilarityEngine::CpuIsa(), "; ", size.workers, " workers x ",
+      size.threads_per_worker, " threads; limits: max_input_elements=", l.max_input_elements,
+      " max_flops=", l.max_flops, " max_output_bytes=", l.max_output_bytes,
+      " max_queued_requests=", l.max_queued_requests, " max_inflight_bytes=", l.max_inflight_bytes,
+      " max_inflight_bytes_per_peer=", PerPeerInflightBytes(l),
+      " upload_idle_timeout=", absl::FormatDuration(config_.compute.upload_idle_timeout),
       " max_receive_message_bytes=", l.max_receive_message_bytes,
       " max_send_message_bytes=", l.max_send_message_bytes, " chunk_bytes=", l.default_chunk_bytes,
       "/", l.max_chunk_bytes, " stream_window=", config_.compute.stream_window,
-      " drain_grace=", absl::FormatDuration(config_.drain_grace), " buffer_cache_bytes=",
-      config_.compute.buffer_cache_bytes, "; OpenMP wait: ", config_.compute.omp_wait_policy, "; ",
-      warmup, "; ", galleries, "; gallery_memory_bytes=", config_.galleries.memory_bytes));
-  health->SetServingStatus(true);
-  health->SetServingStatus(kService, true);
+      " drain_grace=", absl::FormatDuration(config_.drain_grace),
+      " buffer_cache_bytes=", config_.compute.buffer_cache_bytes,
+      " memory_release_delay=", absl::FormatDuration(config_.compute.memory_release_delay),
+      "; OpenMP wait: ", config_.compute.omp_wait_policy, "; ", warmup, "; ", galleries,
+      "; gallery_memory_bytes=", config_.galleries.memory_bytes));
+  if (config_.compute.memory_release_delay != absl::InfiniteDuration()) {
+    memory_janitor_ =
+        std::make_unique<PeriodicThread>(std::clamp(config_.compute.memory_release_delay / 4,
+                                                    absl::Milliseconds(50), absl::Seconds(1)),
+                                         [this] { ReleaseMemoryWhenQuiet(); });
+  }
+  SetServing(true);
   return absl::OkStatus();
+}
+
+void SimilarityServer::ReleaseMemoryWhenQuiet() {
+  const bool quiet = pool_->inflight_bytes() == 0 && pool_->queued() == 0;
+  const absl::Time now = absl::Now();
+  MutexLock lock(&janitor_mu_);
+  if (!quiet) {
+    quiet_since_ = absl::InfiniteFuture();
+    released_ = false;
+    return;
+  }
+  if (quiet_since_ == absl::InfiniteFuture()) quiet_since_ = now;
+  if (released_ || now - quiet_since_ < config_.compute.memory_release_delay) return;
+  released_ = true;
+  buffers_->Clear();
+  malloc_trim(0);  // also the freed socket buffers gRPC allocated
+}
+
+void SimilarityServer::SetServing(bool serving) {
+  for (grpc::Server* server : {server_.get(), health_server_.get()}) {
+    if (server == nullptr) continue;
+    grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+    health->SetServingStatus(serving);
+    health->SetServingStatus(kService, serving);
+  }
 }
 
 std::string SimilarityServer::Warmup() {
@@ -369,12 +485,18 @@ void SimilarityServer::Shutdown(absl::Duration grace) {
   MutexLock lock(&shutdown_mu_);
   if (shut_down_) return;
   shut_down_ = true;
+  memory_janitor_.reset();
   if (server_ != nullptr) {
     service_->StartDraining();
     // Marks everything NOT_SERVING for good and ends Health.Watch streams.
     server_->GetHealthCheckService()->Shutdown();
+    if (health_server_ != nullptr) health_server_->GetHealthCheckService()->Shutdown();
     server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
     server_->Wait();
+  }
+  if (health_server_ != nullptr) {  // answered NOT_SERVING until the main port was drained
+    health_server_->Shutdown(absl::ToChronoTime(absl::Now()));
+    health_server_->Wait();
   }
   gallery_dir_.reset();  // no rescans while draining
   if (pool_ != nullptr) pool_->Shutdown();

@@ -14,6 +14,7 @@
 #include "server/gallery_dir.h"
 #include "server/gallery_store.h"
 #include "server/mutex.h"
+#include "server/periodic_thread.h"
 #include "server/service.h"
 
 namespace prometheus {
@@ -22,11 +23,13 @@ class Registry;
 }  // namespace prometheus
 
 namespace grpc {
+class CallbackGenericService;
 class Server;
 }  // namespace grpc
 
 namespace simserve {
 
+class CallAuthenticator;
 class ComputePool;
 class ServerMetrics;
 
@@ -62,6 +65,8 @@ class SimilarityServer {
 
   // The bound gRPC port (useful with port 0 in `listen`).
   int port() const { return port_; }
+  // The bound port of --health_listen, or 0 when it is off.
+  int health_port() const { return health_port_; }
   // The bound metrics port, or 0 when the exposer is disabled.
   int metrics_port() const { return metrics_port_; }
   const ServerConfig& config() const { return config_; }
@@ -77,6 +82,11 @@ class SimilarityServer {
  private:
   explicit SimilarityServer(const ServerConfig& config);
   absl::Status Init();
+  // The memory janitor's tick: gives cached and retained memory back once the server has
+  // been quiet for config.compute.memory_release_delay.
+  void ReleaseMemoryWhenQuiet() ABSL_LOCKS_EXCLUDED(janitor_mu_);
+  // Health status of both listeners (overall and simserve.v1.Similarity).
+  void SetServing(bool serving);
   // Warms the common kernel shapes; returns a summary for the startup line.
   std::string Warmup();
 
@@ -90,9 +100,17 @@ class SimilarityServer {
   std::unique_ptr<GalleryStore> galleries_;
   std::unique_ptr<GalleryDirectory> gallery_dir_;
   std::unique_ptr<SimilarityService> service_;
+  std::unique_ptr<CallAuthenticator> authenticator_;  // null without --auth_token_file
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<grpc::CallbackGenericService> health_only_;
+  std::unique_ptr<grpc::Server> health_server_;  // --health_listen
   int port_ = 0;
+  int health_port_ = 0;
   int metrics_port_ = 0;
+  Mutex janitor_mu_;
+  absl::Time quiet_since_ ABSL_GUARDED_BY(janitor_mu_) = absl::InfiniteFuture();
+  bool released_ ABSL_GUARDED_BY(janitor_mu_) = false;  // since the server went quiet
+  std::unique_ptr<PeriodicThread> memory_janitor_;      // stopped first in Shutdown
   Mutex shutdown_mu_;
   bool shut_down_ ABSL_GUARDED_BY(shutdown_mu_) = false;
 };

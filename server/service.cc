@@ -14,10 +14,12 @@
 #include <utility>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "server/auth.h"
 #include "server/call_setup.h"
 #include "server/convert.h"
 #include "server/log.h"
@@ -110,15 +112,31 @@ struct ReceivedRequest {
 
 // Decodes, validates and admits a Compute/ComputeStream request and starts `pipeline` with
 // all of its input. On success `*spec` is the problem.
+// The client a call counts against for the per-client share of the in-flight bytes: the
+// token it authenticated with (auth.h), else its address without the port (one host's
+// connections share one share; behind a proxy every caller looks the same: use tokens).
+std::string PeerKey(const grpc::CallbackServerContext* context) {
+  if (const std::shared_ptr<const grpc::AuthContext> auth = context->auth_context()) {
+    const std::vector<grpc::string_ref> token = auth->FindPropertyValues(kTokenIdentityProperty);
+    if (!token.empty()) return std::string(token.front().data(), token.front().size());
+  }
+  const std::string peer = context->peer();  // "ipv4:10.0.0.1:5000", "ipv6:[::1]:5000", "unix:"
+  const size_t colon = peer.rfind(':');
+  if (absl::StartsWith(peer, "ipv") && colon != std::string::npos && colon > 5) {
+    return peer.substr(0, colon);
+  }
+  return peer;
+}
+
 absl::Status StartFromRequest(const Env& env, const grpc::ByteBuffer& buffer, RequestKind kind,
-                              TilePipeline* pipeline, ProblemSpec* spec) {
+                              const std::string& peer, TilePipeline* pipeline, ProblemSpec* spec) {
   auto received = std::make_shared<ReceivedRequest>(buffer);
   auto decoded = codec::DecodeComputeRequest(received->message);
   if (!decoded.ok()) return decoded.status();
   received->request = std::move(decoded->request);
   const RawPayloadSizes raw_sizes{.a = decoded->a_raw ? decoded->a_raw->size : 0,
                                   .b = decoded->b_raw ? decoded->b_raw->size : 0};
-  auto admitted = ValidateAndAdmit(env, received->request, kind, &raw_sizes);
+  auto admitted = ValidateAndAdmit(env, received->request, kind, &raw_sizes, peer);
   if (!admitted.ok()) return admitted.status();
   *spec = admitted->converted.spec;
   env.metrics->AddBytesReceived(static_cast<uint64_t>(spec->a_bytes + spec->b_bytes));
@@ -187,8 +205,8 @@ class UnaryCall final : public grpc::ServerUnaryReactor, private TilePipeline::S
         response_(response),
         pipeline_(PipelineDeps(env), TilePipeline::Mode::kWholeResult, this, DeadlineOf(context)) {
     env_.metrics->AddInFlight(1);
-    absl::Status started =
-        StartFromRequest(env_, *request, RequestKind::kUnary, &pipeline_, &spec_);
+    absl::Status started = StartFromRequest(env_, *request, RequestKind::kUnary, PeerKey(context_),
+                                            &pipeline_, &spec_);
     if (!started.ok()) pipeline_.Fail(std::move(started));
   }
 
@@ -263,8 +281,8 @@ class StreamCall final : public StreamingCall<grpc::ServerWriteReactor<grpc::Byt
  public:
   StreamCall(const Env& env, grpc::CallbackServerContext* context, const grpc::ByteBuffer* request)
       : StreamingCall(env, context, kComputeStream) {
-    absl::Status started =
-        StartFromRequest(env_, *request, RequestKind::kStream, &pipeline_, &spec_);
+    absl::Status started = StartFromRequest(env_, *request, RequestKind::kStream, PeerKey(context_),
+                                            &pipeline_, &spec_);
     if (!started.ok()) pipeline_.Fail(std::move(started));
   }
 
@@ -285,23 +303,31 @@ class UploadCall final
       pipeline_.Fail(DrainingError());
       return;
     }
-    StartRead(&read_);
+    Read();
   }
 
   // Reactions of reads are serialized (one read outstanding), as the assembler requires.
   void OnReadDone(bool ok) override {
+    idle_->NotWaiting();
     // !ok: the client half-closed (or went away: then OnCancel follows).
     if (!ok) return assembler_.OnEndOfStream();
     auto message = std::make_shared<codec::ReceivedMessage>(read_);
     read_.Clear();
-    if (assembler_.OnMessage(std::move(message))) StartRead(&read_);
+    if (assembler_.OnMessage(std::move(message))) Read();
   }
 
  private:
-  void ResumeReading() override { StartRead(&read_); }
+  void ResumeReading() override { Read(); }
+  void Read() {
+    idle_->Waiting();
+    StartRead(&read_);
+  }
 
+  // Destroyed before pipeline_ (a base member): an expiry never sees a half-destroyed call.
+  std::unique_ptr<IdleWatch> idle_ =
+      env_.idle_watchdog->Watch([this](absl::Status why) { pipeline_.Fail(std::move(why)); });
   grpc::ByteBuffer read_;  // the message being read (one at a time)
-  UploadAssembler assembler_{env_, &pipeline_, &spec_};
+  UploadAssembler assembler_{env_, &pipeline_, &spec_, PeerKey(context_)};
 };
 
 // ---------------------------------------------------------------------------------------
@@ -337,12 +363,13 @@ class RegisterCall final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
       Fail(DrainingError());
       return;
     }
-    StartRead(&read_);
+    Read();
   }
 
   // Reactions are serialized by gRPC, so read_, spec_ (until it is published under mu_) and
   // received_ are only touched here.
   void OnReadDone(bool ok) override {
+    idle_->NotWaiting();
     if (!ok) return EndOfStream();  // half-close, or cancellation (then Finish is moot)
     auto message = std::make_shared<codec::ReceivedMessage>(read_);
     read_.Clear();  // before anything that may resume reading into read_
@@ -381,6 +408,11 @@ class RegisterCall final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
   void OnDone() override { delete this; }  // gRPC callback API: the reactor owns itself.
 
  private:
+  void Read() {
+    idle_->Waiting();
+    StartRead(&read_);
+  }
+
   enum class Next { kNothing, kPrepare, kFinishError };
 
   absl::Status AcceptHeader(const v1::GalleryHeader& header) {
@@ -397,7 +429,8 @@ class RegisterCall final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
     // (the read-ahead, overshot by at most one message).
     auto admission =
         env_.pool->Admit((*builder)->PeakBytes() + env_.config.compute.upload_read_ahead_bytes +
-                         env_.config.limits.max_receive_message_bytes);
+                             env_.config.limits.max_receive_message_bytes,
+                         PeerKey(context_));
     if (!admission.ok()) return admission.status();
     admission_ = *std::move(admission);
     spec_ = *std::move(spec);
@@ -414,7 +447,7 @@ class RegisterCall final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
       if (!error_.ok()) return;
       reading_ = true;
     }
-    StartRead(&read_);
+    Read();
     Next next = Next::kNothing;
     {
       MutexLock lock(&mu_);
@@ -614,6 +647,9 @@ class RegisterCall final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
   bool stream_ended_ ABSL_GUARDED_BY(mu_) = false;
   bool concluded_ ABSL_GUARDED_BY(mu_) = false;  // Prepare or Finish has been decided
   absl::Status error_ ABSL_GUARDED_BY(mu_);
+  // Last: destroyed first, so an expiry (Fail) never sees a half-destroyed call.
+  std::unique_ptr<IdleWatch> idle_ =
+      env_.idle_watchdog->Watch([this](absl::Status why) { Fail(std::move(why)); });
 };
 
 grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
@@ -628,8 +664,10 @@ grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
 SimilarityService::SimilarityService(const ServerConfig& config, kernels::SimilarityEngine* engine,
                                      ComputePool* pool, ServerMetrics* metrics, BufferPool* buffers,
                                      GalleryStore* galleries)
-    : config_(config), env_{config_, engine,  pool,      metrics,
-                            &stats_, buffers, galleries, &draining_} {}
+    : config_(config),
+      idle_watchdog_(config.compute.upload_idle_timeout),
+      env_{config_, engine,    pool,       metrics,        &stats_,
+           buffers, galleries, &draining_, &idle_watchdog_} {}
 
 grpc::ServerReadReactor<grpc::ByteBuffer>* SimilarityService::RegisterGallery(
     grpc::CallbackServerContext* context, grpc::ByteBuffer* response) {

@@ -85,6 +85,7 @@ class SimilarityService final : public SimilarityServiceBase {
   const ServerConfig config_;
   ServiceStats stats_;
   std::atomic<bool> draining_{false};
+  IdleWatchdog idle_watchdog_;
   Env env_;
 };
 

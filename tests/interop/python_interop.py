@@ -5,12 +5,16 @@ tolerance (top-k indices exactly). Galleries go through plain grpcio stubs gener
 proto/ at run time, in a child process that never imports the client package (whose own
 generated `simserve.v1` would shadow them): each case's B is registered and queried by name,
 and so is its directory gallery dir-<case> (run_interop.py's --gallery_dir).
+With --ca and --token (a TLS server with --auth_token_file) the client passes
+root_certificates= and token=, the plain stubs grpc's own TLS + access-token credentials, and
+both check that a wrong and a missing token get UNAUTHENTICATED.
 Exit code 1 on any failure.
 
-Usage: python_interop.py ADDR CASES_JSON     (python_interop.py --galleries ADDR CASES_JSON:
-                                              the gallery part alone, as the child runs it)
+Usage: python_interop.py ADDR CASES_JSON [--ca CA_PEM --token TOKEN]
+       (--galleries: the gallery part alone, as the child runs it)
 """
 
+import argparse
 import json
 import os
 import subprocess
@@ -58,12 +62,36 @@ def check(c, shape, values, indices):
             raise AssertionError(f"indices {idx.tolist()} != {want_idx.tolist()}")
 
 
-def gallery_checks(addr, cases, report):
+def channel_for(args, token):
+    """A plain grpcio channel: insecure, or TLS trusting args.ca with `token` (None: none) in
+    grpc's access-token call credentials."""
+    if not args.ca:
+        return grpc.insecure_channel(args.addr)
+    with open(args.ca, "rb") as f:
+        creds = grpc.ssl_channel_credentials(f.read())
+    if token is not None:
+        creds = grpc.composite_channel_credentials(
+            creds, grpc.access_token_call_credentials(token))
+    return grpc.secure_channel(args.addr, creds)
+
+
+def gallery_checks(args, cases, report):
     """RegisterGallery (header + two data pieces), Compute/ComputeStream by gallery name,
-    directory galleries, DeleteGallery, NOT_FOUND after it."""
+    directory galleries, DeleteGallery, NOT_FOUND after it; with a token, UNAUTHENTICATED
+    for a wrong one and none."""
     with tempfile.TemporaryDirectory(prefix="simserve-py-stubs-") as gen:
         pb, pb_grpc = stubs(gen)
-        with grpc.insecure_channel(addr) as channel:
+        if args.token:
+            for label, token in (("wrong token", f"wrong-{args.token}"), ("no token", None)):
+                with channel_for(args, token) as channel:
+                    try:
+                        pb_grpc.SimilarityStub(channel).ListGalleries(
+                            pb.ListGalleriesRequest(), timeout=10)
+                        report(f"stub {label}", AssertionError("ListGalleries succeeded"))
+                    except grpc.RpcError as e:
+                        report(f"stub {label}", None if e.code() ==
+                               grpc.StatusCode.UNAUTHENTICATED else e)
+        with channel_for(args, args.token) as channel:
             stub = pb_grpc.SimilarityStub(channel)
             for c in cases:
                 name = f"python-{c['name']}"
@@ -112,28 +140,50 @@ def gallery_checks(addr, cases, report):
                     report(f"gallery delete {c['name']}", e)
 
 
-def galleries_main(addr, cases) -> int:
+def galleries_main(args, cases) -> int:
     failed = 0
 
     def report(name, err):
         nonlocal failed
         print(f"{'FAIL' if err else 'ok  '} python {name}{': ' + str(err) if err else ''}")
         failed += err is not None
-    gallery_checks(addr, cases, report)
+    gallery_checks(args, cases, report)
     return 1 if failed else 0
 
 
+def refusals(simserve, args, a, b):
+    """(name, error or None): the client with a wrong token and without one."""
+    out = []
+    for label, token in (("wrong token", f"wrong-{args.token}"), ("no token", None)):
+        with simserve.Client(args.addr, root_certificates=args.ca, token=token,
+                             timeout=10) as client:
+            try:
+                client.similarity(a, b, mode="stream")
+                out.append((label, AssertionError("the call succeeded")))
+            except simserve.UnauthenticatedError:
+                out.append((label, None))
+            except simserve.Error as e:
+                out.append((label, e))
+    return out
+
+
 def main() -> int:
-    if sys.argv[1] == "--galleries":
-        with open(sys.argv[3]) as f:
-            return galleries_main(sys.argv[2], json.load(f)["cases"])
-    import simserve  # noqa: E402 (not in the --galleries child: see the docstring)
-    addr, cases_path = sys.argv[1], sys.argv[2]
-    with open(cases_path) as f:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("addr")
+    ap.add_argument("cases")
+    ap.add_argument("--ca", help="PEM CA of the server's TLS certificate (TLS; else plaintext)")
+    ap.add_argument("--token", help="bearer token")
+    ap.add_argument("--galleries", action="store_true", help="the gallery child")
+    args = ap.parse_args()
+    with open(args.cases) as f:
         cases = json.load(f)["cases"]
+    if args.galleries:
+        return galleries_main(args, cases)
+    import simserve  # noqa: E402 (not in the --galleries child: see the docstring)
     passed = failed = 0
     # Small chunks so that even these tiny results arrive in several tiles.
-    with simserve.Client(addr, timeout=30, chunk_bytes=64) as client:
+    with simserve.Client(args.addr, root_certificates=args.ca, token=args.token, timeout=30,
+                         chunk_bytes=64) as client:
         for c in cases:
             a = np.array(c["a"]["values"], dtype=np.float32).reshape(c["a"]["shape"])
             b = np.array(c["b"]["values"], dtype=np.float32).reshape(c["b"]["shape"])
@@ -160,8 +210,14 @@ def main() -> int:
                 except (simserve.Error, AssertionError) as e:
                     failed += 1
                     print(f"FAIL python {mode} {c['name']}: {e}")
-    child = subprocess.run([sys.executable, os.path.abspath(__file__), "--galleries", addr,
-                            cases_path], capture_output=True, text=True, timeout=200)
+    if args.token:
+        for label, err in refusals(simserve, args, a, b):
+            passed, failed = passed + (err is None), failed + (err is not None)
+            print(f"{'FAIL' if err else 'ok  '} python {label}{': ' + str(err) if err else ''}")
+    tls = ["--ca", args.ca, "--token", args.token] if args.ca else []
+    child = subprocess.run([sys.executable, os.path.abspath(__file__), "--galleries",
+                            args.addr, args.cases, *tls], capture_output=True, text=True,
+                           timeout=200)
     sys.stdout.write(child.stdout)
     sys.stdout.write(child.stderr)
     lines = child.stdout.splitlines()

@@ -7,8 +7,14 @@ the Go, Node, C++ (simserve-cli) and grpcurl clients register each case's B as a
 query both kinds by name against the same expected values. One CTest test per language (see
 CMakeLists.txt). Prints 'N passed, M failed'; exit code 1 on any failure.
 
+--security tls_token runs the same checks against a server with TLS (server1 of
+tests/security/make_certs.sh, trusted through ca1) and --auth_token_file: every client
+connects with TLS and sends `authorization: Bearer <token>` (CTest: interop_<lang>_tls_token),
+and each also checks that a wrong and a missing token get UNAUTHENTICATED (grpcurl: for
+reflection too).
+
 Usage: run_interop.py --server BIN --lang {python,go,node,cpp,grpcurl}
-                      [--cli simserve-cli] [--work DIR]
+                      [--security {plaintext,tls_token}] [--cli simserve-cli] [--work DIR]
 Tools (Go plugins, grpcurl, node_modules) come from $SIMSERVE_TOOLS_DIR (default
 ~/.cache/simserve), installed by scripts/setup.d/40-python-interop.sh.
 """
@@ -17,14 +23,16 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
+import grpc
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -36,6 +44,24 @@ sys.path.insert(0, HERE)
 from serverctl import Server  # noqa: E402
 
 TIMEOUT = 240  # per child process; CTest allows the whole test 300 s
+MAKE_CERTS = os.path.join(ROOT, "tests", "security", "make_certs.sh")
+# The token of --security tls_token: all of RFC 6750's b64token alphabet that the server
+# accepts, so that every client is seen to pass it through unchanged.
+TOKEN = "interop-Token_1.2~+/=="
+
+
+@dataclasses.dataclass(frozen=True)
+class Security:
+    """How the clients reach the server: plaintext (ca None), or TLS trusting `ca` with
+    `token` (also written to `token_file`, the CLI's source) on every call."""
+
+    ca: Optional[str] = None
+    token: Optional[str] = None
+    token_file: Optional[str] = None
+
+    @property
+    def wrong_token(self) -> str:
+        return f"wrong-{self.token}"
 
 
 def run(cmd: List[str], **kw) -> subprocess.CompletedProcess:
@@ -61,7 +87,7 @@ def go_env() -> dict:
                 GOFLAGS="-mod=readonly -modcacherw", GOPROXY="off", PATH=path)
 
 
-def lang_go(addr: str, work: str) -> int:
+def lang_go(addr: str, work: str, sec: Security) -> int:
     env = go_env()
     src = os.path.join(HERE, "go")
     os.makedirs(work, exist_ok=True)
@@ -79,17 +105,21 @@ def lang_go(addr: str, work: str) -> int:
     p = run(["go", "build", "-o", "interop", "."], cwd=work, env=env)
     if p.returncode:
         return p.returncode
-    return run([os.path.join(work, "interop"), "-addr", addr, "-cases", CASES]).returncode
+    tls = ["-ca", sec.ca, "-token", sec.token] if sec.ca else []
+    return run([os.path.join(work, "interop"), "-addr", addr, "-cases", CASES, *tls]).returncode
 
 
-def lang_node(addr: str) -> int:
+def lang_node(addr: str, sec: Security) -> int:
     env = dict(os.environ, NODE_PATH=os.path.join(TOOLS, "node", "node_modules"))
-    return run(["node", os.path.join(HERE, "node", "interop.js"), addr, CASES, PROTO_DIR],
+    tls = [sec.ca, sec.token] if sec.ca else []
+    return run(["node", os.path.join(HERE, "node", "interop.js"), addr, CASES, PROTO_DIR, *tls],
                env=env).returncode
 
 
-def lang_python(addr: str) -> int:
-    return run([sys.executable, os.path.join(HERE, "python_interop.py"), addr, CASES]).returncode
+def lang_python(addr: str, sec: Security) -> int:
+    tls = ["--ca", sec.ca, "--token", sec.token] if sec.ca else []
+    return run([sys.executable, os.path.join(HERE, "python_interop.py"), addr, CASES,
+                *tls]).returncode
 
 
 def compare(c: dict, values: np.ndarray, indices) -> str:
@@ -116,9 +146,12 @@ def tally(results: List[Tuple[str, str]], lang: str) -> int:
     return 1 if failed or not results else 0
 
 
-def lang_cpp(addr: str, cli: str) -> int:
+def lang_cpp(addr: str, cli: str, sec: Security) -> int:
     metric = {"COSINE": "cosine", "DOT": "dot", "EUCLIDEAN": "euclidean",
               "SQUARED_EUCLIDEAN": "sqeuclidean"}
+    tls = [f"--tls_ca_file={sec.ca}"] if sec.ca else []
+    base = [cli, f"--target={addr}", *tls,
+            *([f"--token_file={sec.token_file}"] if sec.token_file else [])]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for c in load_cases():
@@ -130,25 +163,33 @@ def lang_cpp(addr: str, cli: str) -> int:
                 for f in (out, idx_out):
                     if os.path.exists(f):
                         os.unlink(f)
-                p = run([cli, f"--target={addr}", f"--a={a_path}", f"--b={b_path}",
-                         f"--out={out}", f"--indices_out={idx_out}",
-                         f"--metric={metric[c['metric']]}", f"--top_k={c['top_k']}",
-                         f"--epsilon={c['epsilon']!r}", f"--mode={mode}",
-                         "--max_chunk_bytes=64", "--timeout_ms=30000"])
+                p = run(base + [f"--a={a_path}", f"--b={b_path}", f"--out={out}",
+                                f"--indices_out={idx_out}", f"--metric={metric[c['metric']]}",
+                                f"--top_k={c['top_k']}", f"--epsilon={c['epsilon']!r}",
+                                f"--mode={mode}", "--max_chunk_bytes=64", "--timeout_ms=30000"])
                 if p.returncode:
                     results.append((f"{mode} {c['name']}", f"exit {p.returncode}: {p.stderr}"))
                     continue
                 idx = np.load(idx_out) if c["top_k"] else None
                 results.append((f"{mode} {c['name']}", compare(c, np.load(out), idx)))
-            results += cpp_gallery(cli, addr, tmp, c, a_path, b_path, metric[c["metric"]])
+            results += cpp_gallery(base, tmp, c, a_path, b_path, metric[c["metric"]])
+        if sec.token:  # the last case's files are still there
+            for label, token in (("wrong token", [f"--token={sec.wrong_token}"]),
+                                 ("no token", [])):
+                for what, command in (("info", ["--info"]), ("stream", [
+                        f"--a={a_path}", f"--b={b_path}", "--mode=stream"])):
+                    p = run([cli, f"--target={addr}", *tls, *token, *command])
+                    ok = p.returncode == 1 and "UNAUTHENTICATED" in p.stderr
+                    results.append((f"{label} {what}",
+                                    "" if ok else f"exit {p.returncode}: {p.stderr.strip()}"))
     return tally(results, "cpp")
 
 
-def cpp_gallery(cli: str, addr: str, tmp: str, c: dict, a_path: str, b_path: str,
+def cpp_gallery(base: List[str], tmp: str, c: dict, a_path: str, b_path: str,
                 metric: str) -> List[Tuple[str, str]]:
     """simserve-cli: registers the case's B as a gallery, queries it and dir-<case> by name."""
     name, results = f"cpp-{c['name']}", []
-    base = [cli, f"--target={addr}", "--timeout_ms=30000"]
+    base = base + ["--timeout_ms=30000"]
     p = run(base + [f"--register_gallery={name}", f"--b={b_path}", "--json"])
     info = json.loads(p.stdout) if p.returncode == 0 else {}
     ok = info.get("name") == name and [int(d) for d in info.get("shape", [])] == c["b"]["shape"]
@@ -194,12 +235,16 @@ def grpcurl_json(p: subprocess.CompletedProcess) -> list:
         out.append(obj)
 
 
-def lang_grpcurl(addr: str) -> int:
+def lang_grpcurl(addr: str, sec: Security) -> int:
     """Reflection only (no proto file): list, describe, GetInfo, and a Compute/ComputeStream
-    sent as JSON `values` (the convenience path for JSON tools)."""
+    sent as JSON `values` (the convenience path for JSON tools). With TLS and a token: -H
+    sends it on reflection and calls alike."""
     tool = os.path.join(TOOLS, "go", "bin", "grpcurl")
-    base = [tool, "-plaintext", "-max-time", "30"]
-    results = []
+    transport = ["-cacert", sec.ca] if sec.ca else ["-plaintext"]
+    base = [tool, *transport, "-max-time", "30"]
+    if sec.token:
+        base += ["-H", f"authorization: Bearer {sec.token}"]
+    results = grpcurl_refusals(tool, transport, addr, sec) if sec.token else []
     p = run(base + [addr, "list"])
     services = p.stdout.split()
     results.append(("list", "" if p.returncode == 0 and "simserve.v1.Similarity" in services
@@ -238,6 +283,29 @@ def lang_grpcurl(addr: str) -> int:
             results.append((f"{method} {c['name']}", compare(c, vals, None)))
     results += grpcurl_gallery(base, addr)
     return tally(results, "grpcurl")
+
+
+def grpcurl_refusals(tool: str, transport: List[str], addr: str,
+                     sec: Security) -> List[Tuple[str, str]]:
+    """Without the token reflection is refused; a call whose reflection carries the token but
+    the call itself a wrong one, or none, is UNAUTHENTICATED."""
+    results = []
+    base = [tool, *transport, "-max-time", "30"]
+    right = f"authorization: Bearer {sec.token}"
+    wrong = f"authorization: Bearer {sec.wrong_token}"
+    for label, headers in (("list without a token", []),
+                           ("list with a wrong token", ["-H", wrong])):
+        p = run(base + headers + [addr, "list"])
+        ok = p.returncode != 0 and "Unauthenticated" in p.stderr and \
+            "simserve.v1.Similarity" not in p.stdout
+        results.append((label, "" if ok else f"exit {p.returncode}: {p.stderr.strip()}"))
+    for label, headers in (("GetInfo with a wrong token", ["-rpc-header", wrong]),
+                           ("GetInfo without a token", [])):
+        p = run(base + ["-reflect-header", right, *headers, "-d", "{}", addr,
+                        "simserve.v1.Similarity/GetInfo"])
+        ok = p.returncode != 0 and "Code: Unauthenticated" in p.stderr
+        results.append((label, "" if ok else f"exit {p.returncode}: {p.stderr.strip()}"))
+    return results
 
 
 def field(msg: dict, name: str, default=None):
@@ -325,6 +393,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--server", required=True, help="path of the simserve binary")
     ap.add_argument("--lang", required=True, choices=["python", "go", "node", "cpp", "grpcurl"])
+    ap.add_argument("--security", choices=["plaintext", "tls_token"], default="plaintext",
+                    help="tls_token: the server serves TLS and requires a bearer token")
     ap.add_argument("--cli", help="path of simserve-cli (--lang cpp)")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "simserve-interop-go"),
                     help="build directory for the Go client")
@@ -334,20 +404,36 @@ def main() -> int:
         for c in load_cases():
             b = np.array(c["b"]["values"], np.float32).reshape(c["b"]["shape"])
             np.save(os.path.join(galleries, f"dir-{c['name']}.npy"), b)
-        return run_lang(args, [f"--gallery_dir={galleries}"])
+        server_args = [f"--gallery_dir={galleries}"]
+        if args.security == "plaintext":
+            return run_lang(args, server_args, Security(), None)
+        # TLS + token: fresh certificates and a token file next to the galleries' directory.
+        with tempfile.TemporaryDirectory(prefix="simserve-interop-tls-") as d:
+            subprocess.run(["bash", MAKE_CERTS, d], check=True)
+            with open(os.path.join(d, "tokens"), "w") as f:
+                f.write(f"# interop\nanother-token\n{TOKEN}\n")
+            with open(os.path.join(d, "client_token"), "w") as f:
+                f.write(f"{TOKEN}\n")
+            server_args += [f"--tls_cert_file={d}/server1.crt", f"--tls_key_file={d}/server1.key",
+                            f"--auth_token_file={d}/tokens"]
+            with open(f"{d}/ca1.crt", "rb") as f:
+                creds = grpc.ssl_channel_credentials(f.read())
+            sec = Security(ca=f"{d}/ca1.crt", token=TOKEN, token_file=f"{d}/client_token")
+            return run_lang(args, server_args, sec, creds)
 
 
-def run_lang(args: argparse.Namespace, server_args: List[str]) -> int:
-    with Server(args.server, extra_args=server_args) as srv:
+def run_lang(args: argparse.Namespace, server_args: List[str], sec: Security,
+             creds: Optional[grpc.ChannelCredentials]) -> int:
+    with Server(args.server, extra_args=server_args, credentials=creds) as srv:
         if args.lang == "go":
-            return lang_go(srv.address, args.work)
+            return lang_go(srv.address, args.work, sec)
         if args.lang == "node":
-            return lang_node(srv.address)
+            return lang_node(srv.address, sec)
         if args.lang == "python":
-            return lang_python(srv.address)
+            return lang_python(srv.address, sec)
         if args.lang == "cpp":
-            return lang_cpp(srv.address, args.cli)
-        return lang_grpcurl(srv.address)
+            return lang_cpp(srv.address, args.cli, sec)
+        return lang_grpcurl(srv.address, sec)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Starts the real `simserve` server binary on a free loopback port for a test, waits until
-its health service says SERVING, and always stops it (SIGTERM, then SIGKILL).
+its health service says SERVING (over TLS when given channel credentials: health needs no
+token), and always stops it (SIGTERM, then SIGKILL).
 
 Used by tests/interop/run_interop.py and tests/python/conftest.py.
 """
@@ -29,8 +30,10 @@ class Server:
     """`with Server(binary) as srv:` ... srv.address is "127.0.0.1:PORT"."""
 
     def __init__(self, binary: str, extra_args: Sequence[str] = (),
-                 startup_timeout: float = 120.0, env: Optional[dict] = None) -> None:
+                 startup_timeout: float = 120.0, env: Optional[dict] = None,
+                 credentials: Optional[grpc.ChannelCredentials] = None) -> None:
         self.binary = binary
+        self.credentials = credentials  # for a TLS port; None = plaintext
         self.extra_args = list(extra_args)
         self.startup_timeout = startup_timeout
         self.env = dict(os.environ, **(env or {}))
@@ -62,7 +65,8 @@ class Server:
 
     def _wait_serving(self) -> bool:
         deadline = time.monotonic() + self.startup_timeout
-        with grpc.insecure_channel(self.address) as ch:
+        with (grpc.secure_channel(self.address, self.credentials) if self.credentials
+              else grpc.insecure_channel(self.address)) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:

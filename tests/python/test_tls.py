@@ -213,3 +213,22 @@ def test_python_client_tls_options(server_binary, certs):
                         credentials=grpc.ssl_channel_credentials())
     with pytest.raises(ValueError, match="cannot read"):
         simserve.Client("127.0.0.1:1", root_certificates=certs / "missing.crt")
+
+
+def test_plaintext_health_listener_for_probes_of_a_tls_server(server_binary, certs):
+    """Kubernetes gRPC probes cannot speak TLS: --health_listen serves only health, plaintext."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health_address = f"127.0.0.1:{free_port()}"
+    with TlsServer(server_binary, [*tls_args(certs), f"--health_listen={health_address}"],
+                   credentials(certs)) as srv:
+        with grpc.insecure_channel(health_address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "simserve.v1.Similarity"):
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as err:
+                pb_grpc.SimilarityStub(channel).GetInfo(pb.GetInfoRequest(), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, "health only"
+        assert rpc_code(srv.address, None) == grpc.StatusCode.UNAVAILABLE, "main port: TLS only"
+    assert "plaintext health-only listener on" in srv.output

@@ -8,7 +8,12 @@
 // their error codes. The stubs in gen/simservev1 are generated from proto/ at test time (see
 // run_interop.py); never committed.
 //
-// Usage: interop -addr 127.0.0.1:PORT -cases path/to/cases.json
+// With -ca and -token (run_interop.py --security tls_token) the connection uses TLS
+// (credentials.NewClientTLSFromFile) and per-RPC credentials that send
+// `authorization: Bearer <token>` on every call; a wrong and a missing token must then get
+// UNAUTHENTICATED.
+//
+// Usage: interop -addr 127.0.0.1:PORT -cases path/to/cases.json [-ca ca.crt -token TOKEN]
 package main
 
 import (
@@ -24,6 +29,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
@@ -288,6 +294,53 @@ func galleryChecks(cl pb.SimilarityClient, cases []caseJSON, report func(name st
 	report("gallery bad name", wantCode(err, codes.InvalidArgument))
 }
 
+// bearer sends `authorization: Bearer <token>` with every RPC, over TLS only (grpc-go's
+// oauth package does the same but needs golang.org/x/oauth2).
+type bearer string
+
+func (b bearer) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	return map[string]string{"authorization": "Bearer " + string(b)}, nil
+}
+
+func (bearer) RequireTransportSecurity() bool { return true }
+
+// dial connects to addr: plaintext without ca, else TLS trusting the PEM file ca, with the
+// token (if not empty) on every call.
+func dial(addr, ca, token string) (*grpc.ClientConn, error) {
+	if ca == "" {
+		return grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	}
+	creds, err := credentials.NewClientTLSFromFile(ca, "")
+	if err != nil {
+		return nil, err
+	}
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(creds)}
+	if token != "" {
+		opts = append(opts, grpc.WithPerRPCCredentials(bearer(token)))
+	}
+	return grpc.NewClient(addr, opts...)
+}
+
+// refusalChecks calls with a wrong token and without one: both must be UNAUTHENTICATED,
+// for a unary call and a stream alike.
+func refusalChecks(addr, ca, token string, c caseJSON, report func(name string, err error)) {
+	for _, t := range []struct{ label, token string }{{"wrong token", "wrong-" + token}, {"no token", ""}} {
+		conn, err := dial(addr, ca, t.token)
+		if err != nil {
+			report(t.label, err)
+			continue
+		}
+		cl := pb.NewSimilarityClient(conn)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		_, err = unary(ctx, cl, c)
+		report(t.label+" unary", wantCode(err, codes.Unauthenticated))
+		_, err = stream(ctx, cl, c)
+		report(t.label+" stream", wantCode(err, codes.Unauthenticated))
+		cancel()
+		conn.Close()
+	}
+}
+
 func compare(c caseJSON, r *result) error {
 	if fmt.Sprint(r.shape) != fmt.Sprint(c.Expected.Shape) {
 		return fmt.Errorf("shape %v, expected %v", r.shape, c.Expected.Shape)
@@ -317,6 +370,8 @@ func compare(c caseJSON, r *result) error {
 func main() {
 	addr := flag.String("addr", "127.0.0.1:50051", "server host:port")
 	casesPath := flag.String("cases", "cases.json", "test vectors")
+	ca := flag.String("ca", "", "PEM CA of the server's certificate (TLS); empty: plaintext")
+	token := flag.String("token", "", "bearer token sent on every call (needs -ca)")
 	flag.Parse()
 
 	data, err := os.ReadFile(*casesPath)
@@ -331,7 +386,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(2)
 	}
-	conn, err := grpc.NewClient(*addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := dial(*addr, *ca, *token)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(2)
@@ -361,7 +416,7 @@ func main() {
 			}
 		}
 	}
-	galleryChecks(cl, file.Cases, func(name string, err error) {
+	report := func(name string, err error) {
 		if err != nil {
 			failed++
 			fmt.Printf("FAIL go %s: %v\n", name, err)
@@ -369,7 +424,11 @@ func main() {
 			passed++
 			fmt.Printf("ok   go %s\n", name)
 		}
-	})
+	}
+	galleryChecks(cl, file.Cases, report)
+	if *token != "" {
+		refusalChecks(*addr, *ca, *token, file.Cases[0], report)
+	}
 	fmt.Printf("go: %d passed, %d failed\n", passed, failed)
 	if failed > 0 || passed == 0 {
 		os.Exit(1)

@@ -6,8 +6,11 @@
 // ComputeStream and ComputeUpload (header naming the gallery, then only A); the server's
 // --gallery_dir holds each case's B as dir-<case>.npy (run_interop.py); then GetGallery,
 // DeleteGallery and their error codes. Exit code 1 on any failure.
+// With CA_PEM and TOKEN (run_interop.py --security tls_token): TLS (credentials.createSsl)
+// combined with call credentials from a metadata generator that sends
+// `authorization: Bearer <token>`; a wrong and a missing token must get UNAUTHENTICATED.
 //
-// Usage: NODE_PATH=<dir with node_modules> node interop.js ADDR CASES_JSON PROTO_DIR
+// Usage: NODE_PATH=<dir with node_modules> node interop.js ADDR CASES_JSON PROTO_DIR [CA_PEM TOKEN]
 'use strict';
 
 const fs = require('fs');
@@ -15,12 +18,26 @@ const path = require('path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 
-const [addr, casesPath, protoDir] = process.argv.slice(2);
+const [addr, casesPath, protoDir, caPath, token] = process.argv.slice(2);
 const def = protoLoader.loadSync(path.join(protoDir, 'simserve/v1/similarity.proto'), {
   includeDirs: [protoDir], keepCase: true, longs: Number, enums: String, defaults: true, oneofs: true,
 });
 const simserve = grpc.loadPackageDefinition(def).simserve.v1;
-const client = new simserve.Similarity(addr, grpc.credentials.createInsecure());
+
+// Plaintext without a CA; else TLS trusting it, with `bearer` (if given) on every call.
+function credentials(bearer) {
+  if (!caPath) return grpc.credentials.createInsecure();
+  const tls = grpc.credentials.createSsl(fs.readFileSync(caPath));
+  if (!bearer) return tls;
+  const perCall = grpc.credentials.createFromMetadataGenerator((params, callback) => {
+    const md = new grpc.Metadata();
+    md.add('authorization', `Bearer ${bearer}`);
+    callback(null, md);
+  });
+  return grpc.credentials.combineChannelCredentials(tls, perCall);
+}
+
+const client = new simserve.Similarity(addr, credentials(token));
 
 function rawFloat32(values) {
   const buf = Buffer.alloc(4 * values.length);
@@ -215,6 +232,19 @@ function stream(c) {
   });
 }
 
+// A wrong token and none: a unary call and a stream must both be UNAUTHENTICATED.
+async function refusalChecks(c, report) {
+  for (const [label, bearer] of [['wrong token', `wrong-${token}`], ['no token', null]]) {
+    const other = new simserve.Similarity(addr, credentials(bearer));
+    report(`${label} unary`, await expectCode(new Promise((resolve, reject) => {
+      other.Compute(request(c), {deadline: deadline()}, (err, r) => (err ? reject(err) : resolve(r)));
+    }), 'UNAUTHENTICATED'));
+    report(`${label} stream`, await expectCode(
+        collect(other.ComputeStream(request(c), {deadline: deadline()})), 'UNAUTHENTICATED'));
+    other.close();
+  }
+}
+
 function compare(c, r) {
   if (JSON.stringify(r.shape) !== JSON.stringify(c.expected.shape)) {
     return `shape ${JSON.stringify(r.shape)}, expected ${JSON.stringify(c.expected.shape)}`;
@@ -257,7 +287,7 @@ async function main() {
       }
     }
   }
-  await galleryChecks(cases, (name, err) => {
+  const report = (name, err) => {
     if (err) {
       failed++;
       console.log(`FAIL node ${name}: ${err}`);
@@ -265,7 +295,9 @@ async function main() {
       passed++;
       console.log(`ok   node ${name}`);
     }
-  });
+  };
+  await galleryChecks(cases, report);
+  if (token) await refusalChecks(cases[0], report);
   client.close();
   console.log(`node: ${passed} passed, ${failed} failed`);
   process.exit(failed > 0 || passed === 0 ? 1 : 0);

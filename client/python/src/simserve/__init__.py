@@ -14,13 +14,15 @@ from simserve._common import GalleryInfo, Info, RetryPolicy, Timings
 from simserve.client import Client, Gallery
 from simserve.errors import (CancelledError, DeadlineExceededError, Error,
                              FailedPreconditionError, InternalError, InvalidArgumentError,
-                             NotFoundError, ProtocolError, ResourceExhaustedError,
-                             UnavailableError, UnimplementedError)
+                             NotFoundError, ProtocolError,
+                             ResourceExhaustedError, UnauthenticatedError, UnavailableError,
+                             UnimplementedError)
 
 __version__ = "0.1.0"
 __all__ = [
     "Client", "Gallery", "GalleryInfo", "Info", "RetryPolicy", "Timings", "Error",
     "InvalidArgumentError", "ResourceExhaustedError", "DeadlineExceededError",
     "CancelledError", "UnavailableError", "NotFoundError", "UnimplementedError",
-    "FailedPreconditionError", "InternalError", "ProtocolError",
+    "FailedPreconditionError", "UnauthenticatedError",
+    "InternalError", "ProtocolError",
 ]

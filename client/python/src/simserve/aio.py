@@ -27,7 +27,8 @@ GalleryArg = Union[str, GalleryInfo, common.GalleryBase, None]
 
 
 class Client:
-    """asyncio counterpart of `simserve.Client` (same arguments and semantics).
+    """asyncio counterpart of `simserve.Client` (same arguments and semantics, `token=`
+    included; no `channel=`).
 
     Create and use it inside one running event loop; calls may run concurrently.
     """
@@ -38,6 +39,7 @@ class Client:
                  root_certificates: common.PemSource = None,
                  certificate_chain: common.PemSource = None,
                  private_key: common.PemSource = None,
+                 token: Optional[str] = None,
                  timeout: Optional[float] = 120.0,
                  retry: RetryPolicy = RetryPolicy(),
                  chunk_bytes: int = common.MiB,
@@ -46,14 +48,16 @@ class Client:
                  upload_min_bytes: int = 8 * common.MiB,
                  options: Sequence[Tuple[str, Any]] = ()) -> None:
         opts = list(common.CHANNEL_OPTIONS) + list(options)
+        metadata = common.bearer_metadata(token)
         credentials = common.channel_credentials(credentials, tls, root_certificates,
                                                  certificate_chain, private_key)
         self._channel = (grpc.aio.secure_channel(target, credentials, options=opts)
                          if credentials else grpc.aio.insecure_channel(target, options=opts))
-        self._stub = pb_grpc.SimilarityStub(self._channel)
+        rpc = common.rpc_channel(self._channel, metadata)  # every RPC callable comes from it
+        self._stub = pb_grpc.SimilarityStub(rpc)
         self._compute_unary, self._compute_stream, self._compute_upload = common.bulk_methods(
-            self._channel)
-        self._register_gallery = common.register_method(self._channel)
+            rpc)
+        self._register_gallery = common.register_method(rpc)
         self.timeout = timeout
         self.retry = retry
         self.chunk_bytes = chunk_bytes

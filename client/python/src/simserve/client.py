@@ -39,6 +39,11 @@ class Client:
             credentials: tls=True with the system's roots, or root_certificates (PEM bytes or
             a file path) for a private CA; certificate_chain + private_key for mutual TLS.
             Any of them implies TLS. Not together with credentials=.
+        token: bearer token for a server with --auth_token_file: every call (compute,
+            GetInfo, galleries) sends `authorization: Bearer <token>`, over TLS or plaintext
+            (where it travels in clear: use TLS beyond a trusted network). ValueError unless
+            it is non-empty printable ASCII without whitespace. Never logged or shown in
+            reprs and error messages. Also applied to a `channel=` passed in.
         timeout: default per-call deadline in seconds (all retries included); None = no
             deadline (not recommended).
         retry: retry policy for UNAVAILABLE (see RetryPolicy; max_attempts=1 disables).
@@ -60,6 +65,7 @@ class Client:
                  root_certificates: common.PemSource = None,
                  certificate_chain: common.PemSource = None,
                  private_key: common.PemSource = None,
+                 token: Optional[str] = None,
                  timeout: Optional[float] = 120.0,
                  retry: RetryPolicy = RetryPolicy(),
                  chunk_bytes: int = common.MiB,
@@ -68,6 +74,7 @@ class Client:
                  upload_min_bytes: int = 8 * common.MiB,
                  options: Sequence[Tuple[str, Any]] = ()) -> None:
         self._own_channel = channel is None
+        metadata = common.bearer_metadata(token)
         credentials = common.channel_credentials(credentials, tls, root_certificates,
                                                  certificate_chain, private_key)
         if channel is None:
@@ -75,10 +82,11 @@ class Client:
             channel = (grpc.secure_channel(target, credentials, options=opts) if credentials
                        else grpc.insecure_channel(target, options=opts))
         self._channel = channel
-        self._stub = pb_grpc.SimilarityStub(channel)
+        rpc = common.rpc_channel(channel, metadata)  # every RPC callable comes from it
+        self._stub = pb_grpc.SimilarityStub(rpc)
         self._compute_unary, self._compute_stream, self._compute_upload = common.bulk_methods(
-            channel)
-        self._register_gallery = common.register_method(channel)
+            rpc)
+        self._register_gallery = common.register_method(rpc)
         self.timeout = timeout
         self.retry = retry
         self.chunk_bytes = chunk_bytes

@@ -77,6 +77,13 @@ class FailedPreconditionError(Error):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class UnauthenticatedError(Error):
+    """The server requires a bearer token (its --auth_token_file) and the call carried none,
+    a malformed one or one it does not accept (`token=`). Not retried."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class InternalError(Error):
     """The server failed internally."""
 
@@ -91,7 +98,7 @@ _BY_CODE: Dict[grpc.StatusCode, Type[Error]] = {
     cls.code: cls
     for cls in (InvalidArgumentError, ResourceExhaustedError, DeadlineExceededError,
                 CancelledError, UnavailableError, NotFoundError, UnimplementedError,
-                FailedPreconditionError, InternalError)
+                FailedPreconditionError, UnauthenticatedError, InternalError)
 }
 
 
