@@ -386,6 +386,19 @@ absl::Status CheckFinite(absl::string_view tensor, const std::byte* data, int64_
       absl::StrCat("tensor ", tensor, " contains NaN or Inf at flat index ", index_offset + bad));
 }
 
+absl::StatusOr<GallerySpec> GallerySpecFromHeader(const v1::GalleryHeader& header) {
+  auto dtype = FromProto(header.dtype());
+  if (!dtype.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("dtype: ", dtype.status().message()));
+  }
+  auto storage = FromProto(header.storage_dtype());
+  if (!storage.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("storage_dtype: ", storage.status().message()));
+  }
+  return MakeGallerySpec(header.name(), {header.shape().begin(), header.shape().end()}, *dtype,
+                         *storage);
+}
+
 absl::StatusOr<kernels::DataType> FromProto(v1::DataType dtype) {
   switch (dtype) {
     case v1::FLOAT32:

@@ -13,6 +13,7 @@
 #include "absl/strings/string_view.h"
 #include "kernels/similarity.h"
 #include "server/config.h"
+#include "server/gallery_store.h"
 #include "server/reject_reason.h"
 #include "simserve/v1/similarity.pb.h"
 
@@ -117,6 +118,10 @@ absl::StatusOr<ProblemSpec> ProblemFromUploadHeader(const v1::ComputeRequest& re
 // INVALID_ARGUMENT naming `tensor` and its flat index (`index_offset` + position).
 absl::Status CheckFinite(absl::string_view tensor, const std::byte* data, int64_t count,
                          kernels::DataType dtype, int64_t index_offset);
+
+// The gallery a RegisterGallery header describes. INVALID_ARGUMENT for an unknown dtype or
+// storage_dtype, and MakeGallerySpec's errors (name, rank, dimensions, size).
+absl::StatusOr<GallerySpec> GallerySpecFromHeader(const v1::GalleryHeader& header);
 
 // Enum conversions between the wire and the kernel. Return INVALID_ARGUMENT for values
 // the server does not know (proto3 enums are open).

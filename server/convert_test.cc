@@ -304,6 +304,32 @@ TEST(ConvertRequest, UploadHeaderMustNotCarryData) {
   EXPECT_EQ(spec->b_dtype, kernels::DataType::kFloat16);
 }
 
+TEST(GallerySpecFromHeader, ChecksDtypesAndDerivesTheSizes) {
+  v1::GalleryHeader header;
+  header.set_name("g");
+  header.add_shape(3);
+  header.add_shape(5);
+  header.set_dtype(v1::FLOAT16);
+  auto spec = GallerySpecFromHeader(header);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->input_bytes, 3 * 5 * 2);
+  EXPECT_EQ(spec->dims.m, 3);
+  EXPECT_EQ(spec->storage_dtype, kernels::DataType::kFloat32);
+  header.set_storage_dtype(static_cast<v1::DataType>(9));
+  EXPECT_THAT(GallerySpecFromHeader(header).status().message(), HasSubstr("storage_dtype: "));
+  header.set_storage_dtype(v1::FLOAT32);
+  header.set_dtype(static_cast<v1::DataType>(-1));
+  EXPECT_THAT(GallerySpecFromHeader(header).status().message(), HasSubstr("dtype: "));
+  header.set_dtype(v1::FLOAT32);
+  header.set_name("bad name");
+  EXPECT_EQ(GallerySpecFromHeader(header).status().code(), absl::StatusCode::kInvalidArgument);
+  // batch * M overflows int64 before D is applied (found by fuzz/gallery_fuzzer: UB).
+  header.set_name("g");
+  header.clear_shape();
+  for (int64_t dim : {int64_t{1} << 51, int64_t{29527900159}, int64_t{1}}) header.add_shape(dim);
+  EXPECT_THAT(GallerySpecFromHeader(header).status().message(), HasSubstr("too large"));
+}
+
 TEST(ProblemSpec, InflightBytesCountsInputsAndBufferedResult) {
   auto c =
       ConvertRequest(Request({2, 10, 4}, {2, 8, 4}), RequestKind::kStream, LimitsConfig{}, nullptr);

@@ -60,9 +60,11 @@ absl::StatusOr<GallerySpec> MakeGallerySpec(absl::string_view name,
   spec.storage_dtype = storage_dtype;
   const size_t off = shape.size() == 3 ? 1 : 0;
   spec.dims = {.entries = shape.size() == 3 ? shape[0] : 1, .m = shape[off], .d = shape[off + 1]};
+  int64_t rows = 0;  // GalleryShape::rows() would overflow first
   int64_t elements = 0;
   constexpr int64_t kMaxElements = int64_t{1} << 40;
-  if (__builtin_mul_overflow(spec.dims.rows(), spec.dims.d, &elements) || elements > kMaxElements) {
+  if (__builtin_mul_overflow(spec.dims.entries, spec.dims.m, &rows) ||
+      __builtin_mul_overflow(rows, spec.dims.d, &elements) || elements > kMaxElements) {
     return absl::InvalidArgumentError(
         absl::StrCat("gallery '", name, "' is too large (more than 2^40 elements)"));
   }

@@ -347,18 +347,6 @@ void FillGalleryInfo(const Gallery& gallery, v1::GalleryInfo* info) {
   info->set_prepare_seconds(absl::ToDoubleSeconds(gallery.prepare_time));
 }
 
-absl::StatusOr<GallerySpec> SpecFromHeader(const v1::GalleryHeader& header) {
-  auto dtype = FromProto(header.dtype());
-  if (!dtype.ok())
-    return absl::InvalidArgumentError(absl::StrCat("dtype: ", dtype.status().message()));
-  auto storage = FromProto(header.storage_dtype());
-  if (!storage.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("storage_dtype: ", storage.status().message()));
-  }
-  return MakeGallerySpec(header.name(), {header.shape().begin(), header.shape().end()}, *dtype,
-                         *storage);
-}
-
 // RegisterGallery: header first, then data pieces of any size. Messages are decoded in place
 // (wire_codec) and each piece is copied from gRPC's slices into the gallery's buffer at its
 // offset by a compute pool task (disjoint ranges, so the copies may run on several workers);
@@ -428,7 +416,7 @@ class RegisterCall final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
   enum class Next { kNothing, kPrepare, kFinishError };
 
   absl::Status AcceptHeader(const v1::GalleryHeader& header) {
-    auto spec = SpecFromHeader(header);
+    auto spec = GallerySpecFromHeader(header);
     if (!spec.ok()) return spec.status();
     if (absl::Status room =
             env_.galleries->CheckRoom(spec->name, GallerySource::kUploaded, spec->prepared_bytes);

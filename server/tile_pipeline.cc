@@ -264,7 +264,7 @@ bool TilePipeline::IngestDueLocked() const {
 
 bool TilePipeline::DoneLocked() const {
   if (!have_problem_ || !input_closed_ || tiles_running_ > 0 || ingesting_ || writing_ ||
-      resuming_) {
+      resuming_ > 0) {
     return false;
   }
   return mode_ == Mode::kWholeResult ? tiles_computed_ == total_tiles_
@@ -310,10 +310,10 @@ void TilePipeline::Pump(Ended ended) {
   {
     MutexLock lock(&mu_);
     if (ended.task.has_value()) TaskEndedLocked(*ended.task, std::move(ended.status));
-    if (ended.resuming) resuming_ = false;
+    if (ended.resuming) --resuming_;
     if (finished_) return;
     if (!error_.ok()) {
-      if (tiles_running_ == 0 && !ingesting_ && !writing_ && !resuming_) {
+      if (tiles_running_ == 0 && !ingesting_ && !writing_ && resuming_ == 0) {
         finished_ = true;
         to_finish = error_;
       }
@@ -337,7 +337,7 @@ void TilePipeline::Pump(Ended ended) {
       if (reading_paused_ && pending_bytes_ < deps_.max_pending_input_bytes) {
         reading_paused_ = false;
         resume_reading = true;
-        resuming_ = true;  // the call must not finish while the sink is being called
+        ++resuming_;  // the call must not finish while the sink is being called
       }
       while (CanComputeLocked()) {
         ++tiles_running_;

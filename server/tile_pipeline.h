@@ -241,7 +241,10 @@ class TilePipeline {
   std::deque<InputPiece> pending_ ABSL_GUARDED_BY(mu_);  // accepted, not yet ingesting
   int64_t pending_bytes_ ABSL_GUARDED_BY(mu_) = 0;       // accepted, not yet ingested
   bool reading_paused_ ABSL_GUARDED_BY(mu_) = false;
-  bool resuming_ ABSL_GUARDED_BY(mu_) = false;  // Sink::ResumeReading is being called
+  // Sink::ResumeReading calls not yet ended by their Pump. More than one at a time: the
+  // transport may read, pause and be resumed by another task before the first call's Pump
+  // runs (found by fuzz/upload_fuzzer: a bool let the call finish under the first one).
+  int resuming_ ABSL_GUARDED_BY(mu_) = 0;
   bool input_closed_ ABSL_GUARDED_BY(mu_) = false;
   bool ingesting_ ABSL_GUARDED_BY(mu_) = false;
   IngestCursor cursor_ ABSL_GUARDED_BY(mu_);  // away while ingesting_

@@ -3,14 +3,17 @@
 // are checked through what the sink sees.
 #include "server/tile_pipeline.h"
 
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "gmock/gmock.h"
@@ -32,9 +35,13 @@ class FakeSink final : public TilePipeline::Sink {
     cv_.notify_all();
   }
   void ResumeReading() override {
-    std::lock_guard<std::mutex> lock(mu_);
-    ++resumes_;
-    cv_.notify_all();
+    int resumes = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      resumes = ++resumes_;
+      cv_.notify_all();
+    }
+    if (on_resume) on_resume(resumes);
   }
   void Finish(const absl::Status& status, const PipelineReport& report,
               std::unique_ptr<TileOutput> whole) override {
@@ -72,6 +79,9 @@ class FakeSink final : public TilePipeline::Sink {
     std::lock_guard<std::mutex> lock(mu_);
     return report_;
   }
+  // Called inside ResumeReading with the number of resumes so far (set before the call).
+  std::function<void(int)> on_resume;
+
   std::unique_ptr<TileOutput> TakeWhole() {
     std::lock_guard<std::mutex> lock(mu_);
     return std::move(whole_);
@@ -395,6 +405,31 @@ TEST_F(TilePipelineTest, ReadingPausesWhileTooMuchInputWaitsAndResumesAfterInges
   EXPECT_TRUE(sink.WaitFinished().ok());
   std::unique_lock<std::mutex> lock(mu);
   cv.wait(lock, [&] { return holds_done == 2; });
+}
+
+TEST_F(TilePipelineTest, ACallResumedAgainDuringAResumeFinishesOnlyAfterBoth) {
+  // Found by fuzz/upload_fuzzer: while a ResumeReading call is still in the sink, the
+  // transport reads, pauses again and another task resumes it. A failure must not finish the
+  // call before the first ResumeReading has returned (its caller still uses the pipeline).
+  const Problem p = MakeProblem(1, 4, 4, 8, 4);  // b: 128 bytes
+  FakeSink sink;
+  TilePipeline pipeline(Deps(2, /*read_ahead=*/16), TilePipeline::Mode::kStreamTiles, &sink,
+                        absl::InfiniteFuture());
+  std::vector<InputPiece> b = Pieces(InputPiece::Tensor::kB, p.b, 16);
+  bool finished_inside = true;
+  sink.on_resume = [&](int resumes) {
+    if (resumes != 1) return;  // the second resume, from the next ingest task
+    EXPECT_FALSE(pipeline.AddInput(std::move(b[1])));  // pauses again
+    sink.WaitResumed(2);
+    // Lets the second resume end first (without the fix, its end let the call finish).
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    pipeline.Fail(absl::InvalidArgumentError("stop"));
+    finished_inside = sink.finishes() > 0;
+  };
+  pipeline.Start(p.spec, Admit(p.spec), {}, false);
+  EXPECT_FALSE(pipeline.AddInput(std::move(b[0])));  // 16 bytes pending: pause
+  EXPECT_EQ(sink.WaitFinished().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_FALSE(finished_inside);
 }
 
 TEST_F(TilePipelineTest, CancelAndFailedWritesEndTheCallOnce) {

@@ -1,75 +1,23 @@
-// UploadAssembler driven as UploadCall drives it, without gRPC: messages are fed while the
-// assembler (or the pipeline's ResumeReading) allows reading, then the stream half-closes;
-// a fake sink completes every write. Checks the sequencing rules and their statuses.
+// UploadAssembler driven as UploadCall drives it, without gRPC (upload_call_driver.h):
+// messages are fed while reading is allowed, then the stream half-closes. Checks the
+// sequencing rules and their statuses.
 #include "server/upload_assembler.h"
 
 #include <atomic>
-#include <condition_variable>
 #include <cstring>
-#include <deque>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "prometheus/registry.h"
+#include "server/upload_call_driver.h"
 
 namespace simserve {
 namespace {
 
 using ::testing::HasSubstr;
-
-// What the pipeline asked of the transport, in order.
-class QueueSink final : public TilePipeline::Sink {
- public:
-  enum class Event { kWrite, kResume, kFinish };
-
-  void WriteTile(std::unique_ptr<TileOutput> tile) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    rows_ += tile->rows;
-    Push(Event::kWrite);
-  }
-  void ResumeReading() override {
-    std::lock_guard<std::mutex> lock(mu_);
-    Push(Event::kResume);
-  }
-  void Finish(const absl::Status& status, const PipelineReport& /*report*/,
-              std::unique_ptr<TileOutput> /*whole*/) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    status_ = status;
-    Push(Event::kFinish);
-  }
-
-  Event Next() {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [&] { return !events_.empty(); });
-    const Event event = events_.front();
-    events_.pop_front();
-    return event;
-  }
-  absl::Status status() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return status_;
-  }
-  int64_t rows() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return rows_;
-  }
-
- private:
-  void Push(Event event) {
-    events_.push_back(event);
-    cv_.notify_all();
-  }
-
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<Event> events_;
-  absl::Status status_;
-  int64_t rows_ = 0;
-};
 
 std::string Serialized(const v1::UploadRequest& request) { return request.SerializeAsString(); }
 
@@ -107,32 +55,14 @@ class UploadAssemblerTest : public ::testing::Test {
   absl::Status Run(const std::vector<std::string>& messages) {
     const ServiceEnv env{config_, engine_.get(),  &pool_,      &metrics_,
                          &stats_, buffers_.get(), &galleries_, &draining_};
-    QueueSink sink;
-    ProblemSpec spec;
-    TilePipeline pipeline(PipelineDeps(env), TilePipeline::Mode::kStreamTiles, &sink,
-                          absl::InfiniteFuture());
-    UploadAssembler assembler(env, &pipeline, &spec);
-    size_t next = 0;
-    bool may_read = true;
-    bool ended = false;
-    while (true) {
-      if (may_read && !ended) {
-        if (next < messages.size()) {
-          may_read = assembler.OnMessage(
-              std::make_shared<codec::ReceivedMessage>(std::vector<std::string>{messages[next++]}));
-        } else {
-          ended = true;
-          assembler.OnEndOfStream();
-        }
-        continue;
-      }
-      const QueueSink::Event event = sink.Next();
-      if (event == QueueSink::Event::kFinish) break;
-      if (event == QueueSink::Event::kWrite) pipeline.WriteDone(true);
-      if (event == QueueSink::Event::kResume) may_read = true;
+    std::vector<std::shared_ptr<codec::ReceivedMessage>> received;
+    for (const std::string& m : messages) {
+      received.push_back(std::make_shared<codec::ReceivedMessage>(std::vector<std::string>{m}));
     }
-    rows_ = sink.rows();
-    return sink.status();
+    DrivenUpload upload = DriveUpload(env, received);
+    rows_ = 0;
+    for (const auto& tile : upload.tiles) rows_ += tile->rows;
+    return upload.status;
   }
 
   ServerConfig config_;

@@ -75,6 +75,29 @@ class SpanInputStream final : public google::protobuf::io::ZeroCopyInputStream {
   int64_t position_ = 0;
 };
 
+// Tags and lengths are read as protobuf's own parser reads them (parse_context.h): a tag in
+// at most 5 bytes, a length in at most 5 bytes and below 2 GiB. CodedInputStream alone
+// takes up to 10 bytes and drops the high bits, so it accepts what protobuf refuses.
+constexpr int kMaxTagOrLengthBytes = 5;
+constexpr uint32_t kInvalidTag = 7;  // wire type 7: refused by every decoding loop
+
+uint32_t ReadTag(CodedInputStream* in) {
+  const int start = in->CurrentPosition();
+  const uint32_t tag = in->ReadTag();
+  return in->CurrentPosition() - start > kMaxTagOrLengthBytes ? kInvalidTag : tag;
+}
+
+bool ReadLength(CodedInputStream* in, uint32_t* length) {
+  const int start = in->CurrentPosition();
+  uint64_t value = 0;
+  if (!in->ReadVarint64(&value) || in->CurrentPosition() - start > kMaxTagOrLengthBytes ||
+      value > static_cast<uint64_t>(INT_MAX - 16)) {
+    return false;
+  }
+  *length = static_cast<uint32_t>(value);
+  return true;
+}
+
 absl::Status Malformed(absl::string_view what) {
   return absl::InvalidArgumentError(absl::StrCat("malformed ", what, " (protobuf wire format)"));
 }
@@ -106,7 +129,7 @@ bool CopyField(uint32_t tag, CodedInputStream* in, CodedOutputStream* out) {
     case kLengthDelimited: {
       uint32_t n = 0;
       std::string bytes;
-      if (!in->ReadVarint32(&n) || !in->ReadString(&bytes, static_cast<int>(n))) return false;
+      if (!ReadLength(in, &n) || !in->ReadString(&bytes, static_cast<int>(n))) return false;
       out->WriteTag(tag);
       out->WriteVarint32(n);
       out->WriteString(bytes);
@@ -120,7 +143,7 @@ bool CopyField(uint32_t tag, CodedInputStream* in, CodedOutputStream* out) {
 // Length-delimited field content: records its range and skips it.
 bool SkipPayload(CodedInputStream* in, Range* range) {
   uint32_t n = 0;
-  if (!in->ReadVarint32(&n)) return false;
+  if (!ReadLength(in, &n)) return false;
   range->offset = in->CurrentPosition();
   range->size = n;
   return in->Skip(static_cast<int>(n));
@@ -129,12 +152,12 @@ bool SkipPayload(CodedInputStream* in, Range* range) {
 // A Tensor message (just read: its length is next) re-encoded without its raw payload.
 bool DecodeTensor(CodedInputStream* in, std::string* skeleton, std::optional<Range>* raw) {
   uint32_t length = 0;
-  if (!in->ReadVarint32(&length)) return false;
+  if (!ReadLength(in, &length)) return false;
   const CodedInputStream::Limit limit = in->PushLimit(static_cast<int>(length));
   {
     StringOutputStream stream(skeleton);
     CodedOutputStream out(&stream);
-    for (uint32_t tag = in->ReadTag(); tag != 0; tag = in->ReadTag()) {
+    for (uint32_t tag = ReadTag(in); tag != 0; tag = ReadTag(in)) {
       if (tag == Tag(v1::Tensor::kRawFieldNumber, kLengthDelimited)) {
         Range range;
         if (!SkipPayload(in, &range)) return false;
@@ -146,7 +169,9 @@ bool DecodeTensor(CodedInputStream* in, std::string* skeleton, std::optional<Ran
       }
     }
   }
-  if (!in->ConsumedEntireMessage()) return false;
+  // CodedInputStream takes the end of the data for a legitimate end of the tensor even when
+  // its declared length runs past it: the limit must have been reached.
+  if (!in->ConsumedEntireMessage() || in->BytesUntilLimit() != 0) return false;
   in->PopLimit(limit);
   return true;
 }
@@ -195,7 +220,7 @@ absl::StatusOr<DecodedComputeRequest> DecodeComputeRequest(const ReceivedMessage
   in.SetTotalBytesLimit(INT_MAX);
   DecodedComputeRequest decoded;
   std::string skeleton;
-  for (uint32_t tag = in.ReadTag(); tag != 0; tag = in.ReadTag()) {
+  for (uint32_t tag = ReadTag(&in); tag != 0; tag = ReadTag(&in)) {
     const bool tensor_a = tag == Tag(v1::ComputeRequest::kAFieldNumber, kLengthDelimited);
     const bool tensor_b = tag == Tag(v1::ComputeRequest::kBFieldNumber, kLengthDelimited);
     if (tensor_a || tensor_b) {
@@ -236,13 +261,13 @@ absl::StatusOr<int> DecodeParts(const ReceivedMessage& message, const char* what
   CodedInputStream in(&stream);
   in.SetTotalBytesLimit(INT_MAX);
   int part = 0;
-  for (uint32_t tag = in.ReadTag(); tag != 0; tag = in.ReadTag()) {
+  for (uint32_t tag = ReadTag(&in); tag != 0; tag = ReadTag(&in)) {
     const int field = static_cast<int>(tag >> 3);
     const bool length_delimited = (tag & 7) == kLengthDelimited;
     if (length_delimited && field == header_field) {
       uint32_t n = 0;
       std::string bytes;
-      if (!in.ReadVarint32(&n) || !in.ReadString(&bytes, static_cast<int>(n)) ||
+      if (!ReadLength(&in, &n) || !in.ReadString(&bytes, static_cast<int>(n)) ||
           !header->MergeFromString(bytes)) {
         return Malformed(absl::StrCat(what, " header"));
       }

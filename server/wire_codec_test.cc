@@ -79,6 +79,18 @@ TEST(DecodeComputeRequest, UnknownFieldsAreKeptAndMalformedDataIsInvalid) {
   absl::Status s = DecodeComputeRequest(truncated).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(s.message()), HasSubstr("malformed ComputeRequest"));
+  // Found by fuzz/compute_request_fuzzer (protobuf refuses these, the decoder took them): a
+  // tensor whose length runs past the end of the message after whole fields; tags and
+  // lengths in more than 5 bytes (CodedInputStream alone takes up to 10).
+  for (const std::string& cut :
+       {std::string("\x0a\x3a", 2), std::string("\x0a\x7f\x1a\x03xyz", 7),
+        std::string("\x12\x05\x08\x02", 4), std::string("\xb8\x9d\x9d\x9d\xa2\x00\x00", 7),
+        std::string("\x0a\x80\x80\x80\x80\x80\x00", 7),
+        std::string("\x0a\x80\x80\x80\x80\x10", 6)}) {
+    EXPECT_FALSE(v1::ComputeRequest().ParseFromString(cut));
+    EXPECT_EQ(DecodeComputeRequest(ReceivedMessage({cut})).status().code(),
+              absl::StatusCode::kInvalidArgument);
+  }
 }
 
 TEST(DecodeUploadRequest, HeaderAndPiecesMatchProtobuf) {
