@@ -425,10 +425,21 @@ void SimilarityServer::ReleaseMemoryWhenQuiet() {
     return;
   }
   if (quiet_since_ == absl::InfiniteFuture()) quiet_since_ = now;
-  if (released_ || now - quiet_since_ < config_.compute.memory_release_delay) return;
-  released_ = true;
-  buffers_->Clear();
-  malloc_trim(0);  // also the freed socket buffers gRPC allocated
+  if (!released_ && now - quiet_since_ >= config_.compute.memory_release_delay) {
+    released_ = true;
+    last_trim_ = now;
+    buffers_->Clear();
+    malloc_trim(0);  // also the freed socket buffers gRPC allocated
+    return;
+  }
+  // Under steady traffic the server is never quiet for long, and the heap glibc retains
+  // fragments: the 10-minute soak grew RSS by 11 % with free pages inside the heap. At a
+  // moment with nothing in flight, return those pages every few delays (the warm buffers of
+  // the cache stay; what is trimmed costs a page fault when reused).
+  if (now - last_trim_ >= 5 * config_.compute.memory_release_delay) {
+    last_trim_ = now;
+    malloc_trim(0);
+  }
 }
 
 void SimilarityServer::SetServing(bool serving) {

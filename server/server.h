@@ -111,7 +111,8 @@ class SimilarityServer {
   Mutex janitor_mu_;
   absl::Time quiet_since_ ABSL_GUARDED_BY(janitor_mu_) = absl::InfiniteFuture();
   bool released_ ABSL_GUARDED_BY(janitor_mu_) = false;  // since the server went quiet
-  std::unique_ptr<PeriodicThread> memory_janitor_;      // stopped first in Shutdown
+  absl::Time last_trim_ ABSL_GUARDED_BY(janitor_mu_) = absl::Now();
+  std::unique_ptr<PeriodicThread> memory_janitor_;  // stopped first in Shutdown
   Mutex shutdown_mu_;
   bool shut_down_ ABSL_GUARDED_BY(shutdown_mu_) = false;
 };

@@ -19,7 +19,7 @@ from sklearn.metrics.pairwise import cosine_similarity
 from serverctl import free_port
 from simserve.v1 import similarity_pb2 as pb
 from simserve.v1 import similarity_pb2_grpc as pb_grpc
-from test_tls import certs, credentials, tls_args  # noqa: F401  (certs is a fixture)
+from test_tls import ServerProcess, certs, credentials, tls_args  # noqa: F401 (certs: fixture)
 
 TOKENS = ["tok-alpha.1", "tok-beta_2+/=="]
 SECRET_MARK = "tok-"  # every token starts with it: the log must never contain it
@@ -31,7 +31,7 @@ def write_tokens(path, tokens, comment="# simserve tokens\n"):
     os.replace(tmp, path)  # as a Kubernetes Secret update: a new file under the same name
 
 
-class AuthServer:
+class AuthServer(ServerProcess):
     """The simserve binary with --auth_token_file; ready once Health/Check (open without a
     token) answers SERVING."""
 
@@ -99,22 +99,6 @@ class AuthServer:
             if line.startswith(name + " "):
                 return float(line.split()[-1])
         raise AssertionError(f"{name} not exported")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.output = self.proc.stdout.read()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
 def compute_request(seed=0):

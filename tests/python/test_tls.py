@@ -61,22 +61,8 @@ def rpc_code(address, creds):
         return err.code()
 
 
-class TlsServer:
-    """The simserve binary with TLS flags; ready once a client trusting `ready_creds` is
-    served (the insecure health check of serverctl cannot reach a TLS port)."""
-
-    def __init__(self, binary, args, ready_creds, env=None):
-        self.address = f"127.0.0.1:{free_port()}"
-        self.proc = subprocess.Popen(
-            [binary, f"--listen={self.address}", "--metrics_listen=", "--warmup=false", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=dict(os.environ, **(env or {})))
-        deadline = time.monotonic() + 30
-        while rpc_code(self.address, ready_creds) != grpc.StatusCode.OK:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"server did not serve TLS:\n{self.output}")
-            time.sleep(0.2)
+class ServerProcess:
+    """A simserve process started by a test; stop() collects its output in `output`."""
 
     def stop(self):
         if self.proc.poll() is None:
@@ -93,6 +79,24 @@ class TlsServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class TlsServer(ServerProcess):
+    """The simserve binary with TLS flags; ready once a client trusting `ready_creds` is
+    served (the insecure health check of serverctl cannot reach a TLS port)."""
+
+    def __init__(self, binary, args, ready_creds, env=None):
+        self.address = f"127.0.0.1:{free_port()}"
+        self.proc = subprocess.Popen(
+            [binary, f"--listen={self.address}", "--metrics_listen=", "--warmup=false", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(os.environ, **(env or {})))
+        deadline = time.monotonic() + 30
+        while rpc_code(self.address, ready_creds) != grpc.StatusCode.OK:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"server did not serve TLS:\n{self.output}")
+            time.sleep(0.2)
 
 
 def tls_args(certs, server="server1", client_ca=None, refresh=None):
