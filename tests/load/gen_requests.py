@@ -39,7 +39,12 @@ def template_safe(x):
 
 def build(pb2, name, seed=0):
     """(method, ComputeRequest, info dict) of profile `name`."""
-    method, batch, n, m, d, extra = PROFILES[name]
+    return build_shape(pb2, *PROFILES[name], seed=seed)
+
+
+def build_shape(pb2, method, batch, n, m, d, extra, seed=0):
+    """(method, ComputeRequest, info dict) of random template-safe float32 A [batch, n, d] and
+    B [batch, m, d] with the extra request fields (a profile that is not in PROFILES)."""
     rng = np.random.default_rng(seed)
     a = template_safe(rng.standard_normal((batch, n, d), dtype=np.float32))
     b = template_safe(rng.standard_normal((batch, m, d), dtype=np.float32))

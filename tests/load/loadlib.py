@@ -36,8 +36,9 @@ def health_protoset(path):
 
 def ghz_command(ghz, target, call, *, binary_file=None, data=None, protoset=None, total=None,
                 duration=None, concurrency=1, cpus=None, pin=None, fmt="json", output=None,
-                timeout="60s"):
-    """The ghz argv of one run (plaintext, loopback)."""
+                timeout="60s", rps=None, extra=()):
+    """The ghz argv of one run (plaintext, loopback); `rps` paces it at a constant rate,
+    `extra` are further ghz flags."""
     cmd = [ghz, "--insecure", f"--call={call}", f"--concurrency={concurrency}",
            f"--timeout={timeout}", f"--format={fmt}"]
     if protoset:
@@ -57,8 +58,11 @@ def ghz_command(ghz, target, call, *, binary_file=None, data=None, protoset=None
         cmd += [f"--duration={duration}", "--duration-stop=wait"]
     if cpus:
         cmd.append(f"--cpus={cpus}")
+    if rps:
+        cmd.append(f"--rps={rps}")
     if output:
         cmd.append(f"--output={output}")
+    cmd += list(extra)
     cmd.append(target)
     if pin is not None:
         cmd = ["taskset", "-c", str(pin), *cmd]
@@ -97,3 +101,17 @@ def cpu_seconds(pid):
         fields = f.read().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def proc_resources(pid):
+    """{"rss_bytes", "threads", "fds"} of process `pid` now (VmRSS and Threads from
+    /proc/PID/status, the entries of /proc/PID/fd)."""
+    out = {"fds": len(os.listdir(f"/proc/{pid}/fd"))}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key == "VmRSS":
+                out["rss_bytes"] = int(value.split()[0]) * 1024
+            elif key == "Threads":
+                out["threads"] = int(value)
+    return out
