@@ -20,6 +20,13 @@ WORK="${1:-$(mktemp -d)}"
 rm -rf "$WORK" && mkdir -p "$WORK/overlay" "$WORK/certs"
 deploy_podman_env
 podman image exists "$SIMSERVE_IMAGE" || die "$SIMSERVE_IMAGE missing: run image_test.sh first"
+# The server ignores SIMSERVE_* variables it does not know: an older server would silently
+# serve what the overlay asks to secure. Say so plainly instead of failing on a symptom.
+flags=$(podman run --rm --pull=never --network=none --entrypoint /usr/local/bin/simserve \
+  "$SIMSERVE_IMAGE" --help 2>&1 || true)
+for flag in tls_cert_file auth_token_file health_listen metrics_tls_cert_file metrics_basic_auth_file; do
+  grep -q -- "--$flag " <<<"$flags" || die "the server in $SIMSERVE_IMAGE has no --$flag, which the prod overlay sets"
+done
 
 ports=()
 while [ ${#ports[@]} -lt 3 ]; do
