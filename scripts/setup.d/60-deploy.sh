@@ -28,8 +28,10 @@ if command -v go >/dev/null 2>&1; then
     echo "setup: go install kustomize into $_sd_gobin"
     GOBIN="$_sd_gobin" go install sigs.k8s.io/kustomize/kustomize/v5@v5.8.1
   fi
-  # Validator modules (k8s.io/api, prometheus-operator types): fetched once, then offline.
-  if ! (cd "$ROOT/tests/deploy/validate" && go list -m all >/dev/null 2>&1); then
+  # Validator modules (k8s.io/api, prometheus-operator and cert-manager types): fetched once,
+  # then offline. The check needs every imported package's source (not just go.mod files), so
+  # a module added to go.mod is fetched here, not by the test.
+  if ! (cd "$ROOT/tests/deploy/validate" && GOPROXY=off go list -deps . >/dev/null 2>&1); then
     echo "setup: downloading Go modules of tests/deploy/validate"
     (cd "$ROOT/tests/deploy/validate" && go mod download)
   fi

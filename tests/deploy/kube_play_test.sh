@@ -16,7 +16,6 @@ WORK="${1:-$(mktemp -d)}"
 rm -rf "$WORK" && mkdir -p "$WORK/overlay"
 deploy_podman_env
 podman image exists "$SIMSERVE_IMAGE" || die "$SIMSERVE_IMAGE missing: run image_test.sh first"
-if ! command -v go >/dev/null && [ -x /usr/local/go/bin/go ]; then export PATH="/usr/local/go/bin:$PATH"; fi
 
 grpc_port=$(deploy_free_port)
 metrics_port=$(deploy_free_port)
@@ -34,28 +33,6 @@ chmod 0644 "$WORK/gallery/smoke.npy"
 printf 'FROM %s\nCOPY smoke.npy /galleries/smoke.npy\n' "$SIMSERVE_IMAGE" >"$WORK/gallery/Containerfile"
 podman build --pull=never -q -t "$gallery_image" -f "$WORK/gallery/Containerfile" "$WORK/gallery" \
   >/dev/null || die "building $gallery_image failed"
-cat >"$WORK/overlay/kustomization.yaml" <<EOF
-apiVersion: kustomize.config.k8s.io/v1beta1
-kind: Kustomization
-resources:
-  - $(realpath --relative-to="$WORK/overlay" "$DEPLOY_ROOT/deploy/k8s/overlays/dev")
-images:
-  - name: simserve
-    newName: $image_name
-    newTag: "$image_tag"
-  - name: simserve-galleries
-    newName: ${image_name}-galleries
-    newTag: "$image_tag"
-patches:
-  - path: podman.yaml
-  # With the host network podman rejects port mappings; the ports are only declarative here.
-  - target:
-      kind: Deployment
-      name: simserve
-    patch: |-
-      - op: remove
-        path: /spec/template/spec/containers/0/ports
-EOF
 cat >"$WORK/overlay/podman.yaml" <<EOF
 apiVersion: apps/v1
 kind: Deployment
@@ -79,29 +56,22 @@ spec:
             - name: SIMSERVE_METRICS_LISTEN
               value: "127.0.0.1:$metrics_port"
 EOF
-if command -v kubectl >/dev/null; then kubectl kustomize "$WORK/overlay" >"$WORK/rendered.yaml"
-else kustomize build "$WORK/overlay" >"$WORK/rendered.yaml"; fi
-(cd "$DEPLOY_ROOT/tests/deploy/validate" && go build -o "$WORK/validate" .)
-# Schema only: the test patch drops the declarative ports (k8s_test.sh checks the policy of
-# the real overlay).
-"$WORK/validate" -schema-only -extract-kind Deployment "$WORK/rendered.yaml" \
-  >"$WORK/deployment.yaml" || die "the patched dev overlay does not validate"
-grep -q "image: $SIMSERVE_IMAGE" "$WORK/deployment.yaml" || die "image override not applied"
+deploy_play_render "$WORK" "$DEPLOY_ROOT/deploy/k8s/overlays/dev" "  - name: simserve
+    newName: $image_name
+    newTag: \"$image_tag\"
+  - name: simserve-galleries
+    newName: ${image_name}-galleries
+    newTag: \"$image_tag\""
 grep -q "image: $gallery_image" "$WORK/deployment.yaml" || die "gallery image override not applied"
 
-# Leftovers of an interrupted run would make `kube play` fail on the name.
-podman kube down "$WORK/deployment.yaml" >/dev/null 2>&1 || true
 cleanup() {
   podman kube down "$WORK/deployment.yaml" >/dev/null 2>&1 || true
   podman rmi "$gallery_image" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 log "podman kube play (dev overlay Deployment, gRPC on 127.0.0.1:$grpc_port)"
-podman kube play --start "$WORK/deployment.yaml" >"$WORK/play.log" 2>&1 ||
-  { cat "$WORK/play.log" >&2; die "podman kube play failed"; }
-# kube play names the pod <deployment>-pod-<n> and its containers <pod>-<container>.
-ctr=$(podman ps -a --format '{{.Names}}' | grep -E '^simserve-pod-[0-9]+-simserve$' | head -1 || true)
-[ -n "$ctr" ] || { podman ps -a >&2; die "no simserve container from kube play"; }
+deploy_play_start "$WORK/deployment.yaml" "$WORK/play.log"
+ctr=$(deploy_kube_container simserve simserve)
 log "container $ctr"
 
 # What the pod spec must have turned into.
@@ -114,8 +84,7 @@ grep -qx /tmp <<<"$mounts" || die "no /tmp volume (emptyDir)"
 grep -qx /var/lib/simserve/galleries <<<"$mounts" || die "no gallery volume at /var/lib/simserve/galleries"
 # The init container ran first and copied the image's file (and the server must hold it as
 # a directory gallery: smoke_client --gallery below).
-init_ctr=$(podman ps -a --format '{{.Names}}' | grep -E '^simserve-pod-[0-9]+-galleries$' | head -1 || true)
-[ -n "$init_ctr" ] || { podman ps -a >&2; die "no gallery init container from kube play"; }
+init_ctr=$(deploy_kube_container simserve galleries)
 # Captured first: `podman logs | grep -q` fails under pipefail when grep exits early (SIGPIPE).
 init_log=$(podman logs "$init_ctr" 2>&1)
 grep -q "copied 1 gallery file" <<<"$init_log" ||
@@ -132,13 +101,7 @@ log "pod: OMP_NUM_THREADS=1 and threads from limits.cpu, read-only rootfs, /tmp 
   --gallery "smoke=$WORK/gallery/smoke.npy" ||
   { podman logs "$ctr" | tail -30 >&2; die "the pod does not answer"; }
 
-pod=$(podman inspect --format '{{.Pod}}' "$ctr")
-podman pod stop -t 35 "$pod" >/dev/null
-code=$(podman inspect --format '{{.State.ExitCode}}' "$ctr")
-podman logs "$ctr" 2>&1 | tail -2
-[ "$code" = "0" ] || die "container exit code $code after stop, want 0"
-podman kube down "$WORK/deployment.yaml" >/dev/null
-podman pod exists "$pod" && die "pod still exists after kube down"
+deploy_play_stop "$ctr" "$WORK/deployment.yaml"
 podman rmi "$gallery_image" >/dev/null 2>&1 || true
 trap - EXIT
 log "kube_play_test: PASS"

@@ -1,5 +1,6 @@
 # Shared helpers for the deploy tests (sourced, not executed): podman configuration, the
-# locally built debian:bookworm base image, the simserve image build, free loopback ports.
+# locally built debian:bookworm base image, the simserve image build, free loopback ports,
+# kustomize, the manifest validator and the names `podman kube play` gives containers.
 # Caches live in SIMSERVE_DEPLOY_CACHE (default /var/cache/simserve-deploy) and in podman's own
 # storage, so a rerun skips debootstrap and reuses image layers.
 
@@ -106,4 +107,86 @@ deploy_build_image() {
 # Prints a free TCP port on 127.0.0.1 (bind to port 0, read it back, release it).
 deploy_free_port() {
   "$VENV_PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# Puts the Go toolchain on PATH (setup installs it in /usr/local/go).
+deploy_go_env() {
+  if ! command -v go >/dev/null && [ -x /usr/local/go/bin/go ]; then export PATH="/usr/local/go/bin:$PATH"; fi
+  command -v go >/dev/null || die "go is required (run scripts/setup.sh)"
+}
+
+# Renders a kustomization directory to stdout: kubectl's kustomize, else kustomize (on PATH or
+# `go install`ed by setup).
+deploy_kustomize() {
+  local gobin="${SIMSERVE_TOOLS_DIR:-$HOME/.cache/simserve}/go/bin"
+  if command -v kubectl >/dev/null; then kubectl kustomize "$1"
+  elif command -v kustomize >/dev/null; then kustomize build "$1"
+  elif [ -x "$gobin/kustomize" ]; then "$gobin/kustomize" build "$1"
+  else die "neither kubectl nor kustomize found (run scripts/setup.sh)"; fi
+}
+
+# Builds the manifest validator (tests/deploy/validate) into the file given.
+deploy_build_validator() {
+  deploy_go_env
+  (cd "$DEPLOY_ROOT/tests/deploy/validate" && go build -o "$1" .) || die "validator build failed"
+}
+
+# Prints the name of container CONTAINER of the pod that `podman kube play` made for the
+# Deployment DEPLOYMENT (<deployment>-pod-<n>-<container>), or dies.
+deploy_kube_container() {
+  local name
+  name=$(podman ps -a --format '{{.Names}}' | grep -E "^$1-pod-[0-9]+-$2\$" | head -1 || true)
+  [ -n "$name" ] || { podman ps -a >&2; die "no container $2 of $1 from kube play"; }
+  echo "$name"
+}
+
+# Writes WORK/overlay/kustomization.yaml for `podman kube play`: the overlay OVERLAY_DIR with
+# the image overrides IMAGES (YAML list items), the caller's WORK/overlay/podman.yaml patch,
+# and no declared container ports (with the host network podman rejects port mappings; the
+# ports are only declarative there). Then renders it, validates it (schema only: the test
+# patch changes what the policy checks, k8s_test.sh checks the real overlay) and writes the
+# Deployment to WORK/deployment.yaml.
+deploy_play_render() {
+  local work="$1" overlay="$2" images="$3"
+  cat >"$work/overlay/kustomization.yaml" <<EOT
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - $(realpath --relative-to="$work/overlay" "$overlay")
+images:
+$images
+patches:
+  - path: podman.yaml
+  - target:
+      kind: Deployment
+      name: simserve
+    patch: |-
+      - op: remove
+        path: /spec/template/spec/containers/0/ports
+EOT
+  deploy_kustomize "$work/overlay" >"$work/rendered.yaml"
+  deploy_build_validator "$work/validate"
+  "$work/validate" -schema-only -extract-kind Deployment "$work/rendered.yaml" \
+    >"$work/deployment.yaml" || die "the patched overlay $(basename "$overlay") does not validate"
+  grep -q "image: $SIMSERVE_IMAGE" "$work/deployment.yaml" || die "image override not applied"
+}
+
+# Starts the Deployment file with `podman kube play` (removing leftovers of an interrupted
+# run first, which would make it fail on the name); its output goes to LOG.
+deploy_play_start() {
+  podman kube down "$1" >/dev/null 2>&1 || true
+  podman kube play --start "$1" >"$2" 2>&1 || { cat "$2" >&2; die "podman kube play failed"; }
+}
+
+# Stops the pod of container CTR as the kubelet would (SIGTERM, 35 s grace), checks that the
+# server exited 0, then `kube down`s the Deployment file and checks the pod is gone.
+deploy_play_stop() {
+  local ctr="$1" deployment="$2" pod code
+  pod=$(podman inspect --format '{{.Pod}}' "$ctr")
+  podman pod stop -t 35 "$pod" >/dev/null
+  code=$(podman inspect --format '{{.State.ExitCode}}' "$ctr")
+  podman logs "$ctr" 2>&1 | tail -2
+  [ "$code" = "0" ] || die "container exit code $code after stop, want 0"
+  podman kube down "$deployment" >/dev/null
+  if podman pod exists "$pod"; then die "pod still exists after kube down"; fi
 }

@@ -5,20 +5,32 @@ and queries it by name (then deletes it), checks that bad input gets INVALID_ARG
 scrapes /metrics for the calls it made. With --gallery NAME=FILE.npy it also checks that the
 server loaded FILE as the directory gallery NAME (its --gallery_dir) and computes against it.
 
+A secured server (the prod overlay): --tls-ca CA.pem makes every call TLS verified with that
+CA and checks that plaintext is refused; --token TOKEN sends `authorization: Bearer TOKEN` and
+checks that calls without it or with a wrong one are UNAUTHENTICATED (health stays open);
+--health-target the plaintext health-only listener (SERVING, nothing else served there);
+--metrics-ca and --metrics-basic-auth USER:PASS for an HTTPS /metrics behind basic auth (and
+checks that it refuses plain HTTP and a missing or wrong password).
+
 Python stubs are generated from proto/ at run time into a temporary directory.
 Optionally, last: SIGTERM arrives while a streamed call is in flight, which must complete.
 Usage: smoke_client.py --target 127.0.0.1:PORT [--metrics-url URL] [--expect-threads N]
                        [--gallery NAME=FILE.npy] [--sigterm-during-stream COMMAND]
+                       [--tls-ca FILE] [--token TOKEN] [--health-target HOST:PORT]
+                       [--metrics-ca FILE] [--metrics-basic-auth USER:PASS]
 Exit 0 = all checks passed; otherwise a message on stderr and exit 1.
 """
 
 import argparse
+import base64
 import os
 import re
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 import grpc
@@ -53,20 +65,77 @@ def generate_stubs(out_dir):
     return similarity_pb2, similarity_pb2_grpc
 
 
-def wait_serving(channel, seconds):
+def wait_serving(channel, seconds, service=""):
     stub = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + seconds
     last = None
     while time.monotonic() < deadline:
         try:
-            resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
             last = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
             if resp.status == health_pb2.HealthCheckResponse.SERVING:
                 return time.monotonic() - (deadline - seconds)
         except grpc.RpcError as e:
             last = e.code().name
         time.sleep(0.25)
-    fail(f"health never SERVING within {seconds} s (last: {last})")
+    fail(f"health {service!r} never SERVING within {seconds} s (last: {last})")
+
+
+def tls_credentials(ca_file, token=None):
+    """TLS verified with ca_file, plus `authorization: Bearer token` on every call if given."""
+    with open(ca_file, "rb") as f:
+        creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+    if token is not None:
+        creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
+    return creds
+
+
+def open_channel(args):
+    if args.tls_ca:
+        return grpc.secure_channel(args.target, tls_credentials(args.tls_ca, args.token))
+    if args.token:
+        fail("--token needs --tls-ca (gRPC sends call credentials only over TLS)")
+    return grpc.insecure_channel(args.target)
+
+
+def expect_code(what, code, call):
+    try:
+        call()
+    except grpc.RpcError as e:
+        if e.code() != code:
+            fail(f"{what}: {e.code().name} ({e.details()}), want {code.name}")
+        return e.details()
+    fail(f"{what} succeeded, want {code.name}")
+
+
+def check_health_port(pb_grpc, pb, target, wait):
+    """The plaintext health-only listener (--health_listen): both health services SERVING, the
+    similarity service not served there."""
+    with grpc.insecure_channel(target) as channel:
+        waited = wait_serving(channel, wait)
+        wait_serving(channel, 5, service="simserve.v1.Similarity")
+        expect_code("GetInfo on the health-only port", grpc.StatusCode.UNIMPLEMENTED,
+                    lambda: pb_grpc.SimilarityStub(channel).GetInfo(pb.GetInfoRequest(), timeout=5))
+    print(f"smoke: plaintext health port {target}: SERVING after {waited:.1f} s ('' and "
+          "simserve.v1.Similarity), GetInfo UNIMPLEMENTED there")
+
+
+def check_transport_security(pb_grpc, pb, args):
+    """TLS only on the gRPC port; with tokens, health is open and everything else needs one."""
+    with grpc.insecure_channel(args.target) as channel:
+        expect_code("plaintext Health/Check on the TLS port", grpc.StatusCode.UNAVAILABLE,
+                    lambda: health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(), timeout=5))
+    print("smoke: the gRPC port refuses plaintext")
+    if not args.token:
+        return
+    for label, token in (("no token", None), ("a wrong token", args.token + "-wrong")):
+        with grpc.secure_channel(args.target, tls_credentials(args.tls_ca, token)) as channel:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            details = expect_code(f"GetInfo with {label}", grpc.StatusCode.UNAUTHENTICATED,
+                                  lambda: pb_grpc.SimilarityStub(channel).GetInfo(
+                                      pb.GetInfoRequest(), timeout=5))
+        print(f"smoke: TLS with {label}: Health open, GetInfo UNAUTHENTICATED ({details})")
 
 
 def tensor(pb, array):
@@ -223,8 +292,41 @@ def metric_value(text, name, **labels):
     return total
 
 
-def check_metrics(url, stream_chunks):
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
+def fetch(url, ca_file=None, basic_auth=None):
+    """(status, body) of a GET; HTTP errors are answers, not exceptions."""
+    request = urllib.request.Request(url)
+    if basic_auth is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(basic_auth.encode()).decode())
+    context = ssl.create_default_context(cafile=ca_file) if url.startswith("https:") else None
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+
+
+def check_metrics_security(url, ca_file, basic_auth):
+    """An HTTPS /metrics refuses plain HTTP; with basic auth, no or a wrong password is 401."""
+    if url.startswith("https:"):
+        try:
+            status, _ = fetch("http:" + url[len("https:"):])
+        except (OSError, urllib.error.URLError):
+            status = None
+        if status == 200:
+            fail("/metrics answered plain HTTP on its HTTPS port")
+        print("smoke: /metrics refuses plain HTTP")
+    if basic_auth:
+        for label, auth in (("no password", None), ("a wrong password", basic_auth + "-wrong")):
+            status, _ = fetch(url, ca_file, auth)
+            if status != 401:
+                fail(f"/metrics with {label}: HTTP {status}, want 401")
+        print("smoke: /metrics without or with a wrong password -> 401")
+
+
+def check_metrics(url, stream_chunks, ca_file=None, basic_auth=None, auth_failures=0):
+    status, text = fetch(url, ca_file, basic_auth)
+    if status != 200:
+        fail(f"/metrics: HTTP {status}")
     checks = [
         ("grpc_server_handled_total", dict(grpc_method="Compute", grpc_code="OK"), 1),
         ("grpc_server_handled_total", dict(grpc_method="Compute", grpc_code="InvalidArgument"), 1),
@@ -232,6 +334,8 @@ def check_metrics(url, stream_chunks):
         ("grpc_server_msg_sent_total", dict(grpc_method="ComputeStream"), stream_chunks),
         ("simserve_build_info", {}, 1),
     ]
+    if auth_failures:
+        checks.append(("simserve_auth_failures_total", {}, auth_failures))
     for name, labels, minimum in checks:
         value = metric_value(text, name, **labels)
         if value is None or value < minimum:
@@ -250,11 +354,21 @@ def main():
     ap.add_argument("--sigterm-during-stream", metavar="COMMAND",
                     help="last check: run COMMAND (which sends SIGTERM to the server) while a "
                          "streamed call is in flight; the call must still complete")
+    ap.add_argument("--tls-ca", metavar="FILE", help="the gRPC port serves TLS: verify it with FILE")
+    ap.add_argument("--token", help="bearer token for every call (needs --tls-ca)")
+    ap.add_argument("--health-target", metavar="HOST:PORT",
+                    help="the plaintext health-only listener (--health_listen)")
+    ap.add_argument("--metrics-ca", metavar="FILE", help="CA of an https --metrics-url")
+    ap.add_argument("--metrics-basic-auth", metavar="USER:PASS", help="basic auth of /metrics")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="simserve-stubs-") as gen:
         pb, pb_grpc = generate_stubs(gen)
-        with grpc.insecure_channel(args.target) as channel:
+        if args.health_target:
+            check_health_port(pb_grpc, pb, args.health_target, args.wait)
+        if args.tls_ca:
+            check_transport_security(pb_grpc, pb, args)
+        with open_channel(args) as channel:
             waited = wait_serving(channel, args.wait)
             print(f"smoke: health SERVING after {waited:.1f} s")
             stub = pb_grpc.SimilarityStub(channel)
@@ -272,7 +386,9 @@ def main():
             if args.gallery:
                 check_directory_gallery(pb, stub, args.gallery)
             if args.metrics_url:
-                check_metrics(args.metrics_url, chunks)
+                check_metrics_security(args.metrics_url, args.metrics_ca, args.metrics_basic_auth)
+                check_metrics(args.metrics_url, chunks, args.metrics_ca, args.metrics_basic_auth,
+                              auth_failures=2 if args.token else 0)
             if args.sigterm_during_stream:
                 check_drain(pb, stub, args.sigterm_during_stream)
     print("smoke: PASS")

@@ -1,7 +1,8 @@
 // Command validate checks rendered Kubernetes manifests (the output of `kubectl kustomize`)
-// for simserve: every object is decoded strictly into the real Kubernetes / prometheus-operator
-// Go types (unknown, misspelled, duplicate or wrongly typed fields fail, exactly as the API
-// server's strict field validation does), then simserve's deployment policy is checked.
+// for simserve: every object is decoded strictly into the real Kubernetes, prometheus-operator
+// and cert-manager Go types (unknown, misspelled, duplicate or wrongly typed fields fail,
+// exactly as the API server's strict field validation does), then simserve's deployment
+// policy is checked.
 //
 // Usage: validate [flags] FILE|- ...   (exit 0 = valid, 1 = invalid, 2 = usage error)
 package main
@@ -16,6 +17,7 @@ import (
 	"os"
 	"strings"
 
+	cmv1 "github.com/cert-manager/cert-manager/pkg/apis/certmanager/v1"
 	monitoringv1 "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1"
 	appsv1 "k8s.io/api/apps/v1"
 	autoscalingv2 "k8s.io/api/autoscaling/v2"
@@ -38,6 +40,7 @@ func newScheme() *runtime.Scheme {
 	utilruntime.Must(policyv1.AddToScheme(s))
 	utilruntime.Must(networkingv1.AddToScheme(s))
 	utilruntime.Must(monitoringv1.AddToScheme(s))
+	utilruntime.Must(cmv1.AddToScheme(s))
 	return s
 }
 
@@ -90,6 +93,9 @@ func main() {
 	require := flag.String("require-kinds", "Deployment,Service",
 		"comma-separated kinds that must be present")
 	forbid := flag.String("forbid-kinds", "", "comma-separated kinds that must be absent")
+	security := flag.String("security", "",
+		"exactly the security features every Deployment has on, comma-separated from "+
+			securityFeatureNames()+", or none; empty: not checked")
 	schemaOnly := flag.Bool("schema-only", false, "only strict schema decoding, no policy")
 	extract := flag.String("extract-kind", "",
 		"after successful validation, print the documents of this kind (as written) instead")
@@ -104,6 +110,11 @@ func main() {
 	}
 	opts.requireKinds = splitList(*require)
 	opts.forbidKinds = splitList(*forbid)
+	var err error
+	if opts.security, err = parseSecurityFlag(*security); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
 
 	scheme := newScheme()
 	codec := kjson.NewSerializerWithOptions(kjson.DefaultMetaFactory, scheme, scheme,

@@ -1,17 +1,19 @@
-// Policy checks for simserve's rendered manifests: what the schema cannot say (probes,
-// CPU requests == limits, threads from the CPU limit, hardening, graceful shutdown timing,
+// Policy checks for simserve's rendered manifests: what the schema cannot say (CPU
+// requests == limits, threads from the CPU limit, hardening, graceful shutdown timing,
 // port names, the gallery directory's volume and the memory budget, and that Services, HPA,
 // PDB, ServiceMonitor, NetworkPolicy and PersistentVolumeClaims fit the Deployment they are
-// meant for).
+// meant for). Probes, TLS, tokens and cert-manager objects: security.go.
 package main
 
 import (
 	"fmt"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
 
+	cmv1 "github.com/cert-manager/cert-manager/pkg/apis/certmanager/v1"
 	monitoringv1 "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1"
 	appsv1 "k8s.io/api/apps/v1"
 	autoscalingv2 "k8s.io/api/autoscaling/v2"
@@ -57,6 +59,9 @@ var promDuration = regexp.MustCompile(
 type policyOptions struct {
 	minReplicas, maxReplicas  int
 	requireKinds, forbidKinds []string
+	// Exactly the security features (securityFeatures) each Deployment must have on; nil:
+	// not checked.
+	security map[string]bool
 }
 
 func describe(obj runtime.Object) string {
@@ -81,6 +86,14 @@ func describe(obj runtime.Object) string {
 		return "PersistentVolumeClaim/" + o.Name
 	case *corev1.Namespace:
 		return "Namespace/" + o.Name
+	case *corev1.Secret:
+		return "Secret/" + o.Name
+	case *cmv1.Certificate:
+		return "Certificate/" + o.Name
+	case *cmv1.Issuer:
+		return "Issuer/" + o.Name
+	case *cmv1.ClusterIssuer:
+		return "ClusterIssuer/" + o.Name
 	}
 	return fmt.Sprintf("%T", obj)
 }
@@ -118,11 +131,15 @@ func checkPolicy(objs []runtime.Object, opts policyOptions) []string {
 			p.add("bundle", "a %s must not be rendered here", k)
 		}
 	}
+	cm := newBundle(objs)
+	secs := map[*appsv1.Deployment]*serverSecurity{}
 	for _, d := range deployments {
 		checkDeployment(&p, d, hpaFor(objs, d), opts)
 		checkGalleries(&p, d, claims)
+		secs[d] = checkServerSecurity(&p, d, cm, opts.security)
 	}
 	checkServices(&p, services, deployments)
+	checkSecurityBundle(&p, objs, cm, secs, services)
 	for _, obj := range objs {
 		switch o := obj.(type) {
 		case *autoscalingv2.HorizontalPodAutoscaler:
@@ -152,6 +169,8 @@ func checkObjectMeta(p *problems, obj runtime.Object) {
 		nameFn = apivalidation.NameIsDNS1035Label
 	case *corev1.Namespace:
 		nameFn, namespaced = apivalidation.NameIsDNSLabel, false
+	case *cmv1.ClusterIssuer:
+		namespaced = false
 	case *appsv1.Deployment:
 		for _, e := range metav1validation.ValidateLabels(o.Spec.Template.Labels,
 			field.NewPath("spec", "template", "metadata", "labels")) {
@@ -172,8 +191,12 @@ func checkObjectMeta(p *problems, obj runtime.Object) {
 
 type problems struct{ list []string }
 
+// add records a violation once (several env vars may read the same volume, for example).
 func (p *problems) add(where, format string, args ...any) {
-	p.list = append(p.list, where+": policy: "+fmt.Sprintf(format, args...))
+	msg := where + ": policy: " + fmt.Sprintf(format, args...)
+	if !slices.Contains(p.list, msg) {
+		p.list = append(p.list, msg)
+	}
 }
 
 // hpaFor returns the HPA scaling d, if any.
@@ -226,7 +249,6 @@ func checkDeployment(p *problems, d *appsv1.Deployment, hpa *autoscalingv2.Horiz
 		c := &pod.Containers[i]
 		cw := fmt.Sprintf("%s container %q", where, c.Name)
 		checkPorts(p, cw, c)
-		checkProbes(p, cw, c)
 		checkResources(p, cw, c)
 		checkEnv(p, cw, c)
 		checkSecurity(p, cw, c, psc)
@@ -404,24 +426,6 @@ func checkPorts(p *problems, cw string, c *corev1.Container) {
 	}
 	for name, n := range want {
 		p.add(cw, "missing container port named %q (%d)", name, n)
-	}
-}
-
-func checkProbes(p *problems, cw string, c *corev1.Container) {
-	probes := []struct {
-		name  string
-		probe *corev1.Probe
-	}{{"startupProbe", c.StartupProbe}, {"readinessProbe", c.ReadinessProbe},
-		{"livenessProbe", c.LivenessProbe}}
-	for _, pr := range probes {
-		switch {
-		case pr.probe == nil:
-			p.add(cw, "%s is missing", pr.name)
-		case pr.probe.GRPC == nil:
-			p.add(cw, "%s must be a native grpc probe", pr.name)
-		case pr.probe.GRPC.Port != grpcPort:
-			p.add(cw, "%s grpc.port=%d, want %d", pr.name, pr.probe.GRPC.Port, grpcPort)
-		}
 	}
 }
 
@@ -676,6 +680,10 @@ func checkServiceMonitor(p *problems, m *monitoringv1.ServiceMonitor, services [
 			if d != "" && !promDuration.MatchString(string(d)) {
 				p.add(where, "endpoint %s %q is not a Prometheus duration", field, d)
 			}
+		}
+		// The CRD's enum for the scheme (the Go type is a plain string).
+		if ep.Scheme != nil && !slices.Contains([]string{"http", "https", "HTTP", "HTTPS"}, string(*ep.Scheme)) {
+			p.add(where, "endpoint scheme %q must be http or https", *ep.Scheme)
 		}
 		matched := false
 		for _, s := range services {
