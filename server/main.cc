@@ -46,6 +46,9 @@ ABSL_FLAG(bool, warmup, kDefaults.compute.warmup,
 ABSL_FLAG(int64_t, upload_read_ahead_bytes, kDefaults.compute.upload_read_ahead_bytes,
           "ComputeUpload pauses reading while this many received bytes wait to be copied. "
           "Env SIMSERVE_UPLOAD_READ_AHEAD_BYTES.");
+ABSL_FLAG(int, malloc_arena_max, kDefaults.compute.malloc_arena_max,
+          "glibc malloc arenas (M_ARENA_MAX; fewer arenas fragment less); 0 = glibc default. "
+          "Env SIMSERVE_MALLOC_ARENA_MAX.");
 ABSL_FLAG(int64_t, malloc_retain_bytes, kDefaults.compute.malloc_retain_bytes,
           "Freed heap memory kept for reuse (glibc M_TRIM_THRESHOLD; avoids page faults on "
           "every call's receive buffers); 0 = glibc default. Env SIMSERVE_MALLOC_RETAIN_BYTES.");
@@ -198,6 +201,7 @@ bool ApplyEnvironment() {
                                            "omp_spin_count",
                                            "buffer_cache_bytes",
                                            "malloc_retain_bytes",
+                                           "malloc_arena_max",
                                            "inline_max_flops",
                                            "inline_max_input_bytes",
                                            "max_input_elements",
@@ -273,6 +277,7 @@ simserve::ServerConfig ConfigFromFlags() {
   c.compute.omp_spin_count = absl::GetFlag(FLAGS_omp_spin_count);
   c.compute.buffer_cache_bytes = absl::GetFlag(FLAGS_buffer_cache_bytes);
   c.compute.malloc_retain_bytes = absl::GetFlag(FLAGS_malloc_retain_bytes);
+  c.compute.malloc_arena_max = absl::GetFlag(FLAGS_malloc_arena_max);
   c.compute.inline_max_flops = absl::GetFlag(FLAGS_inline_max_flops);
   c.compute.inline_max_input_bytes = absl::GetFlag(FLAGS_inline_max_input_bytes);
   c.limits.max_input_elements = absl::GetFlag(FLAGS_max_input_elements);
@@ -371,6 +376,7 @@ int main(int argc, char** argv) {
   simserve::ServerConfig config = ConfigFromFlags();
   config.compute.omp_wait_policy = ApplyOpenMpWaitPolicy(&config, argv);
   RetainFreedMemory(config.compute.malloc_retain_bytes);
+  if (config.compute.malloc_arena_max > 0) mallopt(M_ARENA_MAX, config.compute.malloc_arena_max);
   const absl::Status status = simserve::RunServer(config);
   if (!status.ok()) {
     std::cerr << "simserve: " << status << "\n";

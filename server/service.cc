@@ -112,6 +112,17 @@ struct ReceivedRequest {
 
 // Decodes, validates and admits a Compute/ComputeStream request and starts `pipeline` with
 // all of its input. On success `*spec` is the problem.
+// A call whose client went away (or whose deadline passed) before its request arrived gets
+// no request message (an invalid ByteBuffer; an empty message is a valid one): that is a
+// cancellation, not the client's INVALID_ARGUMENT, even before OnCancel has run.
+void FailUnlessCancelled(grpc::CallbackServerContext* context, const grpc::ByteBuffer& request,
+                         TilePipeline* pipeline, absl::Status error) {
+  if (!request.Valid() || context->IsCancelled() || absl::Now() >= DeadlineOf(context)) {
+    return pipeline->Cancel();
+  }
+  pipeline->Fail(std::move(error));
+}
+
 // The client a call counts against for the per-client share of the in-flight bytes: the
 // token it authenticated with (auth.h), else its address without the port (one host's
 // connections share one share; behind a proxy every caller looks the same: use tokens).
@@ -207,7 +218,7 @@ class UnaryCall final : public grpc::ServerUnaryReactor, private TilePipeline::S
     env_.metrics->AddInFlight(1);
     absl::Status started = StartFromRequest(env_, *request, RequestKind::kUnary, PeerKey(context_),
                                             &pipeline_, &spec_);
-    if (!started.ok()) pipeline_.Fail(std::move(started));
+    if (!started.ok()) FailUnlessCancelled(context_, *request, &pipeline_, std::move(started));
   }
 
   void OnCancel() override { pipeline_.Cancel(); }
@@ -283,7 +294,7 @@ class StreamCall final : public StreamingCall<grpc::ServerWriteReactor<grpc::Byt
       : StreamingCall(env, context, kComputeStream) {
     absl::Status started = StartFromRequest(env_, *request, RequestKind::kStream, PeerKey(context_),
                                             &pipeline_, &spec_);
-    if (!started.ok()) pipeline_.Fail(std::move(started));
+    if (!started.ok()) FailUnlessCancelled(context_, *request, &pipeline_, std::move(started));
   }
 
  private:
@@ -309,8 +320,9 @@ class UploadCall final
   // Reactions of reads are serialized (one read outstanding), as the assembler requires.
   void OnReadDone(bool ok) override {
     idle_->NotWaiting();
-    // !ok: the client half-closed (or went away: then OnCancel follows).
-    if (!ok) return assembler_.OnEndOfStream();
+    // !ok: the client half-closed, or went away (then OnCancel follows; the missing bytes
+    // are its cancellation, not an INVALID_ARGUMENT).
+    if (!ok) return context_->IsCancelled() ? pipeline_.Cancel() : assembler_.OnEndOfStream();
     auto message = std::make_shared<codec::ReceivedMessage>(read_);
     read_.Clear();
     if (assembler_.OnMessage(std::move(message))) Read();
@@ -370,7 +382,10 @@ class RegisterCall final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
   // received_ are only touched here.
   void OnReadDone(bool ok) override {
     idle_->NotWaiting();
-    if (!ok) return EndOfStream();  // half-close, or cancellation (then Finish is moot)
+    if (!ok) {  // half-close, or cancellation (then Finish is moot)
+      if (context_->IsCancelled()) return Fail(absl::CancelledError("the client cancelled"));
+      return EndOfStream();
+    }
     auto message = std::make_shared<codec::ReceivedMessage>(read_);
     read_.Clear();  // before anything that may resume reading into read_
     auto decoded = codec::DecodeRegisterGalleryRequest(*message);

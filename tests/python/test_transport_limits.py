@@ -111,3 +111,36 @@ def test_oversized_metadata_is_refused(server_binary):
             pb_grpc.SimilarityStub(ch).Compute(small_request(), metadata=[("x-small", "a" * 100)],
                                                timeout=10)
         assert healthy(srv.address)
+
+
+def test_calls_cut_off_before_their_request_arrived_are_not_invalid_argument(server_binary):
+    """A deadline or cancel that beats the request body used to be logged and counted as
+    INVALID_ARGUMENT ("tensor a is missing or empty"); the soak found it."""
+    import re
+    import urllib.request
+
+    from serverctl import free_port
+    metrics_port = free_port()
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((4, 64, 128), dtype=np.float32)
+    b = rng.standard_normal((4, 512, 128), dtype=np.float32)
+    request = pb.ComputeRequest(a=pb.Tensor(shape=[4, 64, 128], raw=a.tobytes()),
+                                b=pb.Tensor(shape=[4, 512, 128], raw=b.tobytes()))
+    with Server(server_binary, [f"--metrics_listen=127.0.0.1:{metrics_port}"]) as srv:
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = pb_grpc.SimilarityStub(ch)
+            codes = []
+            for _ in range(50):
+                try:
+                    stub.Compute(request, timeout=0.002)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as err:
+                    codes.append(err.code())
+            assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED}, codes
+        assert healthy(srv.address)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                      timeout=5).read().decode()
+        invalid = re.search(r'grpc_server_handled_total\{grpc_code="InvalidArgument",'
+                            r'grpc_method="Compute"[^}]*\} (\S+)', text)
+        assert invalid is not None and float(invalid.group(1)) == 0, invalid and invalid.group(0)
+        assert "missing or empty" not in srv.log()
