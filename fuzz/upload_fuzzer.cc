@@ -39,7 +39,7 @@ namespace simserve::fuzz {
 namespace {
 
 // Options byte.
-constexpr uint8_t kSmallLimits = 1;  // tiny limits, read-ahead and window (pauses, refusals)
+constexpr uint8_t kSmallLimits = 1;  // tiny limits, read-ahead, window and budget
 constexpr uint8_t kCancel = 2;       // the client goes away before record (options >> 4)
 constexpr uint8_t kFailWrite = 4;    // the first write fails (the client went away)
 constexpr uint8_t kDraining = 8;     // the server is draining
@@ -76,7 +76,7 @@ struct State {
     Check(spec.ok(), "gallery spec");
     auto gallery =
         BuildGallery(*spec, GallerySource::kUploaded, "", 1, [](std::span<std::byte> in) {
-          for (size_t i = 0; i < in.size(); ++i) in[i] = std::byte{0x3f};
+          std::fill(in.begin(), in.end(), std::byte{0x3f});  // 0.747f everywhere
           return absl::OkStatus();
         });
     Check(gallery.ok() && galleries.Put(*std::move(gallery)).ok(), "gallery");
@@ -90,6 +90,11 @@ struct State {
   std::shared_ptr<BufferPool> buffers = BufferPool::Create(int64_t{16} << 20);
   ComputePool pool{ComputePool::Options{.workers = 2, .max_inflight_bytes = int64_t{64} << 20},
                    &metrics};
+  // With the small limits: one worker and a budget that uploads outgrow while they arrive.
+  ComputePool tight_pool{
+      ComputePool::Options{
+          .workers = 1, .max_inflight_bytes = 1024, .max_inflight_bytes_per_peer = 768},
+      &metrics};
   GalleryStore galleries{int64_t{1} << 20, &metrics};
   std::atomic<bool> draining{false};
   std::unique_ptr<kernels::SimilarityEngine> engine;
@@ -198,9 +203,11 @@ void FuzzUpload(const uint8_t* data, size_t size) {
   State& state = GetState();
   const Framed input = ParseFramed(data, size);
   state.draining = (input.options & kDraining) != 0;
-  const ServiceEnv env{(input.options & kSmallLimits) != 0 ? state.small : state.normal,
+  const bool small = (input.options & kSmallLimits) != 0;
+  ComputePool& pool = small ? state.tight_pool : state.pool;
+  const ServiceEnv env{small ? state.small : state.normal,
                        state.engine.get(),
-                       &state.pool,
+                       &pool,
                        &state.metrics,
                        &state.stats,
                        state.buffers.get(),
@@ -215,7 +222,7 @@ void FuzzUpload(const uint8_t* data, size_t size) {
   const DrivenUpload upload = DriveUpload(env, messages, behaviour);
   Sent sent;
   for (size_t i = 0; i < upload.delivered; ++i) sent.Add(*messages[i]);
-  Check(state.pool.inflight_bytes() == 0, "the in-flight reservation outlives the call");
+  Check(pool.inflight_bytes() == 0, "the in-flight reservation outlives the call");
   Check(state.stats.stream_buffered_bytes.load() == 0, "buffered tile bytes outlive the call");
   switch (upload.status.code()) {
     case absl::StatusCode::kOk:
