@@ -90,8 +90,8 @@ for h in "${HARNESSES[@]}"; do
   last=$(grep -E '^#[0-9]+.*cov: ' "$log" | tail -n 1 || true)
   cov=$(sed -n 's/.* cov: \([0-9]*\).*/\1/p' <<<"$last")
   ft=$(sed -n 's/.* ft: \([0-9]*\).*/\1/p' <<<"$last")
-  files=$(find "$corpus" -type f | wc -l)
-  kib=$(( $(du -sb "$corpus" | cut -f1) / 1024 ))
+  # libFuzzer's own count: inputs in the corpus / their total size.
+  corp=$(sed -n 's/.* corp: \([0-9]*\)\/\([0-9]*[KMG]*b\).*/\1 inputs, \2/p' <<<"$last")
   took=$(( $(date +%s) - h_start ))
   if [ "$status" -ne 0 ]; then
     failed+=("$h")
@@ -99,10 +99,10 @@ for h in "${HARNESSES[@]}"; do
     reproducer=$(sed -n "s/.*Test unit written to \(.*\)/\1/p" "$log" | tail -n 1)
     echo "fuzz: $h: FAILED (exit $status) after ${took} s; reproducer: ${reproducer:-none written}; log: $log" >&2
     echo "fuzz: replay with: $bin ${reproducer:-<input>}  (then add it to fuzz/regressions/$h/)" >&2
-    rows+=("| $h | ${execs:--} | ${rate:--} | ${cov:--} | ${ft:--} | $files ($kib KiB) | CRASH |")
+    rows+=("| $h | ${execs:--} | ${rate:--} | ${cov:--} | ${ft:--} | ${corp:--} | CRASH |")
   else
-    echo "fuzz: $h: ok, ${execs} executions (${rate}/s), cov ${cov} ft ${ft}, corpus $files inputs ($kib KiB), ${took} s"
-    rows+=("| $h | $execs | $rate | $cov | $ft | $files ($kib KiB) | 0 crashes |")
+    echo "fuzz: $h: ok, ${execs} executions (${rate}/s), cov ${cov} ft ${ft}, corpus ${corp}, ${took} s"
+    rows+=("| $h | $execs | $rate | $cov | $ft | $corp | 0 crashes |")
   fi
 done
 
