@@ -20,7 +20,9 @@
 #include "server/gallery_store.h"
 #include "server/idle_watchdog.h"
 #include "server/metrics.h"
+#include "server/shared_memory.h"
 #include "server/tile_pipeline.h"
+#include "server/wire_codec.h"
 #include "simserve/v1/similarity.pb.h"
 
 namespace simserve {
@@ -37,6 +39,8 @@ struct ServiceEnv {
   const std::atomic<bool>* draining;
   // Ends client streams that wait too long for data (the reactors use it; may be null).
   IdleWatchdog* idle_watchdog = nullptr;
+  // Shared-memory regions of both front ends (may be null: shared memory off).
+  SharedMemoryRegistry* shared_memory = nullptr;
 };
 
 // UNAVAILABLE: the server is draining (shutting down).
@@ -65,6 +69,27 @@ absl::StatusOr<Admitted> ValidateAndAdmit(const ServiceEnv& env, const v1::Compu
 // How much more input an upload reserves each time its received bytes come within
 // upload_read_ahead_bytes of its reservation: two read-aheads.
 int64_t UploadReservationStep(const ServerConfig& config);
+
+// A received compute request with all of its input (Compute, ComputeStream, ModelInfer):
+// the message's slices, the request without its raw payloads, and where those payloads
+// are in the message. Held by the input pieces until they are ingested.
+struct ReceivedCompute {
+  explicit ReceivedCompute(const grpc::ByteBuffer& buffer) : message(buffer) {}
+  codec::ReceivedMessage message;
+  // A tensor sent as raw bytes has `raw` = "" here; its bytes are at a_raw / b_raw.
+  v1::ComputeRequest request;
+  std::optional<codec::Range> a_raw;
+  std::optional<codec::Range> b_raw;
+};
+
+// Validates and admits `received` (ValidateAndAdmit) and starts `pipeline` with all of its
+// input; on success `*spec` is the problem. Tensors and result parts that name shared
+// memory are resolved in env.shared_memory (FAILED_PRECONDITION when off, INVALID_ARGUMENT
+// for an unknown region, a range outside it, an output region smaller than the result or
+// misaligned for its element type) and read or written in place.
+absl::Status StartComputeCall(const ServiceEnv& env, std::shared_ptr<ReceivedCompute> received,
+                              RequestKind kind, const std::string& peer, TilePipeline* pipeline,
+                              ProblemSpec* spec);
 
 // The TilePipeline dependencies of one call, from the server's configuration.
 TilePipeline::Deps PipelineDeps(const ServiceEnv& env);

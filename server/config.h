@@ -154,6 +154,15 @@ struct GalleryConfig {
   int64_t memory_bytes = int64_t{4} << 30;
 };
 
+// System shared memory (server/shared_memory.h): same-host clients pass tensors and receive
+// results through POSIX shared-memory regions instead of messages. Off by default: a region
+// gives the server read-write access to memory the client shares.
+struct SharedMemoryConfig {
+  bool allow = false;
+  // Regions registered at once, over both front ends.
+  int max_regions = 256;
+};
+
 // Transport security of the gRPC port. All empty: plaintext (the default, for local use).
 struct TlsConfig {
   // PEM server certificate chain and private key. Both set: the gRPC port serves TLS only.
@@ -209,6 +218,7 @@ struct ServerConfig {
   GalleryConfig galleries;
   TlsConfig tls;
   AuthConfig auth;
+  SharedMemoryConfig shared_memory;
   // How long running calls may continue after SIGTERM/SIGINT before they are cancelled.
   absl::Duration drain_grace = absl::Seconds(20);
   // GRPC_ARG_MAX_CONNECTION_AGE_MS: clients reconnect after this long, which lets a

@@ -205,11 +205,24 @@ absl::StatusOr<ProblemSpec> ParseProblem(const v1::ComputeRequest& request, Requ
         absl::StrCat("result would be ", spec.output_bytes,
                      " bytes; the limit is max_output_bytes = ", limits.max_output_bytes));
   }
+  // Result parts written to shared memory (ComputeRequest.*_shared_memory) are not sent.
+  const int64_t rows = SatMul(spec.shape.batch, spec.shape.n);
+  const int64_t sent_bytes =
+      SatAdd(request.has_values_shared_memory() ? 0 : SatMul(rows, spec.value_row_bytes),
+             request.has_indices_shared_memory() ? 0 : SatMul(rows, spec.index_row_bytes));
+  if (kind != RequestKind::kUnary &&
+      (request.has_values_shared_memory() || request.has_indices_shared_memory())) {
+    return absl::InvalidArgumentError(
+        "values_shared_memory / indices_shared_memory are for Compute (unary) only");
+  }
+  if (request.has_indices_shared_memory() && spec.options.top_k == 0) {
+    return absl::InvalidArgumentError("indices_shared_memory needs top_k > 0");
+  }
   if (kind == RequestKind::kUnary &&
-      spec.output_bytes + kMessageOverheadBytes > limits.max_send_message_bytes) {
+      sent_bytes + kMessageOverheadBytes > limits.max_send_message_bytes) {
     return ResourceError(
         RejectReason::kOutputTooLarge, reason,
-        absl::StrCat("result of ", spec.output_bytes,
+        absl::StrCat("result of ", sent_bytes,
                      " bytes exceeds the unary message limit max_send_message_bytes = ",
                      limits.max_send_message_bytes, "; use ComputeStream (or ComputeUpload)"));
   }
@@ -256,9 +269,18 @@ absl::StatusOr<kernels::ConstTensorView> ViewData(absl::string_view name, const 
           kernels::Name(dtype), " needs ", bytes, " (prod(shape) * ", kernels::SizeOf(dtype), ")"));
     }
     if (raw_size == nullptr) view.data = reinterpret_cast<const std::byte*>(t.raw().data());
+  } else if (t.has_shared_memory()) {
+    // The caller resolved the region (call_setup.h) and passes the bytes' length.
+    const int64_t have = raw_size != nullptr ? *raw_size : t.shared_memory().byte_size();
+    if (have != bytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor ", name, ": shared_memory.byte_size is ", have, " but shape ",
+                       ShapeString(t), " of ", kernels::Name(dtype), " needs ", bytes,
+                       " (prod(shape) * ", kernels::SizeOf(dtype), ")"));
+    }
   } else {
     return absl::InvalidArgumentError(
-        absl::StrCat("tensor ", name, " has no data: set raw or values"));
+        absl::StrCat("tensor ", name, " has no data: set raw, values or shared_memory"));
   }
   return view;
 }

@@ -182,6 +182,13 @@ ABSL_FLAG(std::string, auth_token_file, kDefaults.auth.token_file,
 ABSL_FLAG(int, auth_refresh_seconds, kDefaults.auth.refresh_seconds,
           "How often --auth_token_file is checked for changes. "
           "Env SIMSERVE_AUTH_REFRESH_SECONDS.");
+ABSL_FLAG(bool, allow_shared_memory, kDefaults.shared_memory.allow,
+          "Let same-host clients pass tensors and receive results through POSIX shared-memory "
+          "regions (Triton's system shared-memory extension, both front ends). Off by default: "
+          "a region gives the server read-write access to the client's memory. "
+          "Env SIMSERVE_ALLOW_SHARED_MEMORY.");
+ABSL_FLAG(int, max_shared_memory_regions, kDefaults.shared_memory.max_regions,
+          "Shared-memory regions registered at once. Env SIMSERVE_MAX_SHARED_MEMORY_REGIONS.");
 ABSL_FLAG(bool, log_requests, kDefaults.log_requests,
           "Log one line per successful request too (failures are always logged). "
           "Env SIMSERVE_LOG_REQUESTS.");
@@ -245,6 +252,8 @@ bool ApplyEnvironment() {
                                            "tls_refresh_seconds",
                                            "auth_token_file",
                                            "auth_refresh_seconds",
+                                           "allow_shared_memory",
+                                           "max_shared_memory_regions",
                                            "log_requests"};
   bool ok = true;
   for (const char* name : kNames) {
@@ -317,6 +326,8 @@ simserve::ServerConfig ConfigFromFlags() {
   c.tls.refresh_seconds = absl::GetFlag(FLAGS_tls_refresh_seconds);
   c.auth.token_file = absl::GetFlag(FLAGS_auth_token_file);
   c.auth.refresh_seconds = absl::GetFlag(FLAGS_auth_refresh_seconds);
+  c.shared_memory.allow = absl::GetFlag(FLAGS_allow_shared_memory);
+  c.shared_memory.max_regions = absl::GetFlag(FLAGS_max_shared_memory_regions);
   c.log_requests = absl::GetFlag(FLAGS_log_requests);
   return c;
 }

@@ -138,7 +138,17 @@ class ServerMetrics::Impl {
         gallery_load_failures_(Counter(registry, "simserve_gallery_load_failures_total",
                                        "Gallery files in --gallery_dir that could not be loaded.")),
         gallery_registration_(Histogram(registry, "simserve_gallery_registration_seconds",
-                                        "Time to check and prepare a gallery (upload or file).")) {
+                                        "Time to check and prepare a gallery (upload or file).")),
+        shared_memory_regions_(prometheus::BuildGauge()
+                                   .Name("simserve_shared_memory_regions")
+                                   .Help("Registered system shared-memory regions.")
+                                   .Register(registry)
+                                   .Add({})),
+        shared_memory_bytes_(prometheus::BuildGauge()
+                                 .Name("simserve_shared_memory_bytes")
+                                 .Help("Bytes of the registered shared-memory regions.")
+                                 .Register(registry)
+                                 .Add({})) {
     auto& galleries = prometheus::BuildGauge()
                           .Name("simserve_galleries")
                           .Help("Galleries held, by source (uploaded, directory).")
@@ -211,6 +221,8 @@ class ServerMetrics::Impl {
   prometheus::Counter& auth_failures(AuthFailure reason) {
     return *auth_failures_[static_cast<size_t>(reason)];
   }
+  prometheus::Gauge& shared_memory_regions() { return shared_memory_regions_; }
+  prometheus::Gauge& shared_memory_bytes() { return shared_memory_bytes_; }
   prometheus::Gauge& galleries(bool directory) { return *galleries_[directory ? 1 : 0]; }
   prometheus::Gauge& gallery_bytes(bool directory) { return *gallery_bytes_[directory ? 1 : 0]; }
   prometheus::Counter& gallery_lookups(bool hit) { return hit ? *gallery_hits_ : *gallery_misses_; }
@@ -267,6 +279,8 @@ class ServerMetrics::Impl {
   prometheus::Counter& gallery_evictions_;
   prometheus::Counter& gallery_load_failures_;
   prometheus::Histogram& gallery_registration_;
+  prometheus::Gauge& shared_memory_regions_;
+  prometheus::Gauge& shared_memory_bytes_;
   std::array<prometheus::Gauge*, 2> galleries_{};
   std::array<prometheus::Gauge*, 2> gallery_bytes_{};
   prometheus::Counter* gallery_hits_ = nullptr;
@@ -382,6 +396,10 @@ void ServerMetrics::AuthFailed(AuthFailure reason) { impl_->auth_failures(reason
 void ServerMetrics::SetGalleries(bool directory, int64_t count, int64_t bytes) {
   impl_->galleries(directory).Set(static_cast<double>(count));
   impl_->gallery_bytes(directory).Set(static_cast<double>(bytes));
+}
+void ServerMetrics::SetSharedMemory(int64_t regions, int64_t bytes) {
+  impl_->shared_memory_regions().Set(static_cast<double>(regions));
+  impl_->shared_memory_bytes().Set(static_cast<double>(bytes));
 }
 void ServerMetrics::GalleryLookup(bool hit) { impl_->gallery_lookups(hit).Increment(); }
 void ServerMetrics::GalleryEvicted() { impl_->gallery_evictions().Increment(); }

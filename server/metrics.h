@@ -61,6 +61,8 @@ class ServerMetrics {
   void AuthFailed(AuthFailure reason);    // simserve_auth_failures_total{reason}
   // simserve_galleries / simserve_gallery_bytes {source="uploaded"|"directory"} (gauges).
   void SetGalleries(bool directory, int64_t count, int64_t bytes);
+  // simserve_shared_memory_regions / simserve_shared_memory_bytes (gauges).
+  void SetSharedMemory(int64_t regions, int64_t bytes);
   void GalleryLookup(bool hit);  // simserve_gallery_lookups_total{result="hit"|"miss"}
   void GalleryEvicted();         // simserve_gallery_evictions_total
   void GalleryLoadFailed();      // simserve_gallery_load_failures_total

@@ -33,9 +33,11 @@
 #include "server/auth.h"
 #include "server/compute_pool.h"
 #include "server/convert.h"
+#include "server/inference_service.h"
 #include "server/log.h"
 #include "server/metrics.h"
 #include "server/metrics_exposer.h"
+#include "server/shared_memory.h"
 
 namespace simserve {
 namespace {
@@ -222,7 +224,23 @@ std::vector<ServerMetrics::MethodInfo> Methods() {
           {"/simserve.v1.Similarity/RegisterGallery", "client_stream"},
           {"/simserve.v1.Similarity/GetGallery", "unary"},
           {"/simserve.v1.Similarity/ListGalleries", "unary"},
-          {"/simserve.v1.Similarity/DeleteGallery", "unary"}};
+          {"/simserve.v1.Similarity/DeleteGallery", "unary"},
+          {"/simserve.v1.Similarity/SystemSharedMemoryRegister", "unary"},
+          {"/simserve.v1.Similarity/SystemSharedMemoryStatus", "unary"},
+          {"/simserve.v1.Similarity/SystemSharedMemoryUnregister", "unary"},
+          {"/inference.GRPCInferenceService/ServerLive", "unary"},
+          {"/inference.GRPCInferenceService/ServerReady", "unary"},
+          {"/inference.GRPCInferenceService/ModelReady", "unary"},
+          {"/inference.GRPCInferenceService/ServerMetadata", "unary"},
+          {"/inference.GRPCInferenceService/ModelMetadata", "unary"},
+          {"/inference.GRPCInferenceService/ModelInfer", "unary"},
+          {"/inference.GRPCInferenceService/ModelStreamInfer", "bidi_stream"},
+          {"/inference.GRPCInferenceService/ModelConfig", "unary"},
+          {"/inference.GRPCInferenceService/ModelStatistics", "unary"},
+          {"/inference.GRPCInferenceService/RepositoryIndex", "unary"},
+          {"/inference.GRPCInferenceService/SystemSharedMemoryStatus", "unary"},
+          {"/inference.GRPCInferenceService/SystemSharedMemoryRegister", "unary"},
+          {"/inference.GRPCInferenceService/SystemSharedMemoryUnregister", "unary"}};
 }
 
 }  // namespace
@@ -287,8 +305,12 @@ absl::Status SimilarityServer::Init() {
       metrics_.get());
   buffers_ = BufferPool::Create(config_.compute.buffer_cache_bytes);
   galleries_ = std::make_unique<GalleryStore>(config_.galleries.memory_bytes, metrics_.get());
-  service_ = std::make_unique<SimilarityService>(config_, engine_.get(), pool_.get(),
-                                                 metrics_.get(), buffers_.get(), galleries_.get());
+  shared_memory_ = std::make_unique<SharedMemoryRegistry>(
+      config_.shared_memory.allow, config_.shared_memory.max_regions, metrics_.get());
+  service_ =
+      std::make_unique<SimilarityService>(config_, engine_.get(), pool_.get(), metrics_.get(),
+                                          buffers_.get(), galleries_.get(), shared_memory_.get());
+  inference_service_ = std::make_unique<InferenceService>(service_->env());
 
   if (config_.auth.enabled()) {
     auto authenticator = CallAuthenticator::Create(config_.auth, metrics_.get());
@@ -307,6 +329,7 @@ absl::Status SimilarityServer::Init() {
       config_.listen, ServerCredentials(config_.tls, authenticator_.get(), &transport_security),
       &port_);
   builder.RegisterService(service_.get());
+  builder.RegisterService(inference_service_.get());
   builder.SetMaxReceiveMessageSize(static_cast<int>(config_.limits.max_receive_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(config_.limits.max_send_message_bytes));
   auto ms = [](absl::Duration d) {  // channel args are int
@@ -387,6 +410,9 @@ absl::Status SimilarityServer::Init() {
                                        metrics_endpoint_->description())
                         : std::string("(disabled)"),
       "; gRPC transport: ", transport_security,
+      "; APIs: simserve.v1.Similarity and inference.GRPCInferenceService (Open Inference "
+      "Protocol); shared memory ",
+      config_.shared_memory.allow ? "allowed (--allow_shared_memory)" : "off",
       health_server_ ? absl::StrCat("; plaintext health-only listener on ", config_.health_listen,
                                     " (port ", health_port_, ")")
                      : std::string(),

@@ -32,6 +32,8 @@ namespace simserve {
 class CallAuthenticator;
 class MetricsEndpoint;
 class ComputePool;
+class InferenceService;
+class SharedMemoryRegistry;
 class ServerMetrics;
 
 // Workers and OpenMP threads per worker after applying the defaults of ComputeConfig to
@@ -100,7 +102,9 @@ class SimilarityServer {
   std::unique_ptr<ComputePool> pool_;
   std::unique_ptr<GalleryStore> galleries_;
   std::unique_ptr<GalleryDirectory> gallery_dir_;
+  std::unique_ptr<SharedMemoryRegistry> shared_memory_;
   std::unique_ptr<SimilarityService> service_;
+  std::unique_ptr<InferenceService> inference_service_;
   std::unique_ptr<CallAuthenticator> authenticator_;  // null without --auth_token_file
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<grpc::CallbackGenericService> health_only_;

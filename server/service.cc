@@ -24,6 +24,7 @@
 #include "server/convert.h"
 #include "server/log.h"
 #include "server/mutex.h"
+#include "server/shared_memory_rpc.h"
 #include "server/status.h"
 #include "server/upload_assembler.h"
 #include "server/wire_codec.h"
@@ -36,6 +37,8 @@ using Env = SimilarityService::Env;
 constexpr char kCompute[] = "Compute";
 constexpr char kComputeStream[] = "ComputeStream";
 constexpr char kComputeUpload[] = "ComputeUpload";
+
+}  // namespace
 
 absl::Time DeadlineOf(const grpc::CallbackServerContext* context) {
   const auto deadline = context->deadline();
@@ -68,18 +71,23 @@ const char* CodeName(grpc::StatusCode code) {
   return index >= 0 && index < 17 ? kNames[index] : "UNKNOWN";
 }
 
+namespace {
+
 std::string Ms(absl::Duration d) { return absl::StrFormat("%.3f", absl::ToDoubleMilliseconds(d)); }
 
-// Ends a call: trailing metadata with the server timings, metrics, the log line. Returns
-// the status to hand to the reactor's Finish.
-grpc::Status Conclude(const Env& env, grpc::CallbackServerContext* context, const char* method,
-                      const PipelineReport& report, const absl::Status& status) {
+}  // namespace
+
+grpc::Status Conclude(const ServiceEnv& env, grpc::CallbackServerContext* context,
+                      const char* method, const PipelineReport& report, const absl::Status& status,
+                      bool trailing_metadata) {
   const CallTimings& t = report.timings;
   const absl::Duration total = absl::Now() - t.start;
-  context->AddTrailingMetadata("simserve-queue-ms", Ms(t.queue));
-  context->AddTrailingMetadata("simserve-ingest-ms", Ms(t.ingest));
-  context->AddTrailingMetadata("simserve-compute-ms", Ms(t.compute));
-  context->AddTrailingMetadata("simserve-total-ms", Ms(total));
+  if (trailing_metadata) {
+    context->AddTrailingMetadata("simserve-queue-ms", Ms(t.queue));
+    context->AddTrailingMetadata("simserve-ingest-ms", Ms(t.ingest));
+    context->AddTrailingMetadata("simserve-compute-ms", Ms(t.compute));
+    context->AddTrailingMetadata("simserve-total-ms", Ms(total));
+  }
   env.metrics->ObserveTotal(absl::ToDoubleSeconds(total));
   if (t.compute > absl::ZeroDuration()) {
     env.metrics->ObserveQueueWait(absl::ToDoubleSeconds(t.queue));
@@ -102,19 +110,9 @@ grpc::Status Conclude(const Env& env, grpc::CallbackServerContext* context, cons
   return out;
 }
 
-// A received Compute/ComputeStream request: the message's slices plus the decoded rest, kept
-// alive by the input pieces that point into them until they are ingested.
-struct ReceivedRequest {
-  explicit ReceivedRequest(const grpc::ByteBuffer& buffer) : message(buffer) {}
-  codec::ReceivedMessage message;
-  v1::ComputeRequest request;  // without the raw payloads (they stay in `message`)
-};
-
-// Decodes, validates and admits a Compute/ComputeStream request and starts `pipeline` with
-// all of its input. On success `*spec` is the problem.
-// A call whose client went away (or whose deadline passed) before its request arrived gets
-// no request message (an invalid ByteBuffer; an empty message is a valid one): that is a
-// cancellation, not the client's INVALID_ARGUMENT, even before OnCancel has run.
+// A call whose client went away before its request arrived gets no request message (an
+// invalid ByteBuffer; an empty message is a valid one): that is a cancellation, not the
+// client's INVALID_ARGUMENT, even before OnCancel has run.
 void FailUnlessCancelled(grpc::CallbackServerContext* context, const grpc::ByteBuffer& request,
                          TilePipeline* pipeline, absl::Status error) {
   if (!request.Valid() || context->IsCancelled() || absl::Now() >= DeadlineOf(context)) {
@@ -139,39 +137,19 @@ std::string PeerKey(const grpc::CallbackServerContext* context) {
   return peer;
 }
 
+namespace {
+
+// Decodes, validates and admits a Compute/ComputeStream request and starts `pipeline` with
+// all of its input (StartComputeCall). On success `*spec` is the problem.
 absl::Status StartFromRequest(const Env& env, const grpc::ByteBuffer& buffer, RequestKind kind,
                               const std::string& peer, TilePipeline* pipeline, ProblemSpec* spec) {
-  auto received = std::make_shared<ReceivedRequest>(buffer);
+  auto received = std::make_shared<ReceivedCompute>(buffer);
   auto decoded = codec::DecodeComputeRequest(received->message);
   if (!decoded.ok()) return decoded.status();
   received->request = std::move(decoded->request);
-  const RawPayloadSizes raw_sizes{.a = decoded->a_raw ? decoded->a_raw->size : 0,
-                                  .b = decoded->b_raw ? decoded->b_raw->size : 0};
-  auto admitted = ValidateAndAdmit(env, received->request, kind, &raw_sizes, peer);
-  if (!admitted.ok()) return admitted.status();
-  *spec = admitted->converted.spec;
-  env.metrics->AddBytesReceived(static_cast<uint64_t>(spec->a_bytes + spec->b_bytes));
-  // Raw payloads are read where gRPC received them; `values` where protobuf parsed them.
-  auto piece = [&](InputPiece::Tensor tensor, const std::optional<codec::Range>& raw,
-                   const kernels::ConstTensorView& view, int64_t bytes) {
-    InputPiece p{.tensor = tensor, .keep_alive = received};
-    if (raw.has_value()) {
-      p.spans = received->message.Spans(*raw);
-    } else {
-      p.spans = {{view.data, static_cast<size_t>(bytes)}};
-    }
-    return p;
-  };
-  std::vector<InputPiece> pieces;
-  if (!spec->from_gallery) {
-    pieces.push_back(
-        piece(InputPiece::Tensor::kB, decoded->b_raw, admitted->converted.b, spec->b_bytes));
-  }
-  pieces.push_back(
-      piece(InputPiece::Tensor::kA, decoded->a_raw, admitted->converted.a, spec->a_bytes));
-  pipeline->Start(*spec, std::move(admitted->admission), std::move(pieces),
-                  /*input_complete=*/true, std::move(admitted->gallery));
-  return absl::OkStatus();
+  received->a_raw = decoded->a_raw;
+  received->b_raw = decoded->b_raw;
+  return StartComputeCall(env, std::move(received), kind, peer, pipeline, spec);
 }
 
 // ComputeChunk of one streamed tile; the tile's buffers become the payload slices.
@@ -198,10 +176,15 @@ grpc::ByteBuffer EncodeResponse(const ProblemSpec& spec, TileOutput& whole) {
   for (int64_t dim : spec.OutputShape()) head.add_shape(dim);
   head.set_dtype(ToProto(spec.options.output_dtype));
   std::vector<codec::PayloadField> payloads;
-  payloads.push_back(
-      {v1::ComputeResponse::kValuesRawFieldNumber, std::move(whole.values), whole.values_bytes});
-  payloads.push_back(
-      {v1::ComputeResponse::kIndicesRawFieldNumber, std::move(whole.indices), whole.indices_bytes});
+  // Parts written to shared memory (ComputeRequest.*_shared_memory) stay out of the message.
+  if (!whole.values_in_place) {
+    payloads.push_back(
+        {v1::ComputeResponse::kValuesRawFieldNumber, std::move(whole.values), whole.values_bytes});
+  }
+  if (!whole.indices_in_place) {
+    payloads.push_back({v1::ComputeResponse::kIndicesRawFieldNumber, std::move(whole.indices),
+                        whole.indices_bytes});
+  }
   return codec::EncodeWithPayloads(head, std::move(payloads));
 }
 
@@ -678,11 +661,29 @@ grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
 
 SimilarityService::SimilarityService(const ServerConfig& config, kernels::SimilarityEngine* engine,
                                      ComputePool* pool, ServerMetrics* metrics, BufferPool* buffers,
-                                     GalleryStore* galleries)
+                                     GalleryStore* galleries, SharedMemoryRegistry* shared_memory)
     : config_(config),
       idle_watchdog_(config.compute.upload_idle_timeout),
-      env_{config_, engine,    pool,       metrics,        &stats_,
-           buffers, galleries, &draining_, &idle_watchdog_} {}
+      env_{config_, engine,    pool,       metrics,         &stats_,
+           buffers, galleries, &draining_, &idle_watchdog_, shared_memory} {}
+
+grpc::ServerUnaryReactor* SimilarityService::SystemSharedMemoryRegister(
+    grpc::CallbackServerContext* context, const v1::SystemSharedMemoryRegisterRequest* request,
+    v1::SystemSharedMemoryRegisterResponse* /*response*/) {
+  return FinishUnary(context, RegisterSharedMemory(*env_.shared_memory, *request, context->peer()));
+}
+
+grpc::ServerUnaryReactor* SimilarityService::SystemSharedMemoryStatus(
+    grpc::CallbackServerContext* context, const v1::SystemSharedMemoryStatusRequest* request,
+    v1::SystemSharedMemoryStatusResponse* response) {
+  return FinishUnary(context, SharedMemoryStatus(*env_.shared_memory, *request, response));
+}
+
+grpc::ServerUnaryReactor* SimilarityService::SystemSharedMemoryUnregister(
+    grpc::CallbackServerContext* context, const v1::SystemSharedMemoryUnregisterRequest* request,
+    v1::SystemSharedMemoryUnregisterResponse* /*response*/) {
+  return FinishUnary(context, UnregisterSharedMemory(*env_.shared_memory, *request));
+}
 
 grpc::ServerReadReactor<grpc::ByteBuffer>* SimilarityService::RegisterGallery(
     grpc::CallbackServerContext* context, grpc::ByteBuffer* response) {
@@ -763,6 +764,7 @@ grpc::ServerUnaryReactor* SimilarityService::GetInfo(grpc::CallbackServerContext
   }
   response->add_precisions(v1::FP32);
   response->add_precisions(v1::BF16);
+  response->set_shared_memory(env_.shared_memory != nullptr && env_.shared_memory->allowed());
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;

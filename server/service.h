@@ -5,6 +5,7 @@
 #define SIMSERVE_SERVER_SERVICE_H_
 
 #include <atomic>
+#include <string>
 
 #include "kernels/similarity.h"
 #include "server/call_setup.h"
@@ -12,6 +13,7 @@
 #include "server/config.h"
 #include "server/gallery_store.h"
 #include "server/metrics.h"
+#include "server/shared_memory.h"
 #include "server/tile_pipeline.h"
 #include "simserve/v1/similarity.grpc.pb.h"
 
@@ -28,7 +30,11 @@ using SimilarityServiceBase = v1::Similarity::WithRawCallbackMethod_Compute<
                     v1::Similarity::WithCallbackMethod_GetGallery<
                         v1::Similarity::WithCallbackMethod_ListGalleries<
                             v1::Similarity::WithCallbackMethod_DeleteGallery<
-                                v1::Similarity::Service>>>>>>>>;
+                                v1::Similarity::WithCallbackMethod_SystemSharedMemoryRegister<
+                                    v1::Similarity::WithCallbackMethod_SystemSharedMemoryStatus<
+                                        v1::Similarity::
+                                            WithCallbackMethod_SystemSharedMemoryUnregister<
+                                                v1::Similarity::Service>>>>>>>>>>>;
 
 // The service. Thread-safe. `engine`, `pool`, `metrics` and `buffers` are borrowed and must outlive
 // the service and every call it runs (i.e. until grpc::Server::Shutdown has returned).
@@ -36,7 +42,7 @@ class SimilarityService final : public SimilarityServiceBase {
  public:
   SimilarityService(const ServerConfig& config, kernels::SimilarityEngine* engine,
                     ComputePool* pool, ServerMetrics* metrics, BufferPool* buffers,
-                    GalleryStore* galleries);
+                    GalleryStore* galleries, SharedMemoryRegistry* shared_memory);
   SimilarityService(const SimilarityService&) = delete;
   SimilarityService& operator=(const SimilarityService&) = delete;
 
@@ -78,8 +84,20 @@ class SimilarityService final : public SimilarityServiceBase {
                                           const v1::DeleteGalleryRequest* request,
                                           v1::DeleteGalleryResponse* response) override;
 
+  // Triton's system shared-memory RPCs (server/shared_memory_rpc.h), on the native API.
+  grpc::ServerUnaryReactor* SystemSharedMemoryRegister(
+      grpc::CallbackServerContext* context, const v1::SystemSharedMemoryRegisterRequest* request,
+      v1::SystemSharedMemoryRegisterResponse* response) override;
+  grpc::ServerUnaryReactor* SystemSharedMemoryStatus(
+      grpc::CallbackServerContext* context, const v1::SystemSharedMemoryStatusRequest* request,
+      v1::SystemSharedMemoryStatusResponse* response) override;
+  grpc::ServerUnaryReactor* SystemSharedMemoryUnregister(
+      grpc::CallbackServerContext* context, const v1::SystemSharedMemoryUnregisterRequest* request,
+      v1::SystemSharedMemoryUnregisterResponse* response) override;
+
   // Everything the reactors need (call_setup.h).
   using Env = ServiceEnv;
+  const Env& env() const { return env_; }
 
  private:
   const ServerConfig config_;
@@ -88,6 +106,29 @@ class SimilarityService final : public SimilarityServiceBase {
   IdleWatchdog idle_watchdog_;
   Env env_;
 };
+
+// ---- Helpers of the compute reactors, shared by both front ends ----
+
+// The canonical name of a gRPC status code, e.g. "INVALID_ARGUMENT".
+const char* CodeName(grpc::StatusCode code);
+
+// The call's deadline (InfiniteFuture when it has none).
+absl::Time DeadlineOf(const grpc::CallbackServerContext* context);
+
+// Ends a compute call: metrics, the log line and (if `trailing_metadata`) the server timings
+// as trailing metadata. Returns the status to hand to the reactor's Finish.
+grpc::Status Conclude(const ServiceEnv& env, grpc::CallbackServerContext* context,
+                      const char* method, const PipelineReport& report, const absl::Status& status,
+                      bool trailing_metadata = true);
+
+// Fails `pipeline` with `error`, or cancels it if the client went away (or the deadline
+// passed) before its request arrived: gRPC then hands over an invalid ByteBuffer.
+void FailUnlessCancelled(grpc::CallbackServerContext* context, const grpc::ByteBuffer& request,
+                         TilePipeline* pipeline, absl::Status error);
+
+// The client a call counts against for the per-client share of the in-flight bytes: its
+// token's identity (auth.h), else its address without the port.
+std::string PeerKey(const grpc::CallbackServerContext* context);
 
 }  // namespace simserve
 

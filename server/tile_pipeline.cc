@@ -42,6 +42,18 @@ absl::Status CopyAndCheck(const InputPiece& piece, const char* name, kernels::Da
   return absl::OkStatus();
 }
 
+// Checks an in-place tensor (one piece, the whole tensor) for NaN/Inf without copying it.
+absl::Status CheckInPlace(const InputPiece& piece, const char* name, kernels::DataType dtype,
+                          int64_t* checked) {
+  for (std::span<const std::byte> span : piece.spans) {
+    const int64_t count = static_cast<int64_t>(span.size()) / ElementSize(dtype);
+    absl::Status finite = CheckFinite(name, span.data(), count, dtype, *checked);
+    if (!finite.ok()) return finite;
+    *checked += count;
+  }
+  return absl::OkStatus();
+}
+
 void RaisePeak(std::atomic<int64_t>& peak, int64_t value) {
   int64_t seen = peak.load();
   while (value > seen && !peak.compare_exchange_weak(seen, value)) {
@@ -66,7 +78,8 @@ TilePipeline::~TilePipeline() {
 
 void TilePipeline::Start(const ProblemSpec& spec, Admission admission,
                          std::vector<InputPiece> pieces, bool input_complete,
-                         std::shared_ptr<const kernels::PreparedGallery> gallery) {
+                         std::shared_ptr<const kernels::PreparedGallery> gallery,
+                         InPlaceIo in_place) {
   bool run_inline = false;
   {
     MutexLock lock(&mu_);
@@ -76,10 +89,39 @@ void TilePipeline::Start(const ProblemSpec& spec, Admission admission,
     report_.flops = spec.flops;
     tile_rows_ = mode_ == Mode::kWholeResult ? spec.shape.n : spec.tile_rows;
     total_tiles_ = spec.shape.batch * ((spec.shape.n + tile_rows_ - 1) / tile_rows_);
-    a_buffer_ = deps_.buffers->Allocate(spec.a_bytes);
+    in_place_keep_alive_ = std::move(in_place.keep_alive);
     gallery_ = std::move(gallery);
-    if (!spec.from_gallery) b_buffer_ = deps_.buffers->Allocate(spec.b_bytes);
-    bool allocated = a_buffer_ != nullptr && (spec.from_gallery || b_buffer_ != nullptr);
+    const int64_t value_bytes = spec.shape.batch * spec.shape.n * spec.value_row_bytes;
+    const int64_t index_bytes = spec.shape.batch * spec.shape.n * spec.index_row_bytes;
+    const auto wrong_size = [](auto span, int64_t bytes) {
+      return !span.empty() && static_cast<int64_t>(span.size()) != bytes;
+    };
+    if (wrong_size(in_place.a, spec.a_bytes) || wrong_size(in_place.b, spec.b_bytes) ||
+        wrong_size(in_place.values, value_bytes) || wrong_size(in_place.indices, index_bytes) ||
+        (mode_ != Mode::kWholeResult && (!in_place.values.empty() || !in_place.indices.empty()))) {
+      FailLocked(absl::InternalError("in-place memory does not match the problem"));
+    }
+    // In-place tensors are checked like received ones: one piece that is the tensor itself.
+    auto in_place_piece = [&](InputPiece::Tensor tensor, std::span<const std::byte> bytes) {
+      pieces.insert(pieces.begin(),
+                    InputPiece{.tensor = tensor, .spans = {bytes}, .in_place = true});
+    };
+    if (!in_place.a.empty()) {
+      a_data_ = in_place.a.data();
+      in_place_piece(InputPiece::Tensor::kA, in_place.a);
+    } else {
+      a_buffer_ = deps_.buffers->Allocate(spec.a_bytes);
+      a_data_ = a_buffer_.get();
+    }
+    bool allocated = a_data_ != nullptr;
+    if (!spec.from_gallery && !in_place.b.empty()) {
+      b_data_ = in_place.b.data();
+      in_place_piece(InputPiece::Tensor::kB, in_place.b);
+    } else if (!spec.from_gallery) {
+      b_buffer_ = deps_.buffers->Allocate(spec.b_bytes);
+      b_data_ = b_buffer_.get();
+      allocated = allocated && b_data_ != nullptr;
+    }
     if (spec.from_gallery && gallery_ == nullptr) {
       FailLocked(absl::InternalError("gallery call started without its gallery"));
     }
@@ -87,14 +129,24 @@ void TilePipeline::Start(const ProblemSpec& spec, Admission admission,
       whole_ = std::make_unique<TileOutput>();
       whole_->first = true;
       whole_->rows = spec.shape.batch * spec.shape.n;
-      whole_->values_bytes = whole_->rows * spec.value_row_bytes;
-      whole_->values = deps_.buffers->Allocate(whole_->values_bytes);
-      whole_->indices_bytes = whole_->rows * spec.index_row_bytes;
-      if (whole_->indices_bytes > 0) {
-        whole_->indices = deps_.buffers->Allocate(whole_->indices_bytes);
+      whole_->values_bytes = value_bytes;
+      whole_->values_in_place = !in_place.values.empty();
+      if (whole_->values_in_place) {
+        values_out_ = in_place.values.data();
+      } else {
+        whole_->values = deps_.buffers->Allocate(value_bytes);
+        values_out_ = whole_->values.get();
       }
-      allocated = allocated && whole_->values != nullptr &&
-                  (whole_->indices_bytes == 0 || whole_->indices != nullptr);
+      whole_->indices_bytes = index_bytes;
+      whole_->indices_in_place = !in_place.indices.empty();
+      if (whole_->indices_in_place) {
+        indices_out_ = in_place.indices.data();
+      } else if (index_bytes > 0) {
+        whole_->indices = deps_.buffers->Allocate(index_bytes);
+        indices_out_ = whole_->indices.get();
+      }
+      allocated =
+          allocated && values_out_ != nullptr && (index_bytes == 0 || indices_out_ != nullptr);
     }
     if (!allocated) {
       FailLocked(absl::ResourceExhaustedError("server out of memory for this request's buffers"));
@@ -363,6 +415,9 @@ void TilePipeline::Pump(Ended ended) {
       ready_.clear();
       a_buffer_ = AlignedBuffer();
       b_buffer_ = AlignedBuffer();
+      a_data_ = b_data_ = nullptr;
+      values_out_ = indices_out_ = nullptr;
+      in_place_keep_alive_.clear();  // a region unregistered meanwhile is unmapped now
       gallery_.reset();
       admission_ = Admission();
       report = report_;
@@ -443,7 +498,7 @@ void TilePipeline::RunInline() {
 absl::Status TilePipeline::DoIngest(std::deque<InputPiece> pieces, IngestCursor cursor,
                                     absl::Duration wait) {
   const absl::Time begin = absl::Now();
-  std::byte* a = nullptr;
+  std::byte* a = nullptr;  // null when the tensor is in place
   std::byte* b = nullptr;
   int64_t a_done = 0;
   int64_t b_done = 0;
@@ -463,8 +518,13 @@ absl::Status TilePipeline::DoIngest(std::deque<InputPiece> pieces, IngestCursor 
   for (const InputPiece& piece : pieces) {
     const bool is_b = piece.tensor == InputPiece::Tensor::kB;
     int64_t& done = is_b ? b_done : a_done;
-    status = is_b ? CopyAndCheck(piece, "b", b_dtype, b, done, &cursor.b_checked)
-                  : CopyAndCheck(piece, "a", a_dtype, a, done, &cursor.a_checked);
+    if (piece.in_place) {
+      status = CheckInPlace(piece, is_b ? "b" : "a", is_b ? b_dtype : a_dtype,
+                            is_b ? &cursor.b_checked : &cursor.a_checked);
+    } else {
+      status = is_b ? CopyAndCheck(piece, "b", b_dtype, b, done, &cursor.b_checked)
+                    : CopyAndCheck(piece, "a", a_dtype, a, done, &cursor.a_checked);
+    }
     if (!status.ok()) break;
     done += piece.size();
     ingested += piece.size();
@@ -488,14 +548,16 @@ absl::Status TilePipeline::DoTile(const Tile& tile, std::unique_ptr<kernels::Sim
   ProblemSpec spec;
   const std::byte* a = nullptr;
   const std::byte* b = nullptr;
-  TileOutput* whole = nullptr;
+  std::byte* values_out = nullptr;
+  std::byte* indices_out = nullptr;
   const kernels::PreparedGallery* gallery = nullptr;
   {
     MutexLock lock(&mu_);
     spec = spec_;
-    a = a_buffer_.get();
-    b = b_buffer_.get();
-    whole = whole_.get();
+    a = a_data_;
+    b = b_data_;
+    values_out = values_out_;
+    indices_out = indices_out_;
     gallery = gallery_.get();
   }
   absl::Status status;
@@ -527,10 +589,9 @@ absl::Status TilePipeline::DoTile(const Tile& tile, std::unique_ptr<kernels::Sim
       values = out->values.get();
       indices = reinterpret_cast<int32_t*>(out->indices.get());
     } else {
-      values = whole->values.get() + first_row * spec.value_row_bytes;
-      if (whole->indices != nullptr) {
-        indices =
-            reinterpret_cast<int32_t*>(whole->indices.get() + first_row * spec.index_row_bytes);
+      values = values_out + first_row * spec.value_row_bytes;
+      if (indices_out != nullptr) {
+        indices = reinterpret_cast<int32_t*>(indices_out + first_row * spec.index_row_bytes);
       }
     }
     if (values == nullptr || (spec.index_row_bytes > 0 && indices == nullptr)) {

@@ -45,8 +45,22 @@ struct InputPiece {
   // The bytes, in order. They point into memory owned by `keep_alive`.
   std::vector<std::span<const std::byte>> spans;
   std::shared_ptr<const void> keep_alive;
+  // The spans already are the tensor's memory (InPlaceIo): they are checked, not copied.
+  bool in_place = false;
 
   int64_t size() const;
+};
+
+// Memory a whole-result call reads or writes where it is instead of in buffers of its own:
+// tensors in a shared-memory region and the result's destination there. Each span is
+// either empty (not in place) or exactly the tensor's / the result part's size, and stays
+// valid (held by `keep_alive`) until the call ends.
+struct InPlaceIo {
+  std::span<const std::byte> a;  // a's bytes; nothing of a is received then
+  std::span<const std::byte> b;
+  std::span<std::byte> values;   // whole mode: the result values are written here
+  std::span<std::byte> indices;  // whole mode, top-k: the int32 indices
+  std::vector<std::shared_ptr<const void>> keep_alive;
 };
 
 // A computed tile (stream mode) or the whole result (whole mode; batch = row_offset = 0).
@@ -59,6 +73,9 @@ struct TileOutput {
   int64_t values_bytes = 0;
   AlignedBuffer indices;  // top-k only: rows * top_k int32 column indices
   int64_t indices_bytes = 0;
+  // Whole mode: the values / indices were written to InPlaceIo memory (the buffer is empty).
+  bool values_in_place = false;
+  bool indices_in_place = false;
 };
 
 // Where one call's time went.
@@ -131,10 +148,11 @@ class TilePipeline {
   // whole mode, output buffers, and adds `pieces` as AddInput does (then closes the input if
   // `input_complete`). Call at most once, before AddInput. When spec.from_gallery, `gallery`
   // plays B (held until the call ends, so a replaced version stays valid) and no b input
-  // is accepted.
+  // is accepted. Tensors in `in_place` are read there (checked for NaN/Inf, not copied) and
+  // must not also come as pieces; its result spans (whole mode only) receive the result.
   void Start(const ProblemSpec& spec, Admission admission, std::vector<InputPiece> pieces,
-             bool input_complete, std::shared_ptr<const kernels::PreparedGallery> gallery = nullptr)
-      ABSL_LOCKS_EXCLUDED(mu_);
+             bool input_complete, std::shared_ptr<const kernels::PreparedGallery> gallery = nullptr,
+             InPlaceIo in_place = {}) ABSL_LOCKS_EXCLUDED(mu_);
 
   // Adds received bytes of a or b, each tensor's in order, in pieces of any size and in any
   // interleaving: a tile starts as soon as its rows of a and its batch entry of b are in, so
@@ -233,6 +251,13 @@ class TilePipeline {
   // read by tile tasks below the *_ingested_ marks, so writers and readers never overlap.
   AlignedBuffer a_buffer_ ABSL_GUARDED_BY(mu_);
   AlignedBuffer b_buffer_ ABSL_GUARDED_BY(mu_);
+  // Where tiles read a and b: the buffers above, or InPlaceIo memory.
+  const std::byte* a_data_ ABSL_GUARDED_BY(mu_) = nullptr;
+  const std::byte* b_data_ ABSL_GUARDED_BY(mu_) = nullptr;
+  // Whole mode: where tiles write the result (whole_'s buffers or InPlaceIo memory).
+  std::byte* values_out_ ABSL_GUARDED_BY(mu_) = nullptr;
+  std::byte* indices_out_ ABSL_GUARDED_BY(mu_) = nullptr;
+  std::vector<std::shared_ptr<const void>> in_place_keep_alive_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<const kernels::PreparedGallery> gallery_ ABSL_GUARDED_BY(mu_);  // or b
   int64_t a_received_ ABSL_GUARDED_BY(mu_) = 0;  // bytes accepted by AddInput
   int64_t b_received_ ABSL_GUARDED_BY(mu_) = 0;

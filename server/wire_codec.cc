@@ -314,19 +314,60 @@ absl::StatusOr<DecodedRegisterGalleryRequest> DecodeRegisterGalleryRequest(
   return decoded;
 }
 
+absl::StatusOr<DecodedModelInferRequest> DecodeModelInferRequest(const ReceivedMessage& message) {
+  SpanInputStream stream(message.AllSpans());
+  CodedInputStream in(&stream);
+  in.SetTotalBytesLimit(INT_MAX);
+  DecodedModelInferRequest decoded;
+  std::string skeleton;
+  for (uint32_t tag = ReadTag(&in); tag != 0; tag = ReadTag(&in)) {
+    if (tag == Tag(inference::ModelInferRequest::kRawInputContentsFieldNumber, kLengthDelimited)) {
+      Range range;
+      if (!SkipPayload(&in, &range)) return Malformed("ModelInferRequest raw_input_contents");
+      decoded.raw_inputs.push_back(range);
+    } else {
+      StringOutputStream out_stream(&skeleton);
+      CodedOutputStream out(&out_stream);
+      if (!CopyField(tag, &in, &out)) return Malformed("ModelInferRequest");
+    }
+  }
+  if (!in.ConsumedEntireMessage() || in.CurrentPosition() != message.size()) {
+    return Malformed("ModelInferRequest");
+  }
+  if (!decoded.request.ParseFromString(skeleton)) return Malformed("ModelInferRequest");
+  return decoded;
+}
+
+grpc::ByteBuffer WrapAsField(int field_number, const grpc::ByteBuffer& inner) {
+  std::string framing;
+  {
+    StringOutputStream stream(&framing);
+    CodedOutputStream out(&stream);
+    out.WriteTag(Tag(field_number, kLengthDelimited));
+    out.WriteVarint64(static_cast<uint64_t>(inner.Length()));
+  }
+  std::vector<grpc::Slice> slices;
+  slices.emplace_back(framing);
+  std::vector<grpc::Slice> inner_slices;
+  (void)inner.Dump(&inner_slices);  // references, not copies; fails only when empty
+  for (grpc::Slice& slice : inner_slices) slices.push_back(std::move(slice));
+  return grpc::ByteBuffer(slices.data(), slices.size());
+}
+
 grpc::ByteBuffer EncodeWithPayloads(const google::protobuf::MessageLite& head,
                                     std::vector<PayloadField> payloads) {
   std::vector<grpc::Slice> slices;
   std::string framing = head.SerializeAsString();
   for (PayloadField& payload : payloads) {
-    if (payload.size <= 0) continue;
+    if (payload.size <= 0 && !payload.keep_empty) continue;
     {
       StringOutputStream stream(&framing);
       CodedOutputStream out(&stream);
       out.WriteTag(Tag(payload.field_number, kLengthDelimited));
       out.WriteVarint64(static_cast<uint64_t>(payload.size));
     }
-    slices.emplace_back(framing);  // a copy of a few bytes
+    if (payload.size <= 0) continue;  // an empty kept field: tag and length 0 only
+    slices.emplace_back(framing);     // a copy of a few bytes
     framing.clear();
     // The slice owns the buffer from here; gRPC destroys it (returning the memory to its
     // pool) once the bytes are sent.

@@ -18,6 +18,7 @@
 #include "absl/status/statusor.h"
 #include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/support/slice.h"
+#include "inference/grpc_service.pb.h"
 #include "server/aligned_buffer.h"
 #include "simserve/v1/similarity.pb.h"
 
@@ -89,12 +90,29 @@ struct PayloadField {
   int field_number = 0;
   AlignedBuffer data;
   int64_t size = 0;  // bytes of `data` that are the field's content
+  // Write the field even when empty (an element of a repeated bytes field keeps its place).
+  bool keep_empty = false;
 };
+
+// A ModelInferRequest (Open Inference Protocol) whose raw_input_contents were left in place.
+struct DecodedModelInferRequest {
+  inference::ModelInferRequest request;  // without raw_input_contents
+  std::vector<Range> raw_inputs;         // raw_input_contents, in order
+};
+
+// Decodes a serialized ModelInferRequest. INVALID_ARGUMENT for malformed wire data.
+absl::StatusOr<DecodedModelInferRequest> DecodeModelInferRequest(const ReceivedMessage& message);
+
+// `inner` (a serialized message) as the length-delimited field `field_number` of an outer
+// message, without copying it: e.g. a ModelInferResponse as
+// ModelStreamInferResponse.infer_response.
+grpc::ByteBuffer WrapAsField(int field_number, const grpc::ByteBuffer& inner);
 
 // Serializes `head` followed by `payloads` as bytes fields, the buffers becoming slices of
 // the result (freed when gRPC is done with them). The payload field numbers must be larger
-// than every field set in `head` and ascending, so the bytes equal protobuf's own
-// serialization of the combined message. Empty payloads are omitted, as protobuf does.
+// than every field set in `head` and ascending (equal for a repeated field), so the bytes
+// equal protobuf's own serialization of the combined message. Empty payloads are omitted,
+// as protobuf does, unless keep_empty.
 grpc::ByteBuffer EncodeWithPayloads(const google::protobuf::MessageLite& head,
                                     std::vector<PayloadField> payloads);
 
