@@ -1,8 +1,8 @@
 # shellcheck shell=bash
 # Sourced by scripts/setup.sh (ROOT, VENV, SUDO set): tools of the deploy tests (tests/deploy):
 # podman + buildah with runc and debootstrap (image build without a Docker engine), kustomize
-# (kubectl's, or `go install`ed when kubectl is absent) and the Go modules of the manifest
-# validator. Silent when everything is present.
+# (kubectl's, or `go install`ed when kubectl is absent), the Go modules of the manifest
+# validator and KServe's module (its CRD schemas). Silent when everything is present.
 
 _sd_apt=(podman buildah runc catatonit debootstrap uidmap containernetworking-plugins)
 _sd_missing=()
@@ -35,7 +35,14 @@ if command -v go >/dev/null 2>&1; then
     echo "setup: downloading Go modules of tests/deploy/validate"
     (cd "$ROOT/tests/deploy/validate" && go mod download)
   fi
+  # KServe's CRDs for the deploy/kserve check: its module source (one zip), version and hash
+  # pinned in tests/deploy/lib.sh.
+  _sd_kserve=$(sed -n 's/^KSERVE_VERSION="\(.*\)"$/\1/p' "$ROOT/tests/deploy/lib.sh")
+  if ! (cd / && GOPROXY=off GOFLAGS=-mod=mod go mod download "github.com/kserve/kserve@$_sd_kserve" >/dev/null 2>&1); then
+    echo "setup: downloading the KServe $_sd_kserve module (its CRDs)"
+    (cd / && GOFLAGS=-mod=mod go mod download "github.com/kserve/kserve@$_sd_kserve")
+  fi
 else
   echo "setup: WARNING: no Go toolchain; the deploy manifest tests will fail" >&2
 fi
-unset _sd_apt _sd_missing _sd_pkg _sd_gobin
+unset _sd_apt _sd_missing _sd_pkg _sd_gobin _sd_kserve

@@ -4,6 +4,8 @@
 # prometheus-operator and cert-manager Go types and checks the deployment policy
 # (tests/deploy/validate), including which security features each overlay switches on (dev:
 # none; prod: TLS, tokens, the health-only port for the probes, HTTPS + basic auth on /metrics),
+# then deploy/kserve (ServingRuntime + InferenceService) against KServe's CRD schemas with the
+# same strictness and the server policy applied to the predictor Deployment KServe makes;
 # then proves the validator rejects broken manifests: a misspelled field, wrong types, and
 # policy violations, each with its message.
 # Usage: k8s_test.sh [WORK_DIR]
@@ -26,6 +28,7 @@ declare -A FLAGS=(
   [dev]="-min-replicas 1 -max-replicas 1 -require-kinds Namespace,Deployment,Service -forbid-kinds HorizontalPodAutoscaler,Certificate,Issuer,Secret -security none"
   [prod]="-min-replicas 2 -require-kinds $prod_kinds -forbid-kinds Secret -security $prod_security"
   [prod-mtls]="-min-replicas 2 -require-kinds $prod_kinds -forbid-kinds Secret -security $prod_security,mtls"
+  [kserve]="$(deploy_kserve_crd_flags)-min-replicas 2 -require-kinds ServingRuntime,InferenceService -forbid-kinds Deployment,Service,Secret -security none"
 )
 # prod + components/mtls: an overlay of the overlay, as a user would write it.
 mkdir -p "$WORK/prod-mtls"
@@ -38,9 +41,10 @@ resources:
 components:
   - $(realpath --relative-to="$WORK/prod-mtls" "$K8S/components/mtls")
 EOF
-for name in base dev prod prod-mtls; do
+for name in base dev prod prod-mtls kserve; do
   case "$name" in
     base) dir="$K8S/base" ;;
+    kserve) dir="$DEPLOY_ROOT/deploy/kserve" ;;
     prod-mtls) dir="$WORK/prod-mtls" ;;
     *) dir="$K8S/overlays/$name" ;;
   esac
@@ -247,4 +251,43 @@ expect_fail servicemonitor-no-basic-auth prod '/^  - basicAuth:$/{N;N;N;N;N;N;s/
   'basicAuth is required: /metrics asks for it'
 expect_fail servicemonitor-basic-auth-secret prod '/^  - basicAuth:$/,+6s/name: simserve-metrics-auth/name: other-secret/' \
   'basicAuth.password must be a key of Secret "simserve-metrics-auth"'
+# KServe (deploy/kserve): strict schema decoding against KServe's CRDs, then its policy.
+grep -A1 '^    - containerPort: 50051$' "$WORK/kserve.yaml" | grep -q '^      name: h2c$' ||
+  die "kserve: the runtime's gRPC port is not named h2c"
+expect_fail kserve-misspelled-readinessProbe kserve 's/readinessProbe:/readinesProbe:/' \
+  'serving.kserve.io/v1alpha1 ServingRuntime: strict decoding error: unknown field "spec.containers[0].readinesProbe"'
+expect_fail kserve-misspelled-modelFormat kserve 's/^      modelFormat:$/      modelformat:/' \
+  'serving.kserve.io/v1beta1 InferenceService: strict decoding error: unknown field "spec.predictor.model.modelformat"'
+expect_fail kserve-misspelled-metadata kserve '0,/^  name: simserve$/s//&\n  labelz: {}/' \
+  'unknown field "metadata.labelz"'
+expect_fail kserve-wrong-type kserve 's/minReplicas: 2/minReplicas: two/' \
+  'spec.predictor.minReplicas in body must be of type integer'
+expect_fail kserve-bad-quantity kserve '0,/cpu: "2"/s//cpu: two/' \
+  'spec.containers[0].resources.limits.cpu in body should match'
+expect_fail kserve-duplicate-field kserve '0,/^\( *\)runAsNonRoot: true$/s//&\n\1runAsNonRoot: false/' \
+  'already set in map'
+expect_fail kserve-duplicate-env kserve 's/- name: SIMSERVE_WORKERS/- name: SIMSERVE_LISTEN/' \
+  'spec.containers[0].env[2]: Duplicate value: {"name":"SIMSERVE_LISTEN"}'
+expect_fail kserve-protocol kserve 's/^  - grpc-v2$/  - v2/' \
+  'ServingRuntime/simserve: policy: protocolVersions [v2], want [grpc-v2]'
+expect_fail kserve-port-name kserve 's/^      name: h2c$/      name: grpc/' \
+  'the first port must be h2c 50051'
+expect_fail kserve-knative-mode kserve 's/deploymentMode: Standard/deploymentMode: Knative/' \
+  'InferenceService/simserve: policy: annotation serving.kserve.io/deploymentMode="Knative": want Standard'
+expect_fail kserve-storage-uri kserve 's/^      runtime: simserve$/&\n      storageUri: pvc:\/\/models/' \
+  'predictor.model.storageUri must be unset'
+expect_fail kserve-runtime-missing kserve 's/^      runtime: simserve$/      runtime: simserv/' \
+  'predictor.model.runtime "simserv" is not a rendered ServingRuntime'
+expect_fail kserve-writable-rootfs kserve 's/readOnlyRootFilesystem: true/readOnlyRootFilesystem: false/' \
+  'Deployment/simserve-predictor container "kserve-container": policy: readOnlyRootFilesystem must be true'
+expect_fail kserve-short-grace kserve 's/terminationGracePeriodSeconds: 35/terminationGracePeriodSeconds: 20/' \
+  'terminationGracePeriodSeconds=20 must exceed'
+expect_fail kserve-probe-port kserve 's/^        port: 50051$/        port: 8080/' \
+  'startupProbe grpc.port=8080, want 50051'
+expect_fail kserve-no-omp kserve 's/- name: OMP_NUM_THREADS/- name: OMP_THREAD_LIMIT/' \
+  'env OMP_NUM_THREADS must come from resourceFieldRef limits.cpu'
+# A predictor override of the resources goes through KServe's merge into the policy.
+expect_fail kserve-override-cpu kserve 's/^      protocolVersion: grpc-v2$/&\n      resources:\n        requests: {cpu: "1", memory: 2Gi}\n        limits: {cpu: "2", memory: 2Gi}/' \
+  'requests.cpu (1) must equal limits.cpu (2)'
+expect_pass kserve-override-resources kserve 's/^      protocolVersion: grpc-v2$/&\n      resources:\n        requests: {cpu: "4", memory: 4Gi}\n        limits: {cpu: "4", memory: 4Gi}/'
 log "k8s_test: PASS"

@@ -125,6 +125,30 @@ deploy_kustomize() {
   else die "neither kubectl nor kustomize found (run scripts/setup.sh)"; fi
 }
 
+# KServe's CRDs, from its Go module source (KServe's Go API types cannot be built with the
+# validator's k8s.io version: deploy/README.md, "KServe"). The module zip is fetched by
+# scripts/setup.d/60-deploy.sh and checked against the pinned hash here.
+KSERVE_MODULE="github.com/kserve/kserve"
+KSERVE_VERSION="v0.20.0"
+KSERVE_SUM="h1:Bs7HxmGV4KFqqptDcWseKv+mwD4YOYHJWcuVgPG2Gug="
+KSERVE_CRDS=(serving.kserve.io_servingruntimes.yaml serving.kserve.io_clusterservingruntimes.yaml
+  serving.kserve.io_inferenceservices.yaml)
+
+# Prints the validator flags -crd FILE for KServe's CRDs (module cache only, no network).
+deploy_kserve_crd_flags() {
+  deploy_go_env
+  local info dir sum f
+  info=$(cd / && GOPROXY=off GOFLAGS=-mod=mod go mod download -json "$KSERVE_MODULE@$KSERVE_VERSION" 2>&1) ||
+    die "$KSERVE_MODULE@$KSERVE_VERSION is not in the Go module cache (run scripts/setup.sh): $info"
+  dir=$(sed -n 's/^\t"Dir": "\(.*\)",$/\1/p' <<<"$info")
+  sum=$(sed -n 's/^\t"Sum": "\(.*\)",$/\1/p' <<<"$info")
+  [ "$sum" = "$KSERVE_SUM" ] || die "$KSERVE_MODULE@$KSERVE_VERSION: module hash $sum, want $KSERVE_SUM"
+  for f in "${KSERVE_CRDS[@]}"; do
+    [ -f "$dir/config/crd/full/$f" ] || die "no $f in $dir/config/crd/full"
+    printf -- '-crd %s ' "$dir/config/crd/full/$f"
+  done
+}
+
 # Builds the manifest validator (tests/deploy/validate) into the file given.
 deploy_build_validator() {
   deploy_go_env

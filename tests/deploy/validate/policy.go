@@ -22,6 +22,7 @@ import (
 	policyv1 "k8s.io/api/policy/v1"
 	apivalidation "k8s.io/apimachinery/pkg/api/validation"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	metav1validation "k8s.io/apimachinery/pkg/apis/meta/v1/validation"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -62,6 +63,8 @@ type policyOptions struct {
 	// Exactly the security features (securityFeatures) each Deployment must have on; nil:
 	// not checked.
 	security map[string]bool
+	// The schemas of the custom resources that are not Go types here (KServe's).
+	crds crdSchemas
 }
 
 func describe(obj runtime.Object) string {
@@ -94,6 +97,8 @@ func describe(obj runtime.Object) string {
 		return "Issuer/" + o.Name
 	case *cmv1.ClusterIssuer:
 		return "ClusterIssuer/" + o.Name
+	case *unstructured.Unstructured:
+		return o.GetKind() + "/" + o.GetName()
 	}
 	return fmt.Sprintf("%T", obj)
 }
@@ -111,7 +116,7 @@ func checkPolicy(objs []runtime.Object, opts policyOptions) []string {
 	claims := map[string]*corev1.PersistentVolumeClaim{}
 	for _, obj := range objs {
 		present[kindOf(obj)] = true
-		checkObjectMeta(&p, obj)
+		checkObjectMeta(&p, obj, opts.crds)
 		switch o := obj.(type) {
 		case *appsv1.Deployment:
 			deployments = append(deployments, o)
@@ -138,6 +143,13 @@ func checkPolicy(objs []runtime.Object, opts policyOptions) []string {
 		checkGalleries(&p, d, claims)
 		secs[d] = checkServerSecurity(&p, d, cm, opts.security)
 	}
+	// KServe makes its predictors' Deployments and Services itself: the server policy applies
+	// to the Deployment it would make; the Services check does not.
+	for _, d := range checkKServe(&p, objs) {
+		checkDeployment(&p, d, nil, opts)
+		checkGalleries(&p, d, claims)
+		secs[d] = checkServerSecurity(&p, d, cm, opts.security)
+	}
 	checkServices(&p, services, deployments)
 	checkSecurityBundle(&p, objs, cm, secs, services)
 	for _, obj := range objs {
@@ -157,7 +169,7 @@ func checkPolicy(objs []runtime.Object, opts policyOptions) []string {
 
 // checkObjectMeta applies the API server's own metadata validation (name format per kind,
 // label and annotation syntax) to obj and to a Deployment's pod template labels.
-func checkObjectMeta(p *problems, obj runtime.Object) {
+func checkObjectMeta(p *problems, obj runtime.Object, crds crdSchemas) {
 	m, ok := obj.(metav1.Object)
 	if !ok {
 		return
@@ -171,6 +183,8 @@ func checkObjectMeta(p *problems, obj runtime.Object) {
 		nameFn, namespaced = apivalidation.NameIsDNSLabel, false
 	case *cmv1.ClusterIssuer:
 		namespaced = false
+	case *unstructured.Unstructured:
+		namespaced = crds.namespaced(o)
 	case *appsv1.Deployment:
 		for _, e := range metav1validation.ValidateLabels(o.Spec.Template.Labels,
 			field.NewPath("spec", "template", "metadata", "labels")) {
@@ -248,7 +262,7 @@ func checkDeployment(p *problems, d *appsv1.Deployment, hpa *autoscalingv2.Horiz
 	for i := range pod.Containers {
 		c := &pod.Containers[i]
 		cw := fmt.Sprintf("%s container %q", where, c.Name)
-		checkPorts(p, cw, c)
+		checkPorts(p, cw, c, grpcPortName(d))
 		checkResources(p, cw, c)
 		checkEnv(p, cw, c)
 		checkSecurity(p, cw, c, psc)
@@ -411,8 +425,10 @@ func checkGalleries(p *problems, d *appsv1.Deployment, claims map[string]*corev1
 	}
 }
 
-func checkPorts(p *problems, cw string, c *corev1.Container) {
-	want := map[string]int32{"grpc": grpcPort, "metrics": metricsPort}
+// checkPorts: the gRPC port (named grpcName) and the metrics port are declared with the
+// server's numbers.
+func checkPorts(p *problems, cw string, c *corev1.Container, grpcName string) {
+	want := map[string]int32{grpcName: grpcPort, "metrics": metricsPort}
 	for _, port := range c.Ports {
 		for _, msg := range validation.IsValidPortName(port.Name) {
 			p.add(cw, "port %d name %q: %s", port.ContainerPort, port.Name, msg)
