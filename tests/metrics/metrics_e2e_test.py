@@ -25,6 +25,9 @@ SERVER = None
 CODES = ["OK", "Canceled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound",
          "AlreadyExists", "PermissionDenied", "ResourceExhausted", "FailedPrecondition", "Aborted",
          "OutOfRange", "Unimplemented", "Internal", "Unavailable", "DataLoss", "Unauthenticated"]
+# Methods with pre-created series: 11 Similarity, Health Check and Watch, reflection's one,
+# 13 of inference.GRPCInferenceService.
+SERIES_METHODS = 11 + 2 + 1 + 13
 MAX_FLOPS = 50_000_000  # small limit so a modest request is rejected
 
 
@@ -64,9 +67,14 @@ class MetricsEndToEnd(unittest.TestCase):
         m = self.server.metrics()
         services = {s["grpc_service"] for s in m.series("grpc_server_handled_total")}
         self.assertEqual(services, {harness.SERVICE, "grpc.health.v1.Health",
-                                    "grpc.reflection.v1alpha.ServerReflection"})
-        # 8 Similarity methods, Health Check and Watch, reflection's one.
-        self.assertEqual(len(m.series("grpc_server_handled_total")), 11 * len(CODES))
+                                    "grpc.reflection.v1alpha.ServerReflection",
+                                    "inference.GRPCInferenceService"})
+        self.assertEqual(len(m.series("grpc_server_handled_total")), SERIES_METHODS * len(CODES))
+        for method, gtype in [("ModelInfer", "unary"), ("ModelStreamInfer", "bidi_stream"),
+                              ("SystemSharedMemoryRegister", "unary")]:
+            self.assertIn({"grpc_method": method, "grpc_service": "inference.GRPCInferenceService",
+                           "grpc_type": gtype, "grpc_code": "OK"},
+                          m.series("grpc_server_handled_total"), method)
         for method, gtype in [("Compute", "unary"), ("ComputeStream", "server_stream"),
                               ("ComputeUpload", "bidi_stream"), ("GetInfo", "unary"),
                               ("RegisterGallery", "client_stream"), ("GetGallery", "unary"),
@@ -264,7 +272,7 @@ class MetricsEndToEnd(unittest.TestCase):
         self.assertEqual(self.delta(before, after, lambda m: m.handled(
             "Check", "OK", service="grpc.health.v1.Health")), 4)
         self.assertNotIn("evil", after.text)
-        self.assertEqual(len(after.series("grpc_server_handled_total")), 11 * len(CODES))
+        self.assertEqual(len(after.series("grpc_server_handled_total")), SERIES_METHODS * len(CODES))
 
         promtool = shutil.which("promtool")
         self.assertIsNotNone(promtool, "promtool missing (Debian prometheus; scripts/setup.sh)")
