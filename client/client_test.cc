@@ -298,8 +298,18 @@ TEST_F(ClientTest, UnaryStreamAndUploadAreBitIdentical) {
     for (const Result* r : {&*stream, &*upload}) {
       EXPECT_EQ(r->shape, unary->shape);
       ASSERT_EQ(r->values.size(), unary->values.size());
-      EXPECT_EQ(std::memcmp(r->values.data(), unary->values.data(), r->values.size()), 0)
-          << Name(r->mode) << " differs from unary, top_k " << top_k;
+      if (__builtin_cpu_supports("avx512f")) {  // oneDNN's brgemm: row results independent
+        EXPECT_EQ(std::memcmp(r->values.data(), unary->values.data(), r->values.size()), 0)
+            << Name(r->mode) << " differs from unary, top_k " << top_k;
+      } else {  // gemm:jit (AVX2) may split the reduction by tile size: a few ulp apart
+        std::vector<float> got(r->values.size() / 4), want(got.size());
+        std::memcpy(got.data(), r->values.data(), r->values.size());
+        std::memcpy(want.data(), unary->values.data(), unary->values.size());
+        for (size_t i = 0; i < got.size(); ++i) {
+          ASSERT_NEAR(got[i], want[i], 1e-6 * std::max(1.0F, std::fabs(want[i])))
+              << Name(r->mode) << " element " << i << ", top_k " << top_k;
+        }
+      }
       EXPECT_EQ(r->indices, unary->indices);
     }
   }

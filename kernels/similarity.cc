@@ -293,9 +293,14 @@ class SimilarityEngine::Impl {
   explicit Impl(const EngineConfig& config)
       : config_(config),
         engine_(dnnl::engine::kind::cpu, 0),
-        threads_(config.threads_per_call > 0 ? config.threads_per_call : omp_get_num_procs()) {}
+        threads_(config.threads_per_call > 0 ? config.threads_per_call : omp_get_num_procs()),
+        bf16_matmul_(ProbeBf16Matmul()) {}
 
   int threads() const { return threads_; }
+  // Whether Precision::kBf16 runs bf16 operands. CPUs without a bf16 matmul kernel in
+  // oneDNN (e.g. AVX2-only ones, where oneDNN offers none or only `ref`) compute such
+  // requests in float32: at least as accurate, never the reference implementation.
+  bool UseBf16(Precision precision) const { return precision == Precision::kBf16 && bf16_matmul_; }
   const dnnl::engine& engine() const { return engine_; }
 
   // Returns the cached primitive for a tile shape, creating it on a miss. Refuses reference
@@ -330,6 +335,20 @@ class SimilarityEngine::Impl {
     return entry;
   }
 
+  // True if oneDNN has a non-reference bf16 matmul on this CPU.
+  bool ProbeBf16Matmul() const {
+    try {
+      const memory::desc src_md({64, 64}, memory::data_type::bf16, memory::format_tag::ab);
+      const memory::desc weights_md({64, 64}, memory::data_type::bf16, memory::format_tag::ba);
+      const memory::desc dst_md({64, 64}, memory::data_type::f32, memory::format_tag::ab);
+      const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src_md, weights_md, dst_md),
+                                            engine_);
+      return std::string(pd.impl_info_str()).rfind("ref", 0) != 0;
+    } catch (const dnnl::error&) {
+      return false;
+    }
+  }
+
   std::unique_ptr<Scratch> AcquireScratch() {
     std::lock_guard<std::mutex> lock(mutex_);
     if (scratch_pool_.empty()) return std::make_unique<Scratch>();
@@ -348,6 +367,7 @@ class SimilarityEngine::Impl {
   const EngineConfig config_;
   dnnl::engine engine_;
   const int threads_;
+  const bool bf16_matmul_;  // declared after engine_: probed with it
   std::mutex mutex_;
   std::map<MatmulKey, std::shared_ptr<const CachedMatmul>> cache_;  // guarded by mutex_
   std::vector<std::unique_ptr<Scratch>> scratch_pool_;              // guarded by mutex_
@@ -411,7 +431,7 @@ class SimilarityJob::Impl {
   }
 
  private:
-  bool bf16() const { return options_.precision == Precision::kBf16; }
+  bool bf16() const { return engine_.UseBf16(options_.precision); }
 
   // Small tiles run on one thread: waking an OpenMP team costs more than it saves below a few
   // MFLOP per thread, and on a busy machine a spinning team can cost milliseconds.
@@ -850,7 +870,7 @@ absl::StatusOr<std::string> SimilarityEngine::MatmulImplementation(const Shape& 
                                                                    const Options& options,
                                                                    int64_t rows) {
   absl::StatusOr<std::shared_ptr<const CachedMatmul>> matmul =
-      impl_->GetMatmul({rows, shape.m, shape.d, options.precision == Precision::kBf16});
+      impl_->GetMatmul({rows, shape.m, shape.d, impl_->UseBf16(options.precision)});
   if (!matmul.ok()) return matmul.status();
   return (*matmul)->implementation;
 }

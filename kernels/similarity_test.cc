@@ -406,8 +406,9 @@ TEST(Kernel, NeverSelectsAReferenceMatmulForTheShapesThatMatter) {
       for (const int64_t rows : {int64_t{1}, std::min<int64_t>(shape.n, 7), shape.n}) {
         auto impl = TestEngine().MatmulImplementation(shape, {.precision = precision}, rows);
         ASSERT_TRUE(impl.ok()) << impl.status();
-        EXPECT_THAT(*impl, Not(StartsWith("ref"))) << ShapeName(shape) << " rows " << rows;
-        EXPECT_THAT(*impl, HasSubstr("brg")) << ShapeName(shape) << " rows " << rows;
+        // The rule is "never a reference implementation"; which optimised one oneDNN picks
+        // depends on the CPU (brg:* with AVX-512, gemm:jit on AVX2-only CPUs).
+        EXPECT_THAT(*impl, Not(HasSubstr("ref"))) << ShapeName(shape) << " rows " << rows;
       }
     }
   }
