@@ -187,9 +187,9 @@ absl::Status ApplyParameters(const inference::ModelInferRequest& infer, bool gal
 
 }  // namespace
 
-absl::StatusOr<TranslatedInfer> TranslateInferRequest(
-    const codec::DecodedModelInferRequest& decoded, const InferModels& models) {
-  const inference::ModelInferRequest& infer = decoded.request;
+absl::StatusOr<TranslatedInfer> TranslateInferRequest(codec::DecodedModelInferRequest* decoded,
+                                                      const InferModels& models) {
+  inference::ModelInferRequest& infer = decoded->request;
   TranslatedInfer out;
   out.model = infer.model_name();
   v1::ComputeRequest& request = out.request;
@@ -215,7 +215,7 @@ absl::StatusOr<TranslatedInfer> TranslateInferRequest(
   size_t next_raw = 0;
   bool have_a = false;
   bool have_b = false;
-  for (const auto& input : infer.inputs()) {
+  for (auto& input : *infer.mutable_inputs()) {
     const bool is_a = input.name() == "A";
     if (!is_a && (input.name() != "B" || gallery_model)) {
       return absl::InvalidArgumentError(absl::StrCat("unknown input '", input.name(), "' (model '",
@@ -244,21 +244,22 @@ absl::StatusOr<TranslatedInfer> TranslateInferRequest(
                          ": typed contents are accepted as fp32_contents of an FP32 "
                          "input only; send FP16/BF16 in raw_input_contents"));
       }
-      tensor->mutable_values()->mutable_values()->Assign(contents.fp32_contents().begin(),
-                                                         contents.fp32_contents().end());
+      // Moved, not copied: typed inputs can be megabytes and this runs on a gRPC thread.
+      tensor->mutable_values()->mutable_values()->Swap(
+          input.mutable_contents()->mutable_fp32_contents());
     } else {
-      if (next_raw >= decoded.raw_inputs.size()) {
+      if (next_raw >= decoded->raw_inputs.size()) {
         return absl::InvalidArgumentError(absl::StrCat(
             "input ", input.name(), " has no data: raw_input_contents has ",
-            decoded.raw_inputs.size(), " entries (one per input without contents or region)"));
+            decoded->raw_inputs.size(), " entries (one per input without contents or region)"));
       }
       tensor->set_raw("");
-      (is_a ? out.a_raw : out.b_raw) = decoded.raw_inputs[next_raw++];
+      (is_a ? out.a_raw : out.b_raw) = decoded->raw_inputs[next_raw++];
     }
   }
-  if (next_raw != decoded.raw_inputs.size()) {
+  if (next_raw != decoded->raw_inputs.size()) {
     return absl::InvalidArgumentError(absl::StrCat("raw_input_contents has ",
-                                                   decoded.raw_inputs.size(), " entries but ",
+                                                   decoded->raw_inputs.size(), " entries but ",
                                                    next_raw, " inputs take raw data"));
   }
   if (!have_a || (!gallery_model && !have_b)) {
@@ -360,11 +361,11 @@ absl::StatusOr<ReceivedInfer> ReceiveInfer(const grpc::ByteBuffer& buffer,
   received.compute = std::make_shared<ReceivedCompute>(buffer);
   auto decoded = codec::DecodeModelInferRequest(received.compute->message);
   if (!decoded.ok()) return decoded.status();
-  auto translated = TranslateInferRequest(*decoded, models);
+  auto translated = TranslateInferRequest(&*decoded, models);
   received.infer = std::move(decoded->request);
   if (!translated.ok()) return translated.status();
   received.translated = *std::move(translated);
-  received.compute->request = received.translated.request;
+  received.compute->request = std::move(received.translated.request);
   received.compute->a_raw = received.translated.a_raw;
   received.compute->b_raw = received.translated.b_raw;
   return received;
@@ -524,11 +525,10 @@ class StreamInferCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, g
   std::unique_ptr<TilePipeline> retired_ ABSL_GUARDED_BY(mu_);
 };
 
-grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
-                                      const absl::Status& status) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(ToGrpcStatus(status));
-  return reactor;
+absl::Status UnknownModelError(const std::string& name, const std::string& version) {
+  return absl::NotFoundError(absl::StrCat("unknown model '", name, "' version '", version,
+                                          "' (models: cosine, dot, euclidean, squared_euclidean "
+                                          "and the galleries; version \"\" or \"1\")"));
 }
 
 void AddTensor(
@@ -644,9 +644,7 @@ grpc::ServerUnaryReactor* InferenceService::ModelMetadata(
     grpc::CallbackServerContext* context, const inference::ModelMetadataRequest* request,
     inference::ModelMetadataResponse* response) {
   if (!IsModel(request->name(), request->version())) {
-    return FinishUnary(
-        context, absl::NotFoundError(absl::StrCat("unknown model '", request->name(), "' version '",
-                                                  request->version(), "'")));
+    return FinishUnary(context, UnknownModelError(request->name(), request->version()));
   }
   response->set_name(request->name());
   response->mutable_versions()->Add(std::string(kModelVersion));
@@ -668,9 +666,7 @@ grpc::ServerUnaryReactor* InferenceService::ModelConfig(
     grpc::CallbackServerContext* context, const inference::ModelConfigRequest* request,
     inference::ModelConfigResponse* response) {
   if (!IsModel(request->name(), request->version())) {
-    return FinishUnary(
-        context, absl::NotFoundError(absl::StrCat("unknown model '", request->name(), "' version '",
-                                                  request->version(), "'")));
+    return FinishUnary(context, UnknownModelError(request->name(), request->version()));
   }
   inference::ModelConfig* config = response->mutable_config();
   config->set_name(request->name());
@@ -705,9 +701,7 @@ grpc::ServerUnaryReactor* InferenceService::ModelStatistics(
     return FinishUnary(context, absl::OkStatus());
   }
   if (!IsModel(request->name(), request->version())) {
-    return FinishUnary(
-        context, absl::NotFoundError(absl::StrCat("unknown model '", request->name(), "' version '",
-                                                  request->version(), "'")));
+    return FinishUnary(context, UnknownModelError(request->name(), request->version()));
   }
   statistics_.Fill(request->name(), response->add_model_stats());
   return FinishUnary(context, absl::OkStatus());

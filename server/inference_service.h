@@ -51,8 +51,9 @@ struct InferModels {
 // number of raw_input_contents, parameters of the wrong type or unknown names, top_k < 0,
 // outputs that do not exist in this mode (S with top_k > 0, VALUES/INDICES without).
 // Shapes, sizes, values and limits are checked by the native validation afterwards.
-absl::StatusOr<TranslatedInfer> TranslateInferRequest(
-    const codec::DecodedModelInferRequest& decoded, const InferModels& models);
+// Typed fp32_contents are moved out of `decoded` (not copied).
+absl::StatusOr<TranslatedInfer> TranslateInferRequest(codec::DecodedModelInferRequest* decoded,
+                                                      const InferModels& models);
 
 // The generated service with ModelInfer and ModelStreamInfer in raw form (tensors are
 // decoded and results encoded without copying payloads).

@@ -650,14 +650,14 @@ class RegisterCall final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
       env_.idle_watchdog->Watch([this](absl::Status why) { Fail(std::move(why)); });
 };
 
+}  // namespace
+
 grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
                                       const absl::Status& status) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(ToGrpcStatus(status));
   return reactor;
 }
-
-}  // namespace
 
 SimilarityService::SimilarityService(const ServerConfig& config, kernels::SimilarityEngine* engine,
                                      ComputePool* pool, ServerMetrics* metrics, BufferPool* buffers,

@@ -112,6 +112,10 @@ class SimilarityService final : public SimilarityServiceBase {
 // The canonical name of a gRPC status code, e.g. "INVALID_ARGUMENT".
 const char* CodeName(grpc::StatusCode code);
 
+// Finishes a unary call with `status` through the one status mapping (status.h).
+grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
+                                      const absl::Status& status);
+
 // The call's deadline (InfiniteFuture when it has none).
 absl::Time DeadlineOf(const grpc::CallbackServerContext* context);
 
