@@ -1,0 +1,26 @@
+# shellcheck shell=bash
+# Sourced by scripts/setup.sh (ROOT, VENV, SUDO set): the Open Inference Protocol (KServe v2)
+# test venv, $ROOT/.venv-kserve, with Triton's own Python client (tests/kserve/). A separate
+# venv because tritonclient pins its own protobuf/grpcio range; the main .venv is untouched and
+# the simserve Python client is NOT installed here (the suite must not need it).
+# Silent when everything is present (stamp = the pinned package list); one line per install.
+
+_ss_kserve_venv="$ROOT/.venv-kserve"
+# Pinned: the versions tests/kserve was written and run against.
+_ss_kserve_pkgs=("tritonclient[grpc]==2.73.0" numpy scikit-learn pytest)
+_ss_kserve_stamp="$_ss_kserve_venv/.simserve-packages"
+if [ ! -x "$_ss_kserve_venv/bin/python" ]; then
+  echo "setup: creating the KServe test venv at $_ss_kserve_venv"
+  python3 -m venv "$_ss_kserve_venv"
+  rm -f "$_ss_kserve_stamp"
+fi
+if [ "$(cat "$_ss_kserve_stamp" 2>/dev/null)" != "${_ss_kserve_pkgs[*]}" ] ||
+   ! "$_ss_kserve_venv/bin/python" -c \
+     'import tritonclient.grpc, tritonclient.utils.shared_memory, numpy, sklearn, pytest' \
+     2>/dev/null; then
+  echo "setup: installing ${_ss_kserve_pkgs[*]} into $_ss_kserve_venv"
+  "$_ss_kserve_venv/bin/python" -m pip install -q --disable-pip-version-check \
+    "${_ss_kserve_pkgs[@]}" >/dev/null
+  echo "${_ss_kserve_pkgs[*]}" >"$_ss_kserve_stamp"
+fi
+unset _ss_kserve_venv _ss_kserve_pkgs _ss_kserve_stamp
