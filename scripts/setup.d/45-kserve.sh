@@ -6,8 +6,11 @@
 # Silent when everything is present (stamp = the pinned package list); one line per install.
 
 _ss_kserve_venv="$ROOT/.venv-kserve"
-# Pinned: the versions tests/kserve was written and run against.
-_ss_kserve_pkgs=("tritonclient[grpc]==2.73.0" numpy scikit-learn pytest)
+# Pinned: the versions tests/kserve was written and run against. grpcio-health-checking is for
+# tests/interop/serverctl.py's readiness wait; 1.81.1 is the newest that accepts protobuf < 7
+# (tritonclient's pin; newer ones would pull protobuf 7 and break tritonclient).
+_ss_kserve_pkgs=("tritonclient[grpc]==2.73.0" "grpcio-health-checking==1.81.1" "protobuf<7"
+  numpy scikit-learn pytest)
 _ss_kserve_stamp="$_ss_kserve_venv/.simserve-packages"
 if [ ! -x "$_ss_kserve_venv/bin/python" ]; then
   echo "setup: creating the KServe test venv at $_ss_kserve_venv"
@@ -16,7 +19,7 @@ if [ ! -x "$_ss_kserve_venv/bin/python" ]; then
 fi
 if [ "$(cat "$_ss_kserve_stamp" 2>/dev/null)" != "${_ss_kserve_pkgs[*]}" ] ||
    ! "$_ss_kserve_venv/bin/python" -c \
-     'import tritonclient.grpc, tritonclient.utils.shared_memory, numpy, sklearn, pytest' \
+     'import tritonclient.grpc, tritonclient.utils.shared_memory, grpc_health, sklearn, pytest' \
      2>/dev/null; then
   echo "setup: installing ${_ss_kserve_pkgs[*]} into $_ss_kserve_venv"
   "$_ss_kserve_venv/bin/python" -m pip install -q --disable-pip-version-check \
