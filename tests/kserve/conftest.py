@@ -1,6 +1,6 @@
 """pytest fixtures for the Open Inference Protocol (KServe v2) suite: the real simserve binary
 (--server PATH or $SIMSERVE_SERVER) started on a free loopback port with
---allow_shared_memory (and a second one without it, for the tests that need the flag off),
+--allow_shared_memory and a --gallery_dir gallery (and a second one without it, for the tests that need the flag off),
 tritonclient.grpc clients connected to them, and a seeded random generator.
 
 Runs in .venv-kserve (scripts/setup.d/45-kserve.sh): tritonclient, numpy, scikit-learn; never
@@ -36,10 +36,24 @@ def server_binary(request):
     return path
 
 
+GALLERY_NAME = "kserve_gallery"
+
+
 @pytest.fixture(scope="session")
-def server(server_binary):
-    """One real server for the session, shared memory on, metrics exposer off."""
-    with Server(server_binary, ["--allow_shared_memory", "--metrics_listen="]) as srv:
+def gallery(tmp_path_factory):
+    """(name, array) of the one --gallery_dir gallery: float32 [M=9, D=12], fixed seed."""
+    directory = tmp_path_factory.mktemp("galleries")
+    array = np.random.default_rng(7).standard_normal((9, 12)).astype(np.float32)
+    np.save(directory / f"{GALLERY_NAME}.npy", array)
+    return GALLERY_NAME, array, str(directory)
+
+
+@pytest.fixture(scope="session")
+def server(server_binary, gallery):
+    """One real server for the session: shared memory on, metrics exposer off, one directory
+    gallery (loaded before SERVING)."""
+    with Server(server_binary, ["--allow_shared_memory", "--metrics_listen=",
+                                f"--gallery_dir={gallery[2]}"]) as srv:
         yield srv
 
 
