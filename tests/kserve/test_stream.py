@@ -3,14 +3,17 @@ requests of different models on one stream come back one response each, in order
 request ids; an invalid request in the middle gets its error in the callback
 (InferenceServerException naming INVALID_ARGUMENT / NOT_FOUND) while the stream goes on and
 the later requests still succeed. Responses are collected from a queue with a bounded wait.
+On the generated stub: each failed request's response names its request id and model.
 """
 
 from __future__ import annotations
 
 import queue
 
+import grpc
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from helpers import (as64, dense_reference, fp32_tolerance, infer_input, random_pair,
@@ -90,3 +93,44 @@ def test_stream_many_small_requests(server, rng):
         assert result.get_response().id == str(i)
         ref = dense_reference("euclidean", a, b)
         np.testing.assert_allclose(as64(result.as_numpy("S")), ref, **fp32_tolerance(ref))
+
+
+def test_stream_error_responses_carry_request_id(server, rng):
+    """On the generated stub (tritonclient's callback gets no result for a failed request, so
+    it cannot show this): a failed request's ModelStreamInferResponse has error_message AND
+    infer_response.id / model_name of that request, so a client can tell which one failed
+    (Triton does the same). Covers failures found while translating the request (unknown
+    model, bad parameter) and while computing it (NaN)."""
+    a, b = random_pair(rng, 0, n=3, m=4, d=8)
+    nan_a = a.copy()
+    nan_a[2, 3] = np.nan
+
+    def request(request_id, model, a, b, **parameters):
+        r = service_pb2.ModelInferRequest(model_name=model, id=request_id)
+        r.inputs.add(name="A", datatype="FP32", shape=list(a.shape))
+        r.inputs.add(name="B", datatype="FP32", shape=list(b.shape))
+        r.raw_input_contents.extend([a.tobytes(), b.tobytes()])
+        for name, value in parameters.items():
+            r.parameters[name].string_param = value
+        return r
+
+    requests = [request("s-unknown-model", "nope", a, b),
+                request("s-bad-parameter", "dot", a, b, bogus="1"),
+                request("s-nan", "dot", nan_a, b),
+                request("s-ok", "dot", a, b)]
+    with grpc.insecure_channel(server.address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        responses = list(stub.ModelStreamInfer(iter(requests), timeout=WAIT_SECONDS))
+    assert len(responses) == len(requests)
+    for sent, got in zip(requests[:3], responses[:3]):
+        assert got.error_message, sent.id
+        assert (got.infer_response.id, got.infer_response.model_name) == (
+            sent.id, sent.model_name), got.error_message
+    assert responses[0].error_message.startswith("NOT_FOUND")
+    assert responses[1].error_message.startswith("INVALID_ARGUMENT")
+    assert responses[2].error_message.startswith("INVALID_ARGUMENT")
+    last = responses[3]
+    assert not last.error_message and last.infer_response.id == "s-ok"
+    s = np.frombuffer(last.infer_response.raw_output_contents[0], np.float32).reshape(3, 4)
+    ref = dense_reference("dot", a, b)
+    np.testing.assert_allclose(as64(s), ref, **fp32_tolerance(ref))
