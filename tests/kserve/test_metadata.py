@@ -11,6 +11,7 @@ import re
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from helpers import METRICS, infer_input, status_of
@@ -37,7 +38,6 @@ def test_server_metadata(client):
 
 
 def test_server_metadata_without_shared_memory(server_no_shm):
-    import tritonclient.grpc as grpcclient
     with grpcclient.InferenceServerClient(server_no_shm.address) as client:
         extensions = client.get_server_metadata().extensions
     assert "system_shared_memory" not in extensions
@@ -67,7 +67,8 @@ def test_model_config(client, model):
 
 @pytest.mark.parametrize("model,version", [("nope", ""), ("cosine", "2")])
 def test_metadata_of_unknown_model(client, model, version):
-    for call in (client.get_model_metadata, client.get_model_config):
+    for call in (client.get_model_metadata, client.get_model_config,
+                 client.get_inference_statistics):
         with pytest.raises(InferenceServerException) as excinfo:
             call(model, model_version=version)
         assert status_of(excinfo) == "NOT_FOUND"

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import os
 
+import grpc
+import ml_dtypes
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from helpers import (as64, assert_serving, dense_reference, fp32_tolerance, infer_input,
-                     output_shape, random_pair, status_of, top_k_reference)
+                     output_shape, random_pair, rounded_tolerance, status_of, top_k_reference)
 
 
 class Regions:
@@ -160,6 +163,70 @@ def test_fp16_input_region_raw_b_and_raw_output(client, regions, rng):
     result = client.infer("euclidean", [in_a, infer_input("B", b)])
     ref = dense_reference("euclidean", a, b)
     np.testing.assert_allclose(as64(result.as_numpy("S")), ref, **fp32_tolerance(ref))
+
+
+@pytest.mark.parametrize("output_dtype,numpy_dtype,mantissa_bits",
+                         [("FP16", np.float16, 10), ("BF16", ml_dtypes.bfloat16, 7)])
+def test_half_precision_output_into_region(client, regions, rng, output_dtype, numpy_dtype,
+                                           mantissa_bits):
+    """output_dtype FP16/BF16 written into a region sized for 2-byte elements, at a 2-aligned
+    offset."""
+    a, b = random_pair(rng, 0, n=3, m=5, d=8)
+    shape = output_shape(a, b)
+    nbytes = int(np.prod(shape)) * 2
+    outputs = regions.create("out", 2 + nbytes)
+    out_s = grpcclient.InferRequestedOutput("S")
+    out_s.set_shared_memory("out", nbytes, offset=2)
+    result = client.infer("cosine", [infer_input("A", a), infer_input("B", b)], outputs=[out_s],
+                          parameters={"output_dtype": output_dtype})
+    assert result.get_output("S").datatype == output_dtype
+    ref = dense_reference("cosine", a, b)
+    np.testing.assert_allclose(as64(read_region(outputs, numpy_dtype, shape, offset=2)), ref,
+                               **rounded_tolerance(ref, mantissa_bits))
+
+
+def test_fp16_input_at_odd_offset(client, regions, rng):
+    a, b = random_pair(rng, 0, n=3, m=4, d=8, datatype="FP16")
+    inputs = regions.create("in", 1 + a.nbytes)
+    shm.set_shared_memory_region(inputs, [a], offset=1)
+    in_a = grpcclient.InferInput("A", list(a.shape), "FP16")
+    in_a.set_shared_memory("in", a.nbytes, offset=1)
+    result = client.infer("dot", [in_a, infer_input("B", b)])
+    ref = dense_reference("dot", a, b)
+    np.testing.assert_allclose(as64(result.as_numpy("S")), ref, **fp32_tolerance(ref))
+
+
+@pytest.mark.parametrize("case", ["size-string", "offset-negative", "size-negative",
+                                  "no-size", "unknown-parameter", "region-int"])
+def test_shared_memory_parameter_errors(client, server, regions, case):
+    """Badly formed input parameters, sent on the generated stub (tritonclient would not
+    build them): INVALID_ARGUMENT."""
+    regions.create("in", 256)
+    b = np.ones((4, 8), np.float32)
+    request = service_pb2.ModelInferRequest(model_name="dot")
+    a = request.inputs.add(name="A", datatype="FP32", shape=[3, 8])
+    a.parameters["shared_memory_region"].string_param = "in"
+    a.parameters["shared_memory_byte_size"].int64_param = 96
+    if case == "size-string":
+        a.parameters["shared_memory_byte_size"].string_param = "96"
+    elif case == "offset-negative":
+        a.parameters["shared_memory_offset"].int64_param = -4
+    elif case == "size-negative":
+        a.parameters["shared_memory_byte_size"].int64_param = -96
+    elif case == "no-size":
+        del a.parameters["shared_memory_byte_size"]
+    elif case == "unknown-parameter":
+        a.parameters["shared_memory_kind"].string_param = "system"
+    elif case == "region-int":
+        a.parameters["shared_memory_region"].int64_param = 1
+    request.inputs.add(name="B", datatype="FP32", shape=[4, 8])
+    request.raw_input_contents.append(b.tobytes())
+    with grpc.insecure_channel(server.address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as excinfo:
+            stub.ModelInfer(request, timeout=30)
+    assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT, excinfo.value.details()
+    assert_serving(client)
 
 
 def test_unaligned_input_offset_is_copied(client, regions, rng):
