@@ -1,7 +1,7 @@
 """pytest fixtures for the Open Inference Protocol (KServe v2) suite: the real simserve binary
-(--server PATH or $SIMSERVE_SERVER) started on a free loopback port with
---allow_shared_memory and a --gallery_dir gallery (and a second one without it, for the tests that need the flag off),
-tritonclient.grpc clients connected to them, and a seeded random generator.
+(--server PATH or $SIMSERVE_SERVER) started on a free loopback port with --allow_shared_memory
+and a --gallery_dir gallery (and a second one without the flag, for the tests that need it
+off), tritonclient.grpc clients connected to them, and a seeded random generator.
 
 Runs in .venv-kserve (scripts/setup.d/45-kserve.sh): tritonclient, numpy, scikit-learn; never
 the simserve Python package.
