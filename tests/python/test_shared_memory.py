@@ -243,3 +243,24 @@ def test_falls_back_without_the_flag(server, caplog):
     assert len(warnings) == 1 and "--allow_shared_memory" in warnings[0].getMessage()
     np.testing.assert_allclose(s1, reference.dense("cosine", a, b), rtol=1e-4, atol=2e-4)
     np.testing.assert_array_equal(s1, s2)
+
+
+def test_no_space_in_dev_shm_falls_back_for_that_call(shm_server, monkeypatch, caplog):
+    """A /dev/shm too small (64 MiB in a default container) fails the region's allocation
+    with ENOSPC up front (never SIGBUS later): that call goes over gRPC, with a warning."""
+    a, b = data(seed=14)
+
+    def no_space(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    with simserve.Client(shm_server.address, timeout=60) as client:
+        monkeypatch.setattr(os, "posix_fallocate", no_space)
+        with caplog.at_level(logging.WARNING, logger="simserve"):
+            s = client.similarity(a, b, shared_memory=True)
+        assert client.last_timings.mode == "unary"
+        assert any("No space left" in r.getMessage() for r in caplog.records)
+        np.testing.assert_allclose(s, reference.dense("cosine", a, b), rtol=1e-4, atol=2e-4)
+        monkeypatch.undo()
+        assert [f for f in os.listdir("/dev/shm") if f.startswith(prefix(client))] == []
+        s = client.similarity(a, b, shared_memory=True)  # space again: shared memory again
+        assert client.last_timings.mode == "shared_memory"

@@ -57,7 +57,9 @@ class Region:
         path = os.path.join(SHM_DIR, name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, size)
+            # Allocated now, not on first touch: a full /dev/shm (64 MiB in a default
+            # container) then fails here with ENOSPC instead of SIGBUS on a later write.
+            os.posix_fallocate(fd, 0, size)
             self._map = mmap.mmap(fd, size)
         except BaseException:
             os.close(fd)
@@ -100,7 +102,7 @@ class Pool:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._prefix = f"simserve-py-{os.getpid()}-{secrets.token_hex(8)}"
+        self._prefix = f"simserve-py-{secrets.token_hex(8)}"
         self._count = 0
         self._generation = 0
         self._idle: List[Region] = []
@@ -127,7 +129,7 @@ class Pool:
             if self._closed:
                 raise errors.FailedPreconditionError("the client is closed")
             self._count += 1
-            name = f"{self._prefix}-{self._count}"
+            name = f"{self._prefix}-{os.getpid()}-{self._count}"  # unique after a fork too
             generation = self._generation
         return Region(name, size, generation)
 
@@ -385,7 +387,12 @@ class SharedMemory:
         region = pool.take(nbytes)
         if region is not None:
             return region
-        region = pool.create(nbytes)
+        try:
+            region = pool.create(nbytes)
+        except OSError as e:  # e.g. ENOSPC: /dev/shm too small for this call
+            LOG.warning(fallback_message(
+                self._target, f"no {nbytes}-byte region could be created in {SHM_DIR} ({e})"))
+            return None
         try:
             yield Op("rpc", register_request(region), "SystemSharedMemoryRegister")
         except errors.Error as e:
