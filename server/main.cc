@@ -63,8 +63,9 @@ ABSL_FLAG(int64_t, buffer_cache_bytes, kDefaults.compute.buffer_cache_bytes,
 ABSL_FLAG(int64_t, omp_spin_count, kDefaults.compute.omp_spin_count,
           "GOMP_SPINCOUNT of the compute threads: how long they spin after a parallel region "
           "before sleeping. 0 = sleep at once (passive: no core burnt while a call waits on "
-          "the network), -1 = libgomp's default (300000). GOMP_SPINCOUNT or OMP_WAIT_POLICY "
-          "in the environment win. Env SIMSERVE_OMP_SPIN_COUNT.");
+          "the network), -1 = libgomp's default (300000), -2 = auto: 0, or 1000 with "
+          "--allow_shared_memory (same-host calls wait on no network). GOMP_SPINCOUNT or "
+          "OMP_WAIT_POLICY in the environment win. Env SIMSERVE_OMP_SPIN_COUNT.");
 ABSL_FLAG(int64_t, max_input_elements, kDefaults.limits.max_input_elements,
           "Max elements of one input tensor. Env SIMSERVE_MAX_INPUT_ELEMENTS.");
 ABSL_FLAG(int64_t, max_flops, kDefaults.limits.max_flops,
@@ -343,7 +344,10 @@ std::string ApplyOpenMpWaitPolicy(simserve::ServerConfig* config, char** argv) {
     return absl::StrCat("GOMP_SPINCOUNT=", spin != nullptr ? spin : "(unset)",
                         " OMP_WAIT_POLICY=", policy != nullptr ? policy : "(unset)");
   }
-  const int64_t count = config->compute.omp_spin_count;
+  int64_t count = config->compute.omp_spin_count;
+  if (count == simserve::ComputeConfig::kAutoOmpSpinCount) {
+    count = config->shared_memory.allow ? simserve::ComputeConfig::kSharedMemoryOmpSpinCount : 0;
+  }
   if (count < 0) return "libgomp default (active spin)";
   setenv("GOMP_SPINCOUNT", absl::StrCat(count).c_str(), 1);
   if (count == 0) setenv("OMP_WAIT_POLICY", "passive", 1);

@@ -251,7 +251,8 @@ TEST(Process, SigtermDuringAStreamDrainsItAndExitsZero) {
 }
 
 TEST(Process, OpenMpThreadsSleepAtOnceUnlessTheOperatorChoseAPolicy) {
-  // The default spin count 0 is applied by one re-exec (libgomp reads it at load time).
+  // The default (auto: 0 without shared memory) is applied by one re-exec (libgomp reads it
+  // at load time).
   Child passive({"--listen=127.0.0.1:0", "--metrics_listen=", "--warmup=false"}, {});
   ASSERT_TRUE(passive.started());
   ASSERT_TRUE(passive.WaitFor("warm-up disabled", absl::Seconds(60))) << passive.output();
@@ -278,6 +279,14 @@ TEST(Process, OpenMpThreadsSleepAtOnceUnlessTheOperatorChoseAPolicy) {
   ASSERT_TRUE(bounded.started());
   ASSERT_TRUE(bounded.WaitFor("warm-up disabled", absl::Seconds(60))) << bounded.output();
   EXPECT_THAT(bounded.output(),
+              HasSubstr("OpenMP wait: GOMP_SPINCOUNT=1000 OMP_WAIT_POLICY=(unset)"));
+  // The default with shared memory allowed: a short bounded spin (same-host calls).
+  Child sidecar({"--listen=127.0.0.1:0", "--metrics_listen=", "--warmup=false",
+                 "--allow_shared_memory"},
+                {});
+  ASSERT_TRUE(sidecar.started());
+  ASSERT_TRUE(sidecar.WaitFor("warm-up disabled", absl::Seconds(60))) << sidecar.output();
+  EXPECT_THAT(sidecar.output(),
               HasSubstr("OpenMP wait: GOMP_SPINCOUNT=1000 OMP_WAIT_POLICY=(unset)"));
 }
 
