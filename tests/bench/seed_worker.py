@@ -5,6 +5,8 @@
     seed_worker.py client       A.npy B.npy TARGET   simserve.Client(TARGET).similarity(A, B)
     seed_worker.py client-unary A.npy B.npy TARGET   the same with mode="unary"
     seed_worker.py client-shm   A.npy B.npy TARGET   the same with shared_memory=True
+    seed_worker.py client-shm-inplace  ...  TARGET   the same with A and B in arrays from
+                                                     client.shared_array (filled once)
     seed_worker.py triton       A.npy B.npy TARGET   tritonclient.grpc ModelInfer "cosine",
                                                      inputs and S in the messages
     seed_worker.py triton-shm   A.npy B.npy TARGET   the same with A, B and S in system
@@ -91,7 +93,12 @@ def main():
         import simserve  # pylint: disable=import-outside-toplevel
         client = simserve.Client(sys.argv[4], timeout=120)
         kwargs = {"client": {}, "client-unary": {"mode": "unary"},
-                  "client-shm": {"shared_memory": True}}[kind]
+                  "client-shm": {"shared_memory": True},
+                  "client-shm-inplace": {"shared_memory": True}}[kind]
+        if kind == "client-shm-inplace":  # inputs built in the client's regions: no copy
+            a_shared, b_shared = client.shared_array(a.shape), client.shared_array(b.shape)
+            a_shared[...], b_shared[...] = a, b
+            a, b = a_shared, b_shared
         compute, origin = (lambda: client.similarity(a, b, **kwargs)), simserve.__file__
     print("ready", origin, flush=True)
     for line in sys.stdin:

@@ -6,6 +6,7 @@ Section "seed" (A 100x400x200, B 100x500x200 float32, cosine):
   kernel       similarity_benchmark BM_Seed_Cosine_Fp32 (in-process kernel, 2 threads)
   numpy        local numpy: unit rows, then a float32 batched matmul (2 BLAS threads)
   simserve shm simserve.Client.similarity(A, B, shared_memory=True)
+  simserve shm in place  the same with A and B built in client.shared_array() (no copy)
   triton shm   tritonclient.grpc ModelInfer "cosine" with A, B and S in system shared memory
 Section "bytes" (a quarter seed, 25x400x500x200, within the default 64 MiB receive limit):
   triton       tritonclient.grpc ModelInfer "cosine", tensors in the messages
@@ -40,7 +41,7 @@ from data_path import (SEED_SHAPE, SMOKE_SHAPE, TOLERANCE, Server, Side, Worker,
 
 QUARTER_SHAPE = (25, 400, 500, 200)
 SEED_CONTENDERS = (("kernel", None), ("numpy", "numpy"), ("simserve shm", "client-shm"),
-                   ("triton shm", "triton-shm"))
+                   ("simserve shm in place", "client-shm-inplace"), ("triton shm", "triton-shm"))
 BYTES_CONTENDERS = (("triton", "triton"), ("simserve", "client"),
                     ("simserve unary", "client-unary"))
 TRITON_KINDS = ("triton", "triton-shm")
@@ -123,7 +124,7 @@ class Bench:
                          f"{fmt(self.median('seed', name, 'server cpu'))} | "
                          f"{fmt(self.median('seed', name, 'client cpu'))} |")
         lines.append("")
-        for name in ("simserve shm", "triton shm"):
+        for name in ("simserve shm", "simserve shm in place", "triton shm"):
             r = ratio(self.median("seed", name), kernel)
             verdict = "-" if r is None else ("met" if r <= TARGET_KERNEL_RATIO else "missed")
             lines.append(f"target {name} <= {TARGET_KERNEL_RATIO}x kernel: {fmt(r)} ({verdict})")
