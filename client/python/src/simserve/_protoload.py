@@ -128,7 +128,7 @@ def _multicallable(channel: Any, m: Method) -> Any:
     factory = getattr(channel, m.kind)
     kwargs = dict(request_serializer=m.request.SerializeToString,
                   response_deserializer=m.response.FromString)
-    try:  # grpcio >= 1.63 (what its gencode passes); older ones do not know the keyword
+    try:  # what newer grpcio-tools stubs pass; older grpcio (e.g. 1.51) lacks the keyword
         return factory(m.path, _registered_method=True, **kwargs)
     except TypeError:
         return factory(m.path, **kwargs)
@@ -166,7 +166,7 @@ def service(pf: ProtoFile, name: str, module: str) -> Tuple[type, type, Callable
                 response_serializer=m.response.SerializeToString)
             for m in rpcs}
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(full, handlers),))
-        if hasattr(server, "add_registered_method_handlers"):  # grpcio >= 1.63
+        if hasattr(server, "add_registered_method_handlers"):  # newer grpcio only
             server.add_registered_method_handlers(full, handlers)
 
     add_to_server.__name__ = f"add_{name}Servicer_to_server"
