@@ -355,20 +355,21 @@ struct ReceivedInfer {
   TranslatedInfer translated;
 };
 
-absl::StatusOr<ReceivedInfer> ReceiveInfer(const grpc::ByteBuffer& buffer,
-                                           const InferModels& models) {
-  ReceivedInfer received;
-  received.compute = std::make_shared<ReceivedCompute>(buffer);
-  auto decoded = codec::DecodeModelInferRequest(received.compute->message);
+// Fills `received`; its `infer` (model name, id) is set even when the translation fails, so a
+// stream's error response can name the request that failed.
+absl::Status ReceiveInfer(const grpc::ByteBuffer& buffer, const InferModels& models,
+                          ReceivedInfer* received) {
+  received->compute = std::make_shared<ReceivedCompute>(buffer);
+  auto decoded = codec::DecodeModelInferRequest(received->compute->message);
   if (!decoded.ok()) return decoded.status();
   auto translated = TranslateInferRequest(&*decoded, models);
-  received.infer = std::move(decoded->request);
+  received->infer = std::move(decoded->request);
   if (!translated.ok()) return translated.status();
-  received.translated = *std::move(translated);
-  received.compute->request = std::move(received.translated.request);
-  received.compute->a_raw = received.translated.a_raw;
-  received.compute->b_raw = received.translated.b_raw;
-  return received;
+  received->translated = *std::move(translated);
+  received->compute->request = std::move(received->translated.request);
+  received->compute->a_raw = received->translated.a_raw;
+  received->compute->b_raw = received->translated.b_raw;
+  return absl::OkStatus();
 }
 
 // ModelInfer: the pipeline in whole-result mode, as the native Compute.
@@ -395,9 +396,9 @@ class InferCall final : public grpc::ServerUnaryReactor, private TilePipeline::S
 
  private:
   absl::Status Start(const InferModels& models, const grpc::ByteBuffer& request) {
-    auto received = ReceiveInfer(request, models);
-    if (!received.ok()) return received.status();
-    received_ = *std::move(received);
+    if (absl::Status received = ReceiveInfer(request, models, &received_); !received.ok()) {
+      return received;
+    }
     model_ = received_.translated.model;
     return StartComputeCall(env_, received_.compute, RequestKind::kUnary, PeerKey(context_),
                             &pipeline_, &spec_);
@@ -456,10 +457,9 @@ class StreamInferCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, g
     }
     env_.metrics->AddInFlight(1);
     model_.clear();
-    auto received = ReceiveInfer(request_, models_);
-    absl::Status started = received.status();
-    if (received.ok()) {
-      received_ = *std::move(received);
+    received_ = ReceivedInfer();
+    absl::Status started = ReceiveInfer(request_, models_, &received_);
+    if (started.ok()) {
       model_ = received_.translated.model;
       started = StartComputeCall(env_, received_.compute, RequestKind::kUnary, PeerKey(context_),
                                  pipeline, &spec_);

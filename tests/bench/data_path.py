@@ -132,6 +132,37 @@ class Side:
         return out
 
 
+def seed_inputs(directory, shape, tag=""):
+    """Writes random float32 A [batch, N, D] and B [batch, M, D] for shape (batch, N, M, D) to
+    directory/a{tag}.npy and b{tag}.npy; returns (paths, float64 cosine reference)."""
+    batch, n, m, d = shape
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((batch, n, d), dtype=np.float32)
+    b = rng.standard_normal((batch, m, d), dtype=np.float32)
+    paths = (os.path.join(directory, f"a{tag}.npy"), os.path.join(directory, f"b{tag}.npy"))
+    np.save(paths[0], a)
+    np.save(paths[1], b)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    a64 /= np.linalg.norm(a64, axis=-1, keepdims=True)
+    b64 /= np.linalg.norm(b64, axis=-1, keepdims=True)
+    return paths, a64 @ b64.transpose(0, 2, 1)
+
+
+def kernel_times(side, reps, min_time=None):
+    """Wall ms of each repetition of similarity_benchmark's seed cosine (KERNEL_FILTER) in
+    its own process, 2 OpenMP threads, with the side's binary and environment."""
+    cmd = [side.binary("kernels", "similarity_benchmark"), f"--benchmark_filter={KERNEL_FILTER}",
+           f"--benchmark_repetitions={reps}", "--benchmark_format=json"]
+    if min_time:
+        cmd.append(f"--benchmark_min_time={min_time}")
+    env = dict(os.environ, SIMSERVE_BENCH_THREADS="2", **side.env)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env,
+                         timeout=600).stdout
+    unit = {"ms": 1.0, "us": 1e-3, "ns": 1e-6}
+    return [b["real_time"] * unit[b["time_unit"]]
+            for b in json.loads(out)["benchmarks"] if b.get("run_type") == "iteration"]
+
+
 class Server:
     """A simserve process of one side, listening on a free loopback port or a unix socket;
     ready once grpc.health.v1 Check answers SERVING. Stopped with SIGTERM, then SIGKILL."""
@@ -291,17 +322,7 @@ class Bench:
             for side in interleaved(self.sides, r):
                 if r or side is not self.sides[0]:  # a barrier-heavy kernel: wait every run
                     wait_for_quiet(self.args.quiet_wait, "kernel")
-                cmd = [side.binary("kernels", "similarity_benchmark"),
-                       f"--benchmark_filter={KERNEL_FILTER}", f"--benchmark_repetitions={reps}",
-                       "--benchmark_format=json"]
-                if min_time:
-                    cmd.append(f"--benchmark_min_time={min_time}")
-                env = dict(os.environ, SIMSERVE_BENCH_THREADS="2", **side.env)
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env,
-                                     timeout=600).stdout
-                unit = {"ms": 1.0, "us": 1e-3, "ns": 1e-6}
-                times = [b["real_time"] * unit[b["time_unit"]]
-                         for b in json.loads(out)["benchmarks"] if b.get("run_type") == "iteration"]
+                times = kernel_times(side, reps, min_time)
                 self.check(bool(times), f"{side.name}: {KERNEL_FILTER} matched no benchmark")
                 self.samples[("kernel", side.name)] += times
                 progress(f"kernel {side.name} round {r + 1}: "
@@ -310,17 +331,7 @@ class Bench:
     # -- seed inputs -------------------------------------------------------------------------
     def seed_inputs(self):
         """Writes A and B (.npy) and returns (paths, float64 cosine reference)."""
-        batch, n, m, d = self.shape
-        rng = np.random.default_rng(0)
-        a = rng.standard_normal((batch, n, d), dtype=np.float32)
-        b = rng.standard_normal((batch, m, d), dtype=np.float32)
-        paths = (os.path.join(self.tmp, "a.npy"), os.path.join(self.tmp, "b.npy"))
-        np.save(paths[0], a)
-        np.save(paths[1], b)
-        a64, b64 = a.astype(np.float64), b.astype(np.float64)
-        a64 /= np.linalg.norm(a64, axis=-1, keepdims=True)
-        b64 /= np.linalg.norm(b64, axis=-1, keepdims=True)
-        return paths, a64 @ b64.transpose(0, 2, 1)
+        return seed_inputs(self.tmp, self.shape)
 
     # -- cli ---------------------------------------------------------------------------------
     def cli_call(self, side, server, paths, out):
@@ -557,14 +568,15 @@ class Bench:
 
 
 class Worker:
-    """A seed_worker.py process (numpy or a simserve client) driven line by line."""
+    """A seed_worker.py process (numpy, a simserve client or tritonclient; see its kinds)
+    driven line by line; `python` is the interpreter (default: this one)."""
 
-    def __init__(self, kind, paths, target=None, python_path=None):
+    def __init__(self, kind, paths, target=None, python_path=None, python=None):
         env = dict(os.environ, OPENBLAS_NUM_THREADS="2", OMP_NUM_THREADS="2",
                    MKL_NUM_THREADS="2")
         if python_path:
             env["PYTHONPATH"] = python_path
-        cmd = [sys.executable, os.path.join(HERE, "seed_worker.py"), kind, *paths]
+        cmd = [python or sys.executable, os.path.join(HERE, "seed_worker.py"), kind, *paths]
         self.kind = kind
         self.proc = subprocess.Popen(cmd + ([target] if target else []), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)

@@ -208,6 +208,7 @@ class Prepared:
     options: pb.ComputeRequest  # metric, output_dtype, precision, top_k, epsilon, chunk, gallery
     out_shape: Tuple[int, int, int]  # [batch, N, M or k]
     spec: OutputSpec  # what the server sends: its shape (2D for 2D inputs) and bytes
+    shared_memory: bool = False  # tensors through shared-memory regions (see _shm)
 
     @property
     def input_bytes(self) -> int:
@@ -251,8 +252,8 @@ def _check_k(top_k: Any) -> int:
 
 def prepare(a: ArrayLike, b: Optional[ArrayLike], *, metric: Union[str, int],
             output_dtype: Union[str, int], precision: Union[str, int], epsilon: float,
-            top_k: int, chunk_bytes: int, gallery: Optional["GalleryTarget"] = None
-            ) -> Prepared:
+            top_k: int, chunk_bytes: int, gallery: Optional["GalleryTarget"] = None,
+            shared_memory: bool = False) -> Prepared:
     """Validates what the client must know to size the result and normalises the inputs.
 
     Exactly one of `b` and `gallery` (whose shape must be known) gives B. Batch/D
@@ -284,7 +285,8 @@ def prepare(a: ArrayLike, b: Optional[ArrayLike], *, metric: Union[str, int],
         opts.gallery_version = gallery.version
     cols = top_k if top_k else m
     return Prepared(a=a32, b=b32, squeeze=squeeze, top_k=top_k, options=opts,
-                    out_shape=(a32.shape[0], a32.shape[1], cols), spec=spec)
+                    out_shape=(a32.shape[0], a32.shape[1], cols), spec=spec,
+                    shared_memory=bool(shared_memory))
 
 
 def message_overhead_bytes(limits: Optional[Mapping[str, int]]) -> int:

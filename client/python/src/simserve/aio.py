@@ -17,6 +17,7 @@ import grpc.aio
 import numpy as np
 
 from simserve import _common as common
+from simserve import _shm
 from simserve import errors
 from simserve._common import (ArrayLike, GalleryInfo, Info, ProgressCallback, RetryPolicy,
                               Timings)
@@ -65,11 +66,13 @@ class Client:
         self.unary_max_bytes = unary_max_bytes
         self.upload_min_bytes = upload_min_bytes
         self._info: Optional[Info] = None
+        self._shm = _shm.SharedMemory(target)
         self.last_timings: Optional[Timings] = None
         """Timings of the last completed similarity/top_k call."""
 
     async def close(self) -> None:
-        """Closes the channel."""
+        """Unregisters this client's shared-memory regions (if any), closes the channel."""
+        await self._drive(self._shm.close(), None)
         await self._channel.close()
 
     async def __aenter__(self) -> "Client":
@@ -97,11 +100,13 @@ class Client:
                          precision: Union[str, int] = "fp32", epsilon: float = 0.0,
                          timeout: Optional[float] = None, mode: str = "auto",
                          progress: Optional[ProgressCallback] = None,
-                         out: Optional[np.ndarray] = None) -> np.ndarray:
+                         out: Optional[np.ndarray] = None,
+                         shared_memory: bool = False) -> np.ndarray:
         """As `simserve.Client.similarity`."""
         return await self._compute(a, b, 0, gallery, gallery_version, mode, timeout, progress,
                                    out, dict(metric=metric, output_dtype=output_dtype,
-                                             precision=precision, epsilon=epsilon))
+                                             precision=precision, epsilon=epsilon,
+                                             shared_memory=shared_memory))
 
     async def top_k(self, a: ArrayLike, b: Optional[ArrayLike] = None,
                     k: Optional[int] = None, *, gallery: GalleryArg = None,
@@ -110,13 +115,57 @@ class Client:
                     output_dtype: Union[str, int] = "float32",
                     precision: Union[str, int] = "fp32", epsilon: float = 0.0,
                     timeout: Optional[float] = None, mode: str = "auto",
-                    progress: Optional[ProgressCallback] = None
-                    ) -> Tuple[np.ndarray, np.ndarray]:
+                    progress: Optional[ProgressCallback] = None,
+                    shared_memory: bool = False) -> Tuple[np.ndarray, np.ndarray]:
         """As `simserve.Client.top_k`: top_k(a, b, k) or top_k(a, k, gallery=...)."""
         b, k = common.top_k_args(b, k, gallery)
         return await self._compute(a, b, k, gallery, gallery_version, mode, timeout, progress,
                                    None, dict(metric=metric, output_dtype=output_dtype,
-                                              precision=precision, epsilon=epsilon))
+                                              precision=precision, epsilon=epsilon,
+                                              shared_memory=shared_memory))
+
+    async def shared_array(self, shape: Sequence[int], dtype: Any = np.float32, *,
+                           timeout: Optional[float] = None) -> np.ndarray:
+        """As `simserve.Client.shared_array`."""
+        return await self._drive(self._shm.shared_array(shape, dtype), self._deadline(timeout))
+
+    async def _drive(self, steps, deadline: Optional[float]):
+        """As simserve.Client._drive, awaiting each RPC."""
+        reply: Any = None
+        error: Optional[errors.Error] = None
+        while True:
+            try:
+                op = steps.throw(error) if error is not None else steps.send(reply)
+            except StopIteration as done:
+                return done.value
+            reply, error = None, None
+            try:
+                reply = await self._perform(op, deadline)
+            except errors.Error as e:
+                error = e
+
+    async def _perform(self, op: _shm.Op, deadline: Optional[float]) -> Any:
+        if op.kind == "info":
+            return await self.info(timeout=self._remaining(deadline))
+        if op.kind == "compute":
+            async def attempt(t: Optional[float]):
+                call = self._compute_unary(op.request, timeout=t)
+                return await call, call
+            return await self._with_retries(attempt, deadline)
+        if op.kind == "unregister":  # best effort: the server may be gone already
+            try:
+                await self._stub.SystemSharedMemoryUnregister(
+                    op.request, timeout=_shm.UNREGISTER_TIMEOUT_S)
+            except grpc.RpcError:
+                pass
+            return None
+        method = getattr(self._stub, op.method)
+
+        async def rpc(t: Optional[float]):
+            return await method(op.request, timeout=t), None
+
+        resp, _, _ = await self._with_retries(rpc, deadline)
+        return resp
 
     async def register_gallery(self, name: str, b: ArrayLike,
                                storage_dtype: Union[str, int] = "float32", *,
@@ -252,6 +301,14 @@ class Client:
                    progress: Optional[ProgressCallback], out: Optional[np.ndarray]):
         start = time.perf_counter()
         deadline = self._deadline(timeout)
+        if prep.shared_memory:
+            done = await self._drive(self._shm.compute(prep, out, progress), deadline)
+            if done is not None:  # else: this server cannot use our memory (logged once)
+                result, call, attempts = done
+                self.last_timings = common.timings(
+                    await call.trailing_metadata(), "shared_memory",
+                    (time.perf_counter() - start) * 1e3, attempts)
+                return result
         limits = ((await self.info(timeout=timeout)).limits if mode in ("auto", "upload")
                   else None)
         mode = common.resolve_mode(prep, mode, limits, self.unary_max_bytes,

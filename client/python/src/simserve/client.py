@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 
 from simserve import _common as common
-from simserve import errors
+from simserve import _shm, errors
 from simserve._common import (ArrayLike, GalleryInfo, Info, ProgressCallback, RetryPolicy,
                               Timings)
 from simserve.v1 import similarity_pb2 as pb
@@ -93,14 +93,18 @@ class Client:
         self.upload_piece_bytes = upload_piece_bytes
         self.unary_max_bytes = unary_max_bytes
         self.upload_min_bytes = upload_min_bytes
+        self._target = target
         self._info: Optional[Info] = None
         self._lock = threading.Lock()
+        self._shm = _shm.SharedMemory(target)
         self.last_timings: Optional[Timings] = None
         """Timings of the last completed similarity/top_k call (client and server side)."""
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
-        """Closes the channel (if this client created it)."""
+        """Unregisters this client's shared-memory regions (if any), then closes the channel
+        (if this client created it)."""
+        self._drive(self._shm.close(), None)
         if self._own_channel:
             self._channel.close()
 
@@ -136,7 +140,8 @@ class Client:
                    precision: Union[str, int] = "fp32", epsilon: float = 0.0,
                    timeout: Optional[float] = None, mode: str = "auto",
                    progress: Optional[ProgressCallback] = None,
-                   out: Optional[np.ndarray] = None) -> np.ndarray:
+                   out: Optional[np.ndarray] = None,
+                   shared_memory: bool = False) -> np.ndarray:
         """Pairwise similarity S[k, i, j] = sim(a[k, i], b[k, j]).
 
         Args:
@@ -162,6 +167,16 @@ class Client:
             mode: "auto" (by size and the server's limits), "unary", "stream" or "upload".
             progress: progress(rows_done, rows_total) after every received tile.
             out: optional preallocated C-contiguous float32 array of the result's shape.
+            shared_memory: for a server on this host started with --allow_shared_memory:
+                the tensors travel through this client's POSIX shared-memory regions
+                (reused across calls) instead of gRPC messages: one unary Compute that
+                names them, any size. Inputs are copied into a region once, unless they
+                already lie in one (a previous result, or an array from `shared_array`);
+                a float32 result without `out=` is returned over its region, no copy (the
+                region is reused once the array is garbage collected). If the server cannot
+                use this host's shared memory (remote, or the flag is off) the call goes
+                over gRPC as usual (by `mode`), after one warning on the "simserve"
+                logger; otherwise `mode` is not used.
 
         Returns:
             float32 array [batch, N, M] ([N, M] for 2D `a`).
@@ -175,14 +190,16 @@ class Client:
         """
         return self._compute(a, b, 0, gallery, gallery_version, mode, timeout, progress, out,
                              dict(metric=metric, output_dtype=output_dtype,
-                                  precision=precision, epsilon=epsilon))
+                                  precision=precision, epsilon=epsilon,
+                                  shared_memory=shared_memory))
 
     def top_k(self, a: ArrayLike, b: Optional[ArrayLike] = None, k: Optional[int] = None, *,
               gallery: GalleryArg = None, gallery_version: Optional[int] = None,
               metric: Union[str, int] = "cosine",
               output_dtype: Union[str, int] = "float32", precision: Union[str, int] = "fp32",
               epsilon: float = 0.0, timeout: Optional[float] = None, mode: str = "auto",
-              progress: Optional[ProgressCallback] = None) -> Tuple[np.ndarray, np.ndarray]:
+              progress: Optional[ProgressCallback] = None,
+              shared_memory: bool = False) -> Tuple[np.ndarray, np.ndarray]:
         """Per row of `a`, the k best columns of b: largest for cosine/dot, smallest for the
         distances; ties go to the lower column index.
 
@@ -199,7 +216,8 @@ class Client:
         b, k = common.top_k_args(b, k, gallery)
         return self._compute(a, b, k, gallery, gallery_version, mode, timeout, progress, None,
                              dict(metric=metric, output_dtype=output_dtype,
-                                  precision=precision, epsilon=epsilon))
+                                  precision=precision, epsilon=epsilon,
+                                  shared_memory=shared_memory))
 
     # -- galleries -------------------------------------------------------------------------
     def register_gallery(self, name: str, b: ArrayLike,
@@ -344,6 +362,14 @@ class Client:
              progress: Optional[ProgressCallback], out: Optional[np.ndarray]):
         start = time.perf_counter()
         deadline = self._deadline(timeout)
+        if prep.shared_memory:
+            done = self._drive(self._shm.compute(prep, out, progress), deadline)
+            if done is not None:  # else: this server cannot use our memory (logged once)
+                result, rpc, attempts = done
+                self.last_timings = common.timings(
+                    rpc.trailing_metadata(), "shared_memory",
+                    (time.perf_counter() - start) * 1e3, attempts)
+                return result
         limits = self.info(timeout=timeout).limits if mode in ("auto", "upload") else None
         mode = common.resolve_mode(prep, mode, limits, self.unary_max_bytes,
                                    self.upload_min_bytes)
@@ -381,6 +407,53 @@ class Client:
                                            (time.perf_counter() - start) * 1e3, attempts)
         return result
 
+
+    # -- shared memory ---------------------------------------------------------------------
+    def shared_array(self, shape: Sequence[int], dtype: Any = np.float32, *,
+                     timeout: Optional[float] = None) -> np.ndarray:
+        """An uninitialised array in one of this client's shared-memory regions: fill it and
+        pass it to a `shared_memory=True` call, and it is named in place (no copy at all).
+        Its region is reused once the array is garbage collected. Where the server cannot
+        use this host's shared memory, a plain numpy array (and the warning of
+        `similarity`)."""
+        return self._drive(self._shm.shared_array(shape, dtype), self._deadline(timeout))
+
+    def _drive(self, steps, deadline: Optional[float]):
+        """Runs one of _shm's sans-I/O procedures: performs each RPC it yields (sending back
+        the reply, or throwing in the simserve.Error) and returns what it returns."""
+        reply: Any = None
+        error: Optional[errors.Error] = None
+        while True:
+            try:
+                op = steps.throw(error) if error is not None else steps.send(reply)
+            except StopIteration as done:
+                return done.value
+            reply, error = None, None
+            try:
+                reply = self._perform(op, deadline)
+            except errors.Error as e:
+                error = e
+
+    def _perform(self, op: _shm.Op, deadline: Optional[float]) -> Any:
+        if op.kind == "info":
+            return self.info(timeout=self._remaining(deadline))
+        if op.kind == "compute":
+            return self._with_retries(
+                lambda t: self._compute_unary.with_call(op.request, timeout=t), deadline)
+        if op.kind == "unregister":  # best effort: the server may be gone already
+            try:
+                self._stub.SystemSharedMemoryUnregister(op.request,
+                                                        timeout=_shm.UNREGISTER_TIMEOUT_S)
+            except grpc.RpcError:
+                pass
+            return None
+        return self._small_call_until(getattr(self._stub, op.method), op.request, deadline)
+
+
+    def _small_call_until(self, method: Callable, request: Any,
+                          deadline: Optional[float]) -> Any:
+        resp, _, _ = self._with_retries(lambda t: (method(request, timeout=t), None), deadline)
+        return resp
 
 class Gallery(common.GalleryBase):
     """A handle to a gallery registered by `Client.register_gallery`: its name, version,
