@@ -45,24 +45,24 @@ _ss_build_client_wheel() {  # once per run: the wheel into a temp dir, its path 
   _ss_whl="$(ls "$_ss_whl_dir"/simserve-*.whl)"
 }
 
-# Installs the client's wheel (and `extra` packages) into venv $1 unless its stamp is current,
+# Installs the client's wheel (and `extra` packages) into the venv $1 unless its stamp is current,
 # holding the venv's protobuf / grpcio where they are (a constraint file): a dependency range
 # that excluded them fails here instead of upgrading them. Usage: _ss_install_client VENV EXTRA...
 _ss_install_client() {
-  local venv="$1" stamp="$1/.simserve-client"
+  local target="$1" stamp="$1/.simserve-client"
   shift
   if [ "$(cat "$stamp" 2>/dev/null)" = "$_ss_client_sha $*" ] &&
-     (cd / && "$venv/bin/python" -c 'import simserve.v1.similarity_pb2_grpc' 2>/dev/null); then
+     (cd / && "$target/bin/python" -c 'import simserve.v1.similarity_pb2_grpc' 2>/dev/null); then
     return 0
   fi
-  echo "setup: installing the simserve Python client (wheel) ${*:+and $* }into $venv"
+  echo "setup: installing the simserve Python client (wheel) ${*:+and $* }into $target"
   _ss_build_client_wheel
-  "$venv/bin/python" -m pip freeze --disable-pip-version-check |
-    grep -iE '^(protobuf|grpcio)==' >"$_ss_whl_dir/constraints.txt"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check \
+  "$target/bin/python" -m pip freeze --disable-pip-version-check |
+    { grep -iE '^(protobuf|grpcio)==' || true; } >"$_ss_whl_dir/constraints.txt"
+  "$target/bin/python" -m pip install -q --disable-pip-version-check \
     -c "$_ss_whl_dir/constraints.txt" "$_ss_whl" "$@" >/dev/null
   # Same version number as an installed older build: replace it.
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps \
+  "$target/bin/python" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps \
     "$_ss_whl" >/dev/null
   echo "$_ss_client_sha $*" >"$stamp"
 }
