@@ -1,25 +1,30 @@
-"""Build hook for the simserve client: generates the gRPC stubs from the proto, then setup().
+"""Build hook for the simserve client: compiles the proto into a FileDescriptorSet, then setup().
 
 The proto is looked up at $SIMSERVE_PROTO_DIR, else ../../proto (the repository layout, used by
-`pip install ./client/python` and editable installs). Stubs are written to src/simserve/v1/
-(git-ignored) so that the generated imports (`from simserve.v1 import similarity_pb2`) resolve
-inside this package. Building from an sdist, which carries the generated files, needs no proto.
+`pip install ./client/python` and editable installs). Written to src/simserve/v1/ (git-ignored):
+  similarity.binpb     the FileDescriptorSet (`protoc --descriptor_set_out --include_imports`)
+                       from which simserve/v1/similarity_pb2.py and _pb2_grpc.py (committed,
+                       hand-written) build the message classes and the stub at import time;
+  similarity_pb2.pyi   typing stubs (`protoc --pyi_out`);
+  similarity.proto     a copy of the source, and .proto-sha256 its digest (setup.d's stamp).
+None of them depends on the protobuf / grpcio versions: any grpcio-tools gives the same data,
+and the package runs on every runtime in its stated range (pyproject.toml). Files are replaced
+atomically and only when their content changes, so rebuilding a checkout never disturbs a
+process or an editable install that uses the same tree. Building from an sdist, which carries
+the generated files, needs no proto.
 """
 
 import hashlib
 import os
-import re
-import shutil
 import sys
+import tempfile
 
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROTO_REL = os.path.join("simserve", "v1", "similarity.proto")
-OUT_DIR = os.path.join(HERE, "src")
-GEN_DIR = os.path.join(OUT_DIR, "simserve", "v1")
-PB2 = os.path.join(GEN_DIR, "similarity_pb2.py")
-PB2_GRPC = os.path.join(GEN_DIR, "similarity_pb2_grpc.py")
+GEN_DIR = os.path.join(HERE, "src", "simserve", "v1")
+DESCRIPTOR_SET = os.path.join(GEN_DIR, "similarity.binpb")
 
 
 def _proto_root():
@@ -29,53 +34,54 @@ def _proto_root():
     return None
 
 
+def _put(path, data):
+    """Writes `data` to `path` atomically, unless the file already holds exactly it."""
+    try:
+        with open(path, "rb") as f:
+            if f.read() == data:
+                return
+    except OSError:
+        pass
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
 def _generate():
     root = _proto_root()
     if root is None:
-        if os.path.isfile(PB2) and os.path.isfile(PB2_GRPC):
+        if os.path.isfile(DESCRIPTOR_SET):
             return  # sdist build: generated files shipped with it.
         sys.exit("simserve: proto/simserve/v1/similarity.proto not found; set SIMSERVE_PROTO_DIR")
-    from grpc_tools import protoc  # build requirement
+    from grpc_tools import protoc  # build requirement (any version: only its protoc is used)
     import grpc_tools
 
     proto = os.path.join(root, PROTO_REL)
-    os.makedirs(GEN_DIR, exist_ok=True)
-    args = [
-        "grpc_tools.protoc",
-        f"--proto_path={root}",
-        f"--proto_path={os.path.join(os.path.dirname(grpc_tools.__file__), '_proto')}",
-        f"--python_out={OUT_DIR}",
-        f"--pyi_out={OUT_DIR}",
-        f"--grpc_python_out={OUT_DIR}",
-        proto,
-    ]
-    if protoc.main(args) != 0:
-        sys.exit("simserve: grpc_tools.protoc failed on " + proto)
-    with open(os.path.join(GEN_DIR, "__init__.py"), "w") as f:
-        f.write('"""Generated from proto/simserve/v1/similarity.proto at build time."""\n')
-    shutil.copyfile(proto, os.path.join(GEN_DIR, "similarity.proto"))
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [
+            "grpc_tools.protoc",
+            f"--proto_path={root}",
+            f"--proto_path={os.path.join(os.path.dirname(grpc_tools.__file__), '_proto')}",
+            f"--descriptor_set_out={os.path.join(tmp, 'similarity.binpb')}",
+            "--include_imports",
+            f"--pyi_out={tmp}",
+            proto,
+        ]
+        if protoc.main(args) != 0:
+            sys.exit("simserve: grpc_tools.protoc failed on " + proto)
+        os.makedirs(GEN_DIR, exist_ok=True)
+        for src, dst in ((os.path.join(tmp, "similarity.binpb"), DESCRIPTOR_SET),
+                         (os.path.join(tmp, "simserve", "v1", "similarity_pb2.pyi"),
+                          os.path.join(GEN_DIR, "similarity_pb2.pyi")),
+                         (proto, os.path.join(GEN_DIR, "similarity.proto"))):
+            with open(src, "rb") as f:
+                _put(dst, f.read())
     with open(proto, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
-    with open(os.path.join(GEN_DIR, ".proto-sha256"), "w") as f:
-        f.write(digest + "\n")
-
-
-def _runtime_requirements():
-    """grpcio/protobuf at least as new as the generator (the stubs check this at import)."""
-    reqs = ["numpy>=1.21"]
-    with open(PB2) as f:
-        m = re.search(r"ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,\s*"
-                      r"(\d+),\s*(\d+),\s*(\d+)", f.read())
-    reqs.append("protobuf>=%s.%s.%s" % m.groups() if m else "protobuf>=3.20")
-    with open(PB2_GRPC) as f:
-        m = re.search(r"GRPC_GENERATED_VERSION = '([0-9.]+)'", f.read())
-    reqs.append("grpcio>=" + m.group(1) if m else "grpcio>=1.51")
-    return reqs
+    _put(os.path.join(GEN_DIR, ".proto-sha256"), (digest + "\n").encode())
 
 
 _generate()
-setup(
-    package_dir={"": "src"},
-    packages=find_packages("src"),
-    install_requires=_runtime_requirements(),
-)
+setup(package_dir={"": "src"}, packages=find_packages("src"))

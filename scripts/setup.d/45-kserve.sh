@@ -1,8 +1,9 @@
 # shellcheck shell=bash
 # Sourced by scripts/setup.sh (ROOT, VENV, SUDO set): the Open Inference Protocol (KServe v2)
 # test venv, $ROOT/.venv-kserve, with Triton's own Python client (tests/kserve/). A separate
-# venv because tritonclient pins its own protobuf/grpcio range; the main .venv is untouched and
-# the simserve Python client is NOT installed here (the suite must not need it).
+# venv because tritonclient pins its own protobuf/grpcio range; the main .venv is untouched. This
+# script does not install the simserve Python client (tests/kserve must not need it);
+# 46-python-compat.sh adds it afterwards for the one-venv tests (tests/python).
 # Also downloads the Go modules of tests/kserve/go (go.sum-pinned, like tests/interop/go).
 # Silent when everything is present (stamps: the pinned package list, the go.sum hash); one
 # "setup: ..." line per install.

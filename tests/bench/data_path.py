@@ -108,17 +108,23 @@ class Side:
         return head + ("+dirty" if dirty else "")
 
     def python_client(self, tmp):
-        """A private copy of the side's Python client with its stubs (re)generated from the
-        side's proto as client/python/setup.py does, so each side runs its own client.
-        Returns the directory to put on PYTHONPATH."""
+        """A private copy of the side's Python client with its generated files (re)made from
+        the side's proto as its client/python/setup.py does (the descriptor set its
+        simserve/v1 loaders read; protoc gencode for a side from before those loaders), so
+        each side runs its own client. Returns the directory to put on PYTHONPATH."""
         out = os.path.join(tmp, f"python-{self.name}")
         shutil.copytree(os.path.join(self.root, "client", "python", "src", "simserve"),
                         os.path.join(out, "simserve"),
                         ignore=shutil.ignore_patterns("__pycache__"))
         include = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
         proto_dir = os.path.join(self.root, "proto")
-        if protoc.main(["protoc", f"-I{proto_dir}", f"-I{include}", f"--python_out={out}",
-                        f"--grpc_python_out={out}", os.path.join(proto_dir, loadlib.PROTO)]):
+        if os.path.exists(os.path.join(out, "simserve", "_protoload.py")):
+            binpb = os.path.join(out, "simserve", "v1", "similarity.binpb")
+            generate = [f"--descriptor_set_out={binpb}", "--include_imports"]
+        else:
+            generate = [f"--python_out={out}", f"--grpc_python_out={out}"]
+        if protoc.main(["protoc", f"-I{proto_dir}", f"-I{include}", *generate,
+                        os.path.join(proto_dir, loadlib.PROTO)]):
             raise RuntimeError(f"{self.name}: protoc failed on {proto_dir}")
         init = os.path.join(out, "simserve", "v1", "__init__.py")
         if not os.path.exists(init):
