@@ -3,12 +3,12 @@
 #include "server/convert.h"
 
 #include <algorithm>
-#include <cstring>
 #include <limits>
 #include <string>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "kernels/finite.h"
 
 namespace simserve {
 namespace {
@@ -285,56 +285,6 @@ absl::StatusOr<kernels::ConstTensorView> ViewData(absl::string_view name, const 
   return view;
 }
 
-// Compiled for AVX-512 and the baseline, picked at load time by an ifunc resolver. Not under
-// ThreadSanitizer: the resolver runs before TSan's runtime is set up and crashes it.
-#if defined(__SANITIZE_THREAD__)
-#define SIMSERVE_MULTIVERSIONED
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define SIMSERVE_MULTIVERSIONED
-#endif
-#endif
-#ifndef SIMSERVE_MULTIVERSIONED
-#define SIMSERVE_MULTIVERSIONED __attribute__((target_clones("arch=skylake-avx512", "default")))
-#endif
-
-// True if any of `count` elements has an all-ones exponent (`mask`): branch-free passes that
-// the compiler vectorises, compiled for AVX-512 and the baseline and picked at load time
-// (the scan reads every input byte). Not templates: clang cannot multiversion those.
-SIMSERVE_MULTIVERSIONED bool AnyNonFinite32(const std::byte* data, int64_t count) {
-  uint32_t any = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    uint32_t bits = 0;
-    std::memcpy(&bits, data + i * 4, 4);
-    any |= static_cast<uint32_t>((bits & 0x7f800000U) == 0x7f800000U);
-  }
-  return any != 0;
-}
-
-SIMSERVE_MULTIVERSIONED bool AnyNonFinite16(const std::byte* data, int64_t count, uint16_t mask) {
-  uint16_t any = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    uint16_t bits = 0;
-    std::memcpy(&bits, data + i * 2, 2);
-    any |= static_cast<uint16_t>((bits & mask) == mask);
-  }
-  return any != 0;
-}
-
-// Index of the first element whose exponent bits are all ones under `mask`, or -1.
-template <typename Bits>
-int64_t FirstNonFinite(const std::byte* data, int64_t count, Bits mask) {
-  const bool any = sizeof(Bits) == 4 ? AnyNonFinite32(data, count)
-                                     : AnyNonFinite16(data, count, static_cast<uint16_t>(mask));
-  if (!any) return -1;
-  for (int64_t i = 0; i < count; ++i) {
-    Bits bits = 0;
-    std::memcpy(&bits, data + i * static_cast<int64_t>(sizeof(Bits)), sizeof(Bits));
-    if ((bits & mask) == mask) return i;
-  }
-  return -1;
-}
-
 }  // namespace
 
 std::vector<int64_t> ProblemSpec::OutputShape() const {
@@ -397,12 +347,7 @@ absl::StatusOr<ProblemSpec> ProblemFromUploadHeader(const v1::ComputeRequest& re
 
 absl::Status CheckFinite(absl::string_view tensor, const std::byte* data, int64_t count,
                          kernels::DataType dtype, int64_t index_offset) {
-  // bfloat16: exponent 0x7f80; float16: exponent 0x7c00; float32: 0x7f800000.
-  const int64_t bad =
-      dtype == kernels::DataType::kFloat32
-          ? FirstNonFinite<uint32_t>(data, count, 0x7f800000U)
-          : FirstNonFinite<uint16_t>(data, count,
-                                     dtype == kernels::DataType::kBFloat16 ? 0x7f80U : 0x7c00U);
+  const int64_t bad = kernels::FirstNonFinite(data, count, dtype);
   if (bad < 0) return absl::OkStatus();
   return absl::InvalidArgumentError(
       absl::StrCat("tensor ", tensor, " contains NaN or Inf at flat index ", index_offset + bad));
