@@ -13,8 +13,10 @@ Section "bytes" (a quarter seed, 25x400x500x200, within the default 64 MiB recei
   simserve     simserve.Client.similarity(A, B): auto mode (ComputeUpload at this size)
   simserve unary  the same with mode="unary": one message each way, like ModelInfer
 
-Every figure is a median over the rounds: the call's wall (timed in the worker), and the CPU
-the server and the worker spent on it (/proc; the server's counted until it stops rising).
+Every figure is a median over the rounds of each round's median of --calls-per-turn calls
+(like the kernel's repetitions: the first call after another contender ran is slower): the
+call's wall (timed in the worker), and the CPU per call the server and the worker spent (/proc;
+the server's counted until it stops rising; 10 ms ticks, so only their medians mean much).
 Ratios are to the same round's kernel / numpy medians. One server, started with
 --allow_shared_memory and otherwise defaults.
 
@@ -99,13 +101,15 @@ class Bench:
             self.samples[section, name, "wall"].append(
                 statistics.median(kernel_times(self.side, self.args.kernel_reps)))
             return
+        calls = self.args.calls_per_turn
         server0 = settled_cpu_ms(self.server.pid)
         client0 = loadlib.cpu_seconds(worker.proc.pid) * 1e3
-        self.samples[section, name, "wall"].append(worker.run())
+        walls = [worker.run() for _ in range(calls)]
+        self.samples[section, name, "wall"].append(statistics.median(walls))
         self.samples[section, name, "client cpu"].append(
-            loadlib.cpu_seconds(worker.proc.pid) * 1e3 - client0)
+            (loadlib.cpu_seconds(worker.proc.pid) * 1e3 - client0) / calls)
         self.samples[section, name, "server cpu"].append(
-            settled_cpu_ms(self.server.pid) - server0)
+            (settled_cpu_ms(self.server.pid) - server0) / calls)
 
     def median(self, section, name, what="wall"):
         values = self.samples.get((section, name, what))
@@ -157,6 +161,9 @@ def main():
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--kernel-reps", type=int, default=3,
                         help="similarity_benchmark repetitions per round (their median counts)")
+    parser.add_argument("--calls-per-turn", type=int, default=3,
+                        help="back-to-back calls of a contender per round (their median "
+                             "counts: the first call after another process ran is slower)")
     parser.add_argument("--triton-python", default=os.path.join(ROOT, ".venv-kserve", "bin",
                                                                 "python"),
                         help="interpreter with tritonclient[grpc] (scripts/setup.d/45-kserve.sh)")
