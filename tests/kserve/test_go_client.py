@@ -19,22 +19,13 @@ import numpy as np
 import pytest
 
 from helpers import as64, dense_reference, fp32_tolerance, random_pair
+from run_interop import go_env  # tests/interop (on the path via conftest): one Go setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 PROTO_DIR = os.path.join(ROOT, "proto")
-TOOLS = os.environ.get("SIMSERVE_TOOLS_DIR", os.path.expanduser("~/.cache/simserve"))
 MODULE = "simserve.dev/kserve"
 BUILD_TIMEOUT = 240
-
-
-def go_env() -> dict:
-    gopath = os.path.join(TOOLS, "go")
-    path = os.pathsep.join([os.path.join(gopath, "bin"), "/usr/local/go/bin",
-                            os.environ.get("PATH", "")])
-    # Offline: setup downloaded what go.sum pins; never fetch at test time.
-    return dict(os.environ, GOPATH=gopath, GOMODCACHE=os.path.join(gopath, "pkg", "mod"),
-                GOFLAGS="-mod=readonly -modcacherw", GOPROXY="off", PATH=path)
 
 
 def run(cmd, **kw) -> None:
