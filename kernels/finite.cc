@@ -1,7 +1,5 @@
 #include "kernels/finite.h"
 
-#include <omp.h>
-
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -60,9 +58,8 @@ int64_t FirstNonFiniteSerial(const std::byte* data, int64_t count, Bits mask) {
 }
 
 template <typename Bits>
-int64_t FirstNonFiniteOf(const std::byte* data, int64_t count, Bits mask) {
+int64_t FirstNonFiniteOf(const std::byte* data, int64_t count, Bits mask, int threads) {
   const int64_t bytes = count * static_cast<int64_t>(sizeof(Bits));
-  const int threads = omp_get_max_threads();
   if (threads <= 1 || bytes < kParallelFiniteScanBytes) {
     return FirstNonFiniteSerial(data, count, mask);
   }
@@ -86,10 +83,13 @@ int64_t FirstNonFiniteOf(const std::byte* data, int64_t count, Bits mask) {
 
 }  // namespace
 
-int64_t FirstNonFinite(const std::byte* data, int64_t count, DataType dtype) {
+int64_t FirstNonFinite(const std::byte* data, int64_t count, DataType dtype, int threads) {
   // float32: exponent 0x7f800000; bfloat16: 0x7f80; float16: 0x7c00.
-  if (dtype == DataType::kFloat32) return FirstNonFiniteOf<uint32_t>(data, count, 0x7f800000U);
-  return FirstNonFiniteOf<uint16_t>(data, count, dtype == DataType::kBFloat16 ? 0x7f80U : 0x7c00U);
+  if (dtype == DataType::kFloat32) {
+    return FirstNonFiniteOf<uint32_t>(data, count, 0x7f800000U, threads);
+  }
+  return FirstNonFiniteOf<uint16_t>(data, count, dtype == DataType::kBFloat16 ? 0x7f80U : 0x7c00U,
+                                    threads);
 }
 
 }  // namespace simserve::kernels

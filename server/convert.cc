@@ -346,8 +346,8 @@ absl::StatusOr<ProblemSpec> ProblemFromUploadHeader(const v1::ComputeRequest& re
 }
 
 absl::Status CheckFinite(absl::string_view tensor, const std::byte* data, int64_t count,
-                         kernels::DataType dtype, int64_t index_offset) {
-  const int64_t bad = kernels::FirstNonFinite(data, count, dtype);
+                         kernels::DataType dtype, int64_t index_offset, int threads) {
+  const int64_t bad = kernels::FirstNonFinite(data, count, dtype, threads);
   if (bad < 0) return absl::OkStatus();
   return absl::InvalidArgumentError(
       absl::StrCat("tensor ", tensor, " contains NaN or Inf at flat index ", index_offset + bad));

@@ -115,9 +115,10 @@ absl::StatusOr<ProblemSpec> ProblemFromUploadHeader(const v1::ComputeRequest& re
                                                     const GalleryDims* gallery = nullptr);
 
 // Checks `count` elements of `dtype` at `data` for NaN/Inf. On the first one returns
-// INVALID_ARGUMENT naming `tensor` and its flat index (`index_offset` + position).
+// INVALID_ARGUMENT naming `tensor` and its flat index (`index_offset` + position). Large
+// tensors are scanned by `threads` OpenMP threads (kernels::FirstNonFinite).
 absl::Status CheckFinite(absl::string_view tensor, const std::byte* data, int64_t count,
-                         kernels::DataType dtype, int64_t index_offset);
+                         kernels::DataType dtype, int64_t index_offset, int threads = 1);
 
 // The gallery a RegisterGallery header describes. INVALID_ARGUMENT for an unknown dtype or
 // storage_dtype, and MakeGallerySpec's errors (name, rank, dimensions, size).

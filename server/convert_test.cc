@@ -249,23 +249,25 @@ TEST(CheckFinite, HalfPrecisionNonFiniteIsFoundWithOffset) {
 }
 
 TEST(CheckFinite, LargeTensorsAreScannedInPartsAndReportTheFirstIndex) {
-  // Above kernels::kParallelFiniteScanBytes the scan runs on the OpenMP team, one part per
-  // thread: the index must still be the first one, wherever the parts split.
+  // Above kernels::kParallelFiniteScanBytes the scan runs on `threads` OpenMP threads, one
+  // part each: the index must still be the first one, wherever the parts split.
+  constexpr int kThreads = 3;
   const int64_t count = 2 * kernels::kParallelFiniteScanBytes / 4 + 3;
   std::vector<float> x(static_cast<size_t>(count), 0.5F);
   const auto* data = reinterpret_cast<const std::byte*>(x.data());
-  EXPECT_TRUE(CheckFinite("a", data, count, kernels::DataType::kFloat32, 0).ok());
-  for (const int64_t at : {count - 1, count / 2 + 1, count / 2 - 1, int64_t{0}}) {
+  EXPECT_TRUE(CheckFinite("a", data, count, kernels::DataType::kFloat32, 0, kThreads).ok());
+  for (const int64_t at : {count - 1, 2 * count / 3, count / 3 + 1, count / 3 - 1, int64_t{0}}) {
     x[static_cast<size_t>(at)] = std::numeric_limits<float>::quiet_NaN();
-    absl::Status s = CheckFinite("a", data, count, kernels::DataType::kFloat32, 0);
+    absl::Status s = CheckFinite("a", data, count, kernels::DataType::kFloat32, 0, kThreads);
     EXPECT_EQ(s.message(), absl::StrCat("tensor a contains NaN or Inf at flat index ", at));
   }
   std::vector<uint16_t> half(static_cast<size_t>(count), kernels::FloatToF16(1.0F));
   const auto* half_data = reinterpret_cast<const std::byte*>(half.data());
-  EXPECT_TRUE(CheckFinite("b", half_data, count, kernels::DataType::kFloat16, 0).ok());
+  EXPECT_TRUE(CheckFinite("b", half_data, count, kernels::DataType::kFloat16, 0, kThreads).ok());
   half[static_cast<size_t>(count - 2)] = kernels::FloatToF16(1e6F);
   EXPECT_THAT(
-      std::string(CheckFinite("b", half_data, count, kernels::DataType::kFloat16, 0).message()),
+      std::string(
+          CheckFinite("b", half_data, count, kernels::DataType::kFloat16, 0, kThreads).message()),
       HasSubstr(absl::StrCat("flat index ", count - 2)));
 }
 

@@ -83,7 +83,7 @@ absl::StatusOr<std::unique_ptr<Gallery>> FinishGallery(
   const std::span<std::byte> input = builder->input();
   const int64_t elements = spec.dims.rows() * spec.dims.d;
   if (absl::Status finite = CheckFinite(absl::StrCat("gallery '", spec.name, "'"), input.data(),
-                                        elements, spec.dtype, 0);
+                                        elements, spec.dtype, 0, threads);
       !finite.ok()) {
     return finite;
   }

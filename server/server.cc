@@ -142,6 +142,10 @@ absl::Status ValidateConfig(const ServerConfig& c) {
   if (c.compute.buffer_cache_bytes < 0) {
     return absl::InvalidArgumentError("--buffer_cache_bytes must be >= 0");
   }
+  if (c.compute.omp_spin_count < ComputeConfig::kAutoOmpSpinCount) {
+    return absl::InvalidArgumentError(
+        "--omp_spin_count must be >= 0, -1 (libgomp's default) or -2 (auto)");
+  }
   if (l.max_inflight_bytes_per_peer < 0) {
     return absl::InvalidArgumentError("--max_inflight_bytes_per_peer must be >= 0");
   }

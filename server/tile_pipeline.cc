@@ -44,10 +44,10 @@ absl::Status CopyAndCheck(const InputPiece& piece, const char* name, kernels::Da
 
 // Checks an in-place tensor (one piece, the whole tensor) for NaN/Inf without copying it.
 absl::Status CheckInPlace(const InputPiece& piece, const char* name, kernels::DataType dtype,
-                          int64_t* checked) {
+                          int threads, int64_t* checked) {
   for (std::span<const std::byte> span : piece.spans) {
     const int64_t count = static_cast<int64_t>(span.size()) / ElementSize(dtype);
-    absl::Status finite = CheckFinite(name, span.data(), count, dtype, *checked);
+    absl::Status finite = CheckFinite(name, span.data(), count, dtype, *checked, threads);
     if (!finite.ok()) return finite;
     *checked += count;
   }
@@ -520,6 +520,7 @@ absl::Status TilePipeline::DoIngest(std::deque<InputPiece> pieces, IngestCursor 
     int64_t& done = is_b ? b_done : a_done;
     if (piece.in_place) {
       status = CheckInPlace(piece, is_b ? "b" : "a", is_b ? b_dtype : a_dtype,
+                            deps_.engine->threads_per_call(),
                             is_b ? &cursor.b_checked : &cursor.a_checked);
     } else {
       status = is_b ? CopyAndCheck(piece, "b", b_dtype, b, done, &cursor.b_checked)

@@ -195,6 +195,13 @@ TEST(Process, BadEnvironmentValueIsRejectedAtStartup) {
   EXPECT_THAT(child.output(), HasSubstr("invalid SIMSERVE_MAX_FLOPS=lots"));
 }
 
+TEST(Process, SpinCountBelowAutoIsRejectedAtStartup) {
+  Child child({"--listen=127.0.0.1:0", "--metrics_listen=", "--omp_spin_count=-3"}, {});
+  ASSERT_TRUE(child.started());
+  EXPECT_NE(child.WaitExit(absl::Seconds(20)), 0);
+  EXPECT_THAT(child.output(), HasSubstr("--omp_spin_count must be >= 0, -1"));
+}
+
 TEST(Process, SigtermDuringAStreamDrainsItAndExitsZero) {
   // The environment sets an unusable listen address and the flag overrides it (flag beats
   // environment); the grace period and warm-up come from the environment only.

@@ -264,3 +264,44 @@ def test_no_space_in_dev_shm_falls_back_for_that_call(shm_server, monkeypatch, c
         assert [f for f in os.listdir("/dev/shm") if f.startswith(prefix(client))] == []
         s = client.similarity(a, b, shared_memory=True)  # space again: shared memory again
         assert client.last_timings.mode == "shared_memory"
+
+
+def test_a_call_that_fails_mid_way_retires_its_regions(shm_server, stub):
+    """After a deadline (or a cancel) the server may still be writing into the call's
+    regions: they must never serve another call (they are unregistered instead)."""
+    a, b = data((20, 400, 200), (20, 500, 200), seed=15)
+    with simserve.Client(shm_server.address, timeout=60) as client:
+        client.similarity(a, b, shared_memory=True)  # warm: its two regions are now idle
+        pool = client._shm._pool
+        warm = set(pool.idle_names())
+        assert len(warm) == 2
+        with pytest.raises(simserve.DeadlineExceededError):
+            client.similarity(a, b, shared_memory=True, timeout=0.003)
+        retired = warm - set(pool.idle_names())
+        s = client.similarity(a, b, shared_memory=True)
+        np.testing.assert_allclose(s, reference.dense("cosine", a, b), rtol=1e-4, atol=2e-4)
+        if retired:  # the deadline struck after the regions were taken
+            assert not retired & set(registered(stub, client))  # unregistered, not reused
+            assert not retired & set(pool.idle_names())
+
+
+def test_a_forked_child_starts_with_its_own_regions(shm_client):
+    a, b = data(seed=16)
+    shm_client.similarity(a, b, shared_memory=True)
+    assert shm_client._shm._pool is not None
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's MAP_SHARED regions must not be reused here
+        os._exit(0 if shm_client._shm._pool is None else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert shm_client._shm._pool is not None  # the parent keeps its own
+    np.testing.assert_allclose(shm_client.similarity(a, b, shared_memory=True),
+                               reference.dense("cosine", a, b), rtol=1e-4, atol=2e-4)
+
+
+def test_bad_mode_and_out_are_rejected_before_any_call(shm_client):
+    a, b = data(seed=17)
+    with pytest.raises(simserve.InvalidArgumentError, match="mode"):
+        shm_client.similarity(a, b, shared_memory=True, mode="bogus")
+    with pytest.raises(simserve.InvalidArgumentError, match="out must be"):
+        shm_client.similarity(a, b, shared_memory=True, out=np.empty((2, 2), np.float32))

@@ -333,11 +333,16 @@ def choose_mode(input_bytes: int, output_bytes: int, limits: Optional[Mapping[st
     return "stream"
 
 
+def check_mode(mode: str) -> None:
+    """InvalidArgumentError unless `mode` is one of MODES."""
+    if mode not in MODES:
+        raise errors.InvalidArgumentError(f"mode={mode!r} is not one of {MODES}")
+
+
 def resolve_mode(prep: Prepared, mode: str, limits: Optional[Mapping[str, int]],
                  unary_max_bytes: int, upload_min_bytes: int) -> str:
     """`mode` itself if explicit, else choose_mode() for the prepared request."""
-    if mode not in MODES:
-        raise errors.InvalidArgumentError(f"mode={mode!r} is not one of {MODES}")
+    check_mode(mode)
     if mode != "auto":
         return mode
     return choose_mode(prep.input_bytes, prep.output_wire_bytes, limits, unary_max_bytes,

@@ -2,8 +2,8 @@
 
 The client owns its regions: POSIX shared-memory objects it creates in /dev/shm (mode 0600),
 maps, registers with the server (SystemSharedMemoryRegister) and then unlinks at once, so
-nothing is left in /dev/shm even if the process dies; the server keeps its own mapping until
-the region is unregistered (Client.close) or the server exits. Regions are reused across
+no file is left in /dev/shm even if the process dies; the server keeps its own mapping (and
+so the memory) until the region is unregistered (Client.close) or the server exits. Regions are reused across
 calls:
 
 - an input region receives A and B (one copy each, unless the array already lies in one of
@@ -19,6 +19,7 @@ them, sync or async.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import mmap
@@ -26,7 +27,7 @@ import os
 import secrets
 import threading
 import weakref
-from typing import Any, Callable, Dict, Generator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Generator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -71,9 +72,9 @@ class Region:
         self.address = self.bytes.ctypes.data
 
     def owner_array(self, nbytes: int) -> np.ndarray:
-        """A new uint8 array over the first `nbytes`, whose base is the mapping itself: numpy
-        then makes every view of it keep *it* alive (views of `bytes` would skip it), so a
-        finalizer on it runs only when the last view is gone."""
+        """A new uint8 array over the first `nbytes` whose base is not an ndarray (a buffer of
+        the mapping): numpy then makes every view of it keep *it* alive (views of `bytes`
+        would skip it), so a finalizer on it runs only when the last view is gone."""
         return np.frombuffer(self._map, dtype=np.uint8, count=nbytes)
 
     def unlink(self) -> None:
@@ -108,12 +109,22 @@ class Pool:
         self._idle: List[Region] = []
         self._busy: Dict[str, Region] = {}
         self._to_unregister: List[str] = []
+        # Regions whose lent array was collected. A finalizer may run inside any allocation,
+        # also while this thread holds _lock: it only appends here (atomic), and every locked
+        # section takes these back first.
+        self._returned: Deque[Region] = collections.deque()
         self._closed = False
 
+    def _take_returned_locked(self) -> None:
+        while self._returned:
+            self._give_back_locked(self._returned.popleft())
+
     def take(self, nbytes: int) -> Optional[Region]:
-        """The smallest idle region of at least `nbytes`, checked out; None if there is none."""
+        """The smallest idle region of at least `nbytes` and at most twice that (a small call
+        does not pin a big region), checked out; None if there is none."""
         with self._lock:
-            fits = [r for r in self._idle if r.size >= nbytes]
+            self._take_returned_locked()
+            fits = [r for r in self._idle if nbytes <= r.size <= 2 * nbytes + MIN_REGION_BYTES]
             if not fits:
                 return None
             region = min(fits, key=lambda r: r.size)
@@ -129,15 +140,20 @@ class Pool:
             if self._closed:
                 raise errors.FailedPreconditionError("the client is closed")
             self._count += 1
-            name = f"{self._prefix}-{os.getpid()}-{self._count}"  # unique after a fork too
+            name = f"{self._prefix}-{os.getpid()}-{self._count}"
             generation = self._generation
         return Region(name, size, generation)
 
-    def adopt(self, region: Region) -> None:
-        """The server registered `region`: unlink its name, track it as checked out."""
+    def adopt(self, region: Region) -> bool:
+        """The server registered `region`: unlink its name, track it as checked out. False
+        (and the name queued for unregistering) if the pool was closed meanwhile."""
         region.unlink()
         with self._lock:
+            if self._closed:
+                self._to_unregister.append(region.name)
+                return False
             self._busy[region.name] = region
+            return True
 
     @staticmethod
     def discard(region: Region) -> None:
@@ -145,42 +161,71 @@ class Pool:
         region.unlink()
 
     def give_back(self, region: Region) -> None:
-        """A call (or a lent result array) is done with `region`."""
+        """A call is done with `region` (the server no longer uses it)."""
         with self._lock:
-            if self._busy.pop(region.name, None) is None:
-                return
-            if self._closed or region.generation != self._generation:
-                return  # unregistered already, or lost with a server restart
-            self._idle.append(region)
-            if len(self._idle) > MAX_IDLE_REGIONS:
-                evicted = min(self._idle, key=lambda r: r.size)
-                self._idle.remove(evicted)
-                self._to_unregister.append(evicted.name)
+            self._take_returned_locked()
+            self._give_back_locked(region)
+
+    def _give_back_locked(self, region: Region) -> None:
+        if self._busy.pop(region.name, None) is None:
+            return
+        if self._closed:
+            return  # unregistered by close()
+        if region.generation != self._generation:
+            self._to_unregister.append(region.name)  # the server may still hold it
+            return
+        self._idle.append(region)
+        if len(self._idle) > MAX_IDLE_REGIONS:
+            evicted = min(self._idle, key=lambda r: r.size)
+            self._idle.remove(evicted)
+            self._to_unregister.append(evicted.name)
+
+    def retire(self, region: Region) -> None:
+        """A call that failed or was abandoned while the server may still be writing into
+        `region`: never reused; unregistered (the server unmaps it once its call ends)."""
+        with self._lock:
+            if self._busy.pop(region.name, None) is not None and not self._closed:
+                self._to_unregister.append(region.name)
+
+    def retire_unadopted(self, region: Region) -> None:
+        """A registration interrupted before its answer: the server may hold the name."""
+        with self._lock:
+            self._to_unregister.append(region.name)
 
     def lend(self, region: Region, owner: np.ndarray) -> None:
         """`owner` (a result array over `region`) keeps it checked out until collected."""
-        weakref.finalize(owner, self.give_back, region)
+        weakref.finalize(owner, self._returned.append, region)
 
     def find(self, arr: np.ndarray) -> Optional[Tuple[Region, int]]:
         """A checked-out or lent region holding `arr`'s bytes, and their offset."""
         with self._lock:
+            self._take_returned_locked()
             for region in self._busy.values():
                 offset = region.contains(arr)
                 if offset is not None and region.generation == self._generation:
                     return region, offset
         return None
 
-    def pending_unregister(self) -> List[str]:
-        """Names evicted from the idle list, to unregister (best effort)."""
+    def idle_names(self) -> List[str]:
+        """Names of the idle regions (after taking back collected results); diagnostics."""
         with self._lock:
+            self._take_returned_locked()
+            return sorted(r.name for r in self._idle)
+
+    def pending_unregister(self) -> List[str]:
+        """Names evicted, retired or stale, to unregister (best effort)."""
+        with self._lock:
+            self._take_returned_locked()
             names, self._to_unregister = self._to_unregister, []
             return names
 
     def forget_registrations(self) -> None:
-        """The server lost our regions (it restarted): drop the idle ones and mark the busy
-        ones stale, so that the next calls register new regions."""
+        """The server lost (some of) our regions (it restarted, or someone unregistered
+        them): retire the idle ones and mark the busy ones stale, so that the next calls
+        register new regions (unregistering the old names is harmless where unknown)."""
         with self._lock:
             self._generation += 1
+            self._to_unregister += [r.name for r in self._idle]
             self._idle.clear()
 
     def close(self) -> List[str]:
@@ -190,6 +235,7 @@ class Pool:
             self._closed = True
             names = [r.name for r in self._idle] + list(self._busy) + self._to_unregister
             self._idle, self._to_unregister = [], []
+            self._returned.clear()
             return names
 
 
@@ -204,28 +250,30 @@ class SharedCall:
     out: Optional[np.ndarray]
     input_region: Optional[Region] = None
     output_region: Optional[Region] = None
+    # The inputs that already lie in one of our regions (region, offset), found once: a
+    # concurrent forget_registrations must not change the plan half-way.
+    in_place: Dict[str, Tuple[Region, int]] = dataclasses.field(default_factory=dict)
 
-    def _in_place(self) -> Dict[str, Tuple[Region, int]]:
-        found = {}
+    def __post_init__(self) -> None:
+        # A copied result (out=, a half dtype) is checked before any RPC (a wrong out=).
+        self._assembler = None if self.lends_result() else _common.Assembler(self.prep, None,
+                                                                             self.out)
         for which in ("a", "b"):
             arr = getattr(self.prep, which)
-            if arr is not None:
-                hit = self.pool.find(arr)
-                if hit is not None:
-                    found[which] = hit
-        return found
+            hit = self.pool.find(arr) if arr is not None else None
+            if hit is not None:
+                self.in_place[which] = hit
 
     def region_names(self) -> List[str]:
         """Every region the request names."""
-        names = {region.name for region, _ in self._in_place().values()}
+        names = {region.name for region, _ in self.in_place.values()}
         names.update(r.name for r in (self.input_region, self.output_region) if r is not None)
         return sorted(names)
 
     def input_bytes(self) -> int:
         """Bytes of input region needed (0 when every input already lies in a region)."""
-        in_place = self._in_place()
         return sum(_aligned(getattr(self.prep, w).nbytes) for w in ("a", "b")
-                   if getattr(self.prep, w) is not None and w not in in_place)
+                   if getattr(self.prep, w) is not None and w not in self.in_place)
 
     def output_bytes(self) -> int:
         spec = self.prep.spec
@@ -236,7 +284,7 @@ class SharedCall:
         the ComputeRequest that names every tensor by region."""
         prep = self.prep
         req = prep.request(with_data=False)
-        in_place = self._in_place()
+        in_place = self.in_place
         offset = 0
         for which in ("a", "b"):
             arr = getattr(prep, which)
@@ -271,10 +319,9 @@ class SharedCall:
         view.values_raw = memoryview(region.bytes[:spec.values_bytes])
         idx_at = _aligned(spec.values_bytes)
         view.indices_raw = memoryview(region.bytes[idx_at:idx_at + spec.indices_bytes])
-        if not self.lends_result():
-            asm = _common.Assembler(prep, None, self.out)
-            asm.set_response(view)
-            return asm.result()
+        if self._assembler is not None:
+            self._assembler.set_response(view)
+            return self._assembler.result()
         if list(response.shape) != list(spec.shape) or response.dtype != pb.FLOAT32:
             raise errors.ProtocolError(
                 f"server result shape {list(response.shape)} dtype {response.dtype}, expected "
@@ -289,11 +336,13 @@ class SharedCall:
             return values, base[idx_at:].view(np.int32).reshape(spec.shape)
         return values
 
-    def release(self) -> None:
-        """Gives back the regions this call checked out and did not lend."""
+    def release(self, retire: bool) -> None:
+        """Gives back the regions this call checked out and did not lend; `retire`: the call
+        failed in a way that may leave the server writing into them (a deadline, a cancel,
+        an interrupt), so they are never reused but unregistered."""
         for region in (self.input_region, self.output_region):
             if region is not None:
-                self.pool.give_back(region)
+                (self.pool.retire if retire else self.pool.give_back)(region)
         self.input_region = self.output_region = None
 
 
@@ -305,8 +354,24 @@ def available() -> Optional[str]:
 
 
 UNREGISTER_TIMEOUT_S = 5.0
+
+
+def unregister_timeout(remaining: Optional[float]) -> float:
+    """A best-effort unregister's timeout: 5 s, or less when the call's deadline is closer."""
+    if remaining is None:
+        return UNREGISTER_TIMEOUT_S
+    return max(0.05, min(UNREGISTER_TIMEOUT_S, remaining))
 _NOT_THIS_SERVER = ("NOT_FOUND", "INVALID_ARGUMENT", "FAILED_PRECONDITION",
                     "PERMISSION_DENIED", "UNIMPLEMENTED")
+
+
+REJECTED_BEFORE_COMPUTE = ("INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION",
+                           "RESOURCE_EXHAUSTED", "UNAUTHENTICATED", "PERMISSION_DENIED",
+                           "ALREADY_EXISTS", "OUT_OF_RANGE", "UNIMPLEMENTED")
+"""Compute failures the server reports before it computes (validation, admission): the
+call's regions can be reused. Any other failure retires them."""
+UNKNOWN_REGION = "unknown shared memory region"
+"""What the server's message says when a call names a region it does not hold."""
 
 
 def means_not_this_server(err: errors.Error) -> bool:
@@ -344,29 +409,51 @@ class Op:
 
 
 Steps = Generator[Op, Any, Any]
+_ALL: "weakref.WeakSet[SharedMemory]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child must not share the parent's regions (they are MAP_SHARED: both would
+    write into them) nor unregister them: every client's state starts afresh."""
+    for state in list(_ALL):
+        state._reset()  # pylint: disable=protected-access
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class SharedMemory:
     """A client's shared-memory state: its region pool, or why the server cannot use this
-    host's memory (decided once per client, logged once). Thread-safe."""
+    host's memory (decided once per client, logged once). Thread-safe. A forked child
+    starts afresh (its own regions; the parent's mappings it inherited are left alone)."""
 
     def __init__(self, target: str) -> None:
         self._target = target
+        self._reset()
+        _ALL.add(self)
+
+    def _reset(self) -> None:
         self._lock = threading.Lock()
         self._pool: Optional[Pool] = None
         self._unusable: Optional[str] = None
 
-    def _give_up(self, why: str) -> None:
+    def _give_up(self, why: str) -> Optional[Pool]:
+        """Falls back for good (warns once); returns the pool to retire, if any."""
         with self._lock:
             first = self._unusable is None
             self._unusable = why
+            pool, self._pool = self._pool, None
         if first:
             LOG.warning(fallback_message(self._target, why))
+        return pool
 
     def _pool_steps(self) -> Steps:
         """-> the pool, or None when this server cannot use our memory."""
         with self._lock:
-            if self._unusable is not None or self._pool is not None:
+            if self._unusable is not None:
+                return None
+            if self._pool is not None:
                 return self._pool
         why = available()
         if why is None:
@@ -380,6 +467,12 @@ class SharedMemory:
             if self._pool is None and self._unusable is None:
                 self._pool = Pool()
             return self._pool
+
+    def _give_up_steps(self, why: str) -> Steps:
+        """Falls back for good and unregisters what the server may hold (best effort)."""
+        pool = self._give_up(why)
+        for name in pool.close() if pool is not None else ():
+            yield Op("unregister", pb.SystemSharedMemoryUnregisterRequest(name=name))
 
     def _region_steps(self, pool: Pool, nbytes: int) -> Steps:
         """-> a registered region of at least `nbytes` (reused or new), or None (logged) when
@@ -397,21 +490,28 @@ class SharedMemory:
             yield Op("rpc", register_request(region), "SystemSharedMemoryRegister")
         except errors.Error as e:
             pool.discard(region)
+            if e.code.name == "ALREADY_EXISTS":  # a retried registration that had succeeded:
+                return region if pool.adopt(region) else None  # the name is ours (random)
             if means_not_this_server(e):
-                self._give_up(f"it cannot map this host's memory ({e})")
+                yield from self._give_up_steps(f"it cannot map this host's memory ({e})")
                 return None
             if e.code.name == "RESOURCE_EXHAUSTED":  # the server's region limit: this call only
                 LOG.warning(fallback_message(self._target, str(e)))
                 return None
             raise
-        pool.adopt(region)
-        return region
+        except BaseException:  # interrupted: the server may hold it; never leave the file
+            pool.discard(region)
+            pool.retire_unadopted(region)
+            raise
+        return region if pool.adopt(region) else None
 
     def compute(self, prep: Any, out: Optional[np.ndarray],
                 progress: Optional[Callable[[int, int], None]]) -> Steps:
         """One Compute through shared memory -> (result, call, attempts), or None when it
-        must go over gRPC instead. A server that lost our regions (NOT_FOUND for them: it
-        restarted: the call fails as naming an unknown region) gets new ones, once."""
+        must go over gRPC instead. A server that lost our regions (it restarted; the call
+        fails as naming an unknown region) gets new ones, once. After a failure that may
+        leave the server writing into the call's regions (deadline, cancel, interrupt) they
+        are retired, never reused."""
         for retry in (False, True):
             pool = yield from self._pool_steps()
             if pool is None:
@@ -419,24 +519,37 @@ class SharedMemory:
             for name in pool.pending_unregister():
                 yield Op("unregister", pb.SystemSharedMemoryUnregisterRequest(name=name))
             call = SharedCall(pool, prep, out)
+            settled = False  # the server is certainly done with the call's regions
             try:
                 if call.input_bytes():
                     call.input_region = yield from self._region_steps(pool, call.input_bytes())
                     if call.input_region is None:
+                        settled = True
                         return None
                 call.output_region = yield from self._region_steps(pool, call.output_bytes())
                 if call.output_region is None:
+                    settled = True
                     return None
                 try:
                     resp, rpc, attempts = yield Op("compute", call.request_bytes())
-                except (errors.NotFoundError, errors.InvalidArgumentError):
-                    if retry or not (yield from self._lost_steps(call)):
+                except errors.Error as e:
+                    settled = e.code.name in REJECTED_BEFORE_COMPUTE
+                    if e.code.name == "FAILED_PRECONDITION" and "shared memory" in e.details:
+                        # A server restarted without --allow_shared_memory.
+                        call.release(retire=True)
+                        yield from self._give_up_steps(f"the server refused it ({e})")
+                        return None
+                    if (retry or not isinstance(e, (errors.NotFoundError,
+                                                    errors.InvalidArgumentError))
+                            or UNKNOWN_REGION not in e.details
+                            or not (yield from self._lost_steps(call))):
                         raise
                     pool.forget_registrations()
                     continue
                 result = call.result(resp)
+                settled = True
             finally:
-                call.release()
+                call.release(retire=not settled)
             if progress is not None:
                 total = prep.out_shape[0] * prep.out_shape[1]
                 progress(total, total)
@@ -446,13 +559,15 @@ class SharedMemory:
     @staticmethod
     def _lost_steps(call: "SharedCall") -> Steps:
         """-> whether the server no longer knows a region this call named (the call then
-        failed with "unknown shared memory region")."""
+        failed with "unknown shared memory region"); False if that cannot be told."""
         for name in call.region_names():
             try:
                 yield Op("rpc", pb.SystemSharedMemoryStatusRequest(name=name),
                          "SystemSharedMemoryStatus")
             except errors.NotFoundError:
                 return True
+            except errors.Error:
+                return False
         return False
 
     def shared_array(self, shape: Sequence[int], dtype: Any) -> Steps:
@@ -460,6 +575,8 @@ class SharedMemory:
         array where the server cannot use our memory."""
         dtype = np.dtype(dtype)
         shape = tuple(np.atleast_1d(np.asarray(shape, dtype=np.int64)).tolist())
+        if min(shape, default=0) < 0:
+            raise errors.InvalidArgumentError(f"shared_array: negative dimension in {shape}")
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         pool = yield from self._pool_steps()
         region = (yield from self._region_steps(pool, nbytes)) if pool is not None else None

@@ -143,6 +143,9 @@ class Client:
                 reply = await self._perform(op, deadline)
             except errors.Error as e:
                 error = e
+            except BaseException:  # an interrupt, a cancel: the procedure cleans up, then out
+                steps.close()
+                raise
 
     async def _perform(self, op: _shm.Op, deadline: Optional[float]) -> Any:
         if op.kind == "info":
@@ -155,8 +158,8 @@ class Client:
         if op.kind == "unregister":  # best effort: the server may be gone already
             try:
                 await self._stub.SystemSharedMemoryUnregister(
-                    op.request, timeout=_shm.UNREGISTER_TIMEOUT_S)
-            except grpc.RpcError:
+                    op.request, timeout=_shm.unregister_timeout(self._remaining(deadline)))
+            except Exception:  # pylint: disable=broad-except  # e.g. a closed channel
                 pass
             return None
         method = getattr(self._stub, op.method)
@@ -302,6 +305,7 @@ class Client:
         start = time.perf_counter()
         deadline = self._deadline(timeout)
         if prep.shared_memory:
+            common.check_mode(mode)  # also when the call then falls back
             done = await self._drive(self._shm.compute(prep, out, progress), deadline)
             if done is not None:  # else: this server cannot use our memory (logged once)
                 result, call, attempts = done

@@ -363,6 +363,7 @@ class Client:
         start = time.perf_counter()
         deadline = self._deadline(timeout)
         if prep.shared_memory:
+            common.check_mode(mode)  # also when the call then falls back
             done = self._drive(self._shm.compute(prep, out, progress), deadline)
             if done is not None:  # else: this server cannot use our memory (logged once)
                 result, rpc, attempts = done
@@ -433,6 +434,9 @@ class Client:
                 reply = self._perform(op, deadline)
             except errors.Error as e:
                 error = e
+            except BaseException:  # an interrupt, a cancel: the procedure cleans up, then out
+                steps.close()
+                raise
 
     def _perform(self, op: _shm.Op, deadline: Optional[float]) -> Any:
         if op.kind == "info":
@@ -442,9 +446,9 @@ class Client:
                 lambda t: self._compute_unary.with_call(op.request, timeout=t), deadline)
         if op.kind == "unregister":  # best effort: the server may be gone already
             try:
-                self._stub.SystemSharedMemoryUnregister(op.request,
-                                                        timeout=_shm.UNREGISTER_TIMEOUT_S)
-            except grpc.RpcError:
+                self._stub.SystemSharedMemoryUnregister(
+                    op.request, timeout=_shm.unregister_timeout(self._remaining(deadline)))
+            except Exception:  # pylint: disable=broad-except  # e.g. a closed channel
                 pass
             return None
         return self._small_call_until(getattr(self._stub, op.method), op.request, deadline)
