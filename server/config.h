@@ -65,12 +65,13 @@ struct ComputeConfig {
   // kAutoOmpSpinCount (the default) = 0, or kSharedMemoryOmpSpinCount when shared memory is
   // allowed: same-host callers whose tensors are in shared memory leave the tiles of a call
   // nothing to wait for, and a short spin saves the team's wake-up at each of the ~3
-  // parallel regions per batch entry (seed, this project's Xeon: 60 vs 80 ms a call, and
-  // less CPU); over the network the same spin costs 5-10 % more server CPU. An explicit
+  // parallel regions per batch entry (seed, this project's Xeon: 42 vs 80 ms a call with
+  // inputs in place, and less CPU); over the network the same spin costs 5-10 % more
+  // server CPU. An explicit
   // GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment wins. Applied by the `simserve`
   // executable (main.cc), which re-executes itself once because libgomp reads it at load.
   static constexpr int64_t kAutoOmpSpinCount = -2;
-  static constexpr int64_t kSharedMemoryOmpSpinCount = 1000;
+  static constexpr int64_t kSharedMemoryOmpSpinCount = 2000;
   int64_t omp_spin_count = kAutoOmpSpinCount;
   // Filled by main.cc: the OpenMP wait policy actually in force, for the startup line.
   std::string omp_wait_policy = "not applied (library use)";

@@ -63,7 +63,7 @@ ABSL_FLAG(int64_t, buffer_cache_bytes, kDefaults.compute.buffer_cache_bytes,
 ABSL_FLAG(int64_t, omp_spin_count, kDefaults.compute.omp_spin_count,
           "GOMP_SPINCOUNT of the compute threads: how long they spin after a parallel region "
           "before sleeping. 0 = sleep at once (passive: no core burnt while a call waits on "
-          "the network), -1 = libgomp's default (300000), -2 = auto: 0, or 1000 with "
+          "the network), -1 = libgomp's default (300000), -2 = auto: 0, or 2000 with "
           "--allow_shared_memory (same-host calls wait on no network). GOMP_SPINCOUNT or "
           "OMP_WAIT_POLICY in the environment win. Env SIMSERVE_OMP_SPIN_COUNT.");
 ABSL_FLAG(int64_t, max_input_elements, kDefaults.limits.max_input_elements,

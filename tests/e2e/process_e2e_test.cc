@@ -287,13 +287,13 @@ TEST(Process, OpenMpThreadsSleepAtOnceUnlessTheOperatorChoseAPolicy) {
   ASSERT_TRUE(bounded.WaitFor("warm-up disabled", absl::Seconds(60))) << bounded.output();
   EXPECT_THAT(bounded.output(),
               HasSubstr("OpenMP wait: GOMP_SPINCOUNT=1000 OMP_WAIT_POLICY=(unset)"));
-  // The default with shared memory allowed: a short bounded spin (same-host calls).
+  // The default with shared memory allowed: a short bounded spin (same-host calls), 2000.
   Child sidecar(
       {"--listen=127.0.0.1:0", "--metrics_listen=", "--warmup=false", "--allow_shared_memory"}, {});
   ASSERT_TRUE(sidecar.started());
   ASSERT_TRUE(sidecar.WaitFor("warm-up disabled", absl::Seconds(60))) << sidecar.output();
   EXPECT_THAT(sidecar.output(),
-              HasSubstr("OpenMP wait: GOMP_SPINCOUNT=1000 OMP_WAIT_POLICY=(unset)"));
+              HasSubstr("OpenMP wait: GOMP_SPINCOUNT=2000 OMP_WAIT_POLICY=(unset)"));
 }
 
 }  // namespace
