@@ -376,8 +376,9 @@ def handled_codes(metrics):
     return {c: n for c, n in codes.items() if n}
 
 
-def check_resources(samples, warmup, duration):
-    """The failures of the RSS / fd / thread rules, and the table's figures."""
+def check_resources(samples, warmup, duration, rss_growth=RSS_GROWTH):
+    """The failures of the RSS / fd / thread rules (RSS: `rss_growth` for the maximum and
+    the median), and the table's figures."""
     ref = [s for s in samples if s["t"] <= warmup + 0.5]
     late = [s for s in samples if duration * 2 / 3 <= s["t"] <= duration + 0.5]
     failures, figures = [], {}
@@ -386,9 +387,9 @@ def check_resources(samples, warmup, duration):
     settled_median = float(np.median([s["rss_bytes"] for s in settled]))
     late_median = float(np.median([s["rss_bytes"] for s in late]))
     figures["rss_medians"] = dict(settled=settled_median, late=late_median,
-                                  limit=settled_median * (1 + RSS_GROWTH))
-    median_grew = late_median > settled_median * (1 + RSS_GROWTH)
-    for key, growth, slack in (("rss_bytes", RSS_GROWTH, 0), ("fds", 0, FD_SLACK),
+                                  limit=settled_median * (1 + rss_growth))
+    median_grew = late_median > settled_median * (1 + rss_growth)
+    for key, growth, slack in (("rss_bytes", rss_growth, 0), ("fds", 0, FD_SLACK),
                                ("threads", 0, THREAD_SLACK)):
         r, l = max(s[key] for s in ref), max(s[key] for s in late)
         limit = r * (1 + growth) + slack
@@ -398,7 +399,7 @@ def check_resources(samples, warmup, duration):
             failures.append(f"{key} grew: last third max {l} > limit {limit:.0f} "
                             f"(warm-up max {r})" + (
                                 f", and its median {late_median:.0f} > "
-                                f"{settled_median * (1 + RSS_GROWTH):.0f}" if key == "rss_bytes"
+                                f"{settled_median * (1 + rss_growth):.0f}" if key == "rss_bytes"
                                 else ""))
     return failures, figures
 
@@ -501,6 +502,11 @@ def main():
     parser.add_argument("--rate", type=float, default=DEFAULT_RATE,
                         help=f"total calls/s (default {DEFAULT_RATE}); every kind keeps its "
                              "share, at least 1/s (ghz paces whole calls per second)")
+    parser.add_argument("--rss-growth", type=float, default=RSS_GROWTH,
+                        help=f"allowed RSS growth of the maximum and the median (default "
+                             f"{RSS_GROWTH}); a short run's 2-3-sample medians swing by up to "
+                             "the +-30 %% of the traffic of the moment, so CTest's 60 s run "
+                             "passes 0.3 (gross leaks only; the 10-minute run is the measure)")
     parser.add_argument("--server-arg", action="append", default=[],
                         help="extra simserve flag, e.g. --server-arg=--malloc_retain_bytes=0 "
                              "(repeatable)")
@@ -548,7 +554,7 @@ def main():
         sent[kind] += n
     mislabelled = check_server(failures, log_lines, codes, sent["bad"], sum(
         n for k, n in sent.items() if k.startswith(("deadline", "cancel"))))
-    res_failures, figures = check_resources(samples, warmup, duration)
+    res_failures, figures = check_resources(samples, warmup, duration, args.rss_growth)
     failures += res_failures
     total = sum(r[1] for r in rows)
     print_report(rows, burst_rows, figures, samples, dict(
