@@ -3,8 +3,8 @@
 The client owns its regions: POSIX shared-memory objects it creates in /dev/shm (mode 0600),
 maps, registers with the server (SystemSharedMemoryRegister) and then unlinks at once, so
 no file is left in /dev/shm even if the process dies; the server keeps its own mapping (and
-so the memory) until the region is unregistered (Client.close) or the server exits. Regions are reused across
-calls:
+so the memory) until the region is unregistered (Client.close) or the server exits. Regions
+are reused across calls:
 
 - an input region receives A and B (one copy each, unless the array already lies in one of
   this client's regions, e.g. a previous result or `shared_array()`: then it is named in

@@ -93,7 +93,6 @@ class Client:
         self.upload_piece_bytes = upload_piece_bytes
         self.unary_max_bytes = unary_max_bytes
         self.upload_min_bytes = upload_min_bytes
-        self._target = target
         self._info: Optional[Info] = None
         self._lock = threading.Lock()
         self._shm = _shm.SharedMemory(target)
@@ -407,7 +406,6 @@ class Client:
         self.last_timings = common.timings(call.trailing_metadata(), mode,
                                            (time.perf_counter() - start) * 1e3, attempts)
         return result
-
 
     # -- shared memory ---------------------------------------------------------------------
     def shared_array(self, shape: Sequence[int], dtype: Any = np.float32, *,
