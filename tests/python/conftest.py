@@ -13,20 +13,9 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "interop"))
 
 import simserve  # noqa: E402
+from server_option import pytest_addoption, server_binary  # noqa: E402,F401
 from serverctl import Server  # noqa: E402
 
-
-def pytest_addoption(parser):
-    parser.addoption("--server", default=os.environ.get("SIMSERVE_SERVER"),
-                     help="path of the simserve server binary (CTest passes it)")
-
-
-@pytest.fixture(scope="session")
-def server_binary(request):
-    path = request.config.getoption("--server")
-    if not path:
-        pytest.skip("needs the server binary: --server PATH or SIMSERVE_SERVER")
-    return path
 
 
 @pytest.fixture(scope="session")
